@@ -1,0 +1,3 @@
+from covidcxr.data.cli import main
+
+raise SystemExit(main())

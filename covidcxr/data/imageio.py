@@ -1,0 +1,209 @@
+"""Reading X-ray files into arrays, and the per-file check used by ``index``.
+
+Everything here is NumPy/Pillow/pydicom: no TensorFlow, so it is usable in
+worker threads and in tools that must start fast.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from covidcxr.errors import DataError
+
+# A truncated file must fail, not be silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+RASTER_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"})
+DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
+IMAGE_EXTENSIONS = RASTER_EXTENSIONS | DICOM_EXTENSIONS
+# Formats tf.io.decode_image reads inside the graph; others go through Python.
+TF_DECODABLE = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I", "F"})
+
+THUMB_SIZE = 32
+
+
+class ImageReadError(DataError):
+    """A file that cannot be read as an image."""
+
+
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_dicom(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in DICOM_EXTENSIONS
+
+
+def _read_dicom(path: Path) -> tuple[np.ndarray, str]:
+    try:
+        import pydicom
+        from pydicom.pixels import apply_voi_lut
+    except ImportError as exc:  # pragma: no cover - pydicom is a dependency
+        raise ImageReadError(f"{path}: pydicom is needed for DICOM input ({exc})") from exc
+    try:
+        ds = pydicom.dcmread(str(path))
+        arr = ds.pixel_array.astype(np.float32)
+    except Exception as exc:
+        raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from exc
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM (rare for CXR)
+        arr = arr[..., :3].mean(axis=-1)
+    elif arr.ndim == 3:  # multi-frame: take the first frame
+        arr = arr[0]
+    try:
+        arr = apply_voi_lut(arr, ds).astype(np.float32)
+    except Exception:
+        pass  # no usable VOI LUT/window: fall back to the full range
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        arr = arr.max() - arr
+    return _stretch(arr), f"DICOM/{getattr(ds, 'PhotometricInterpretation', '?')}"
+
+
+def _stretch(arr: np.ndarray) -> np.ndarray:
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros_like(arr, dtype=np.float32)
+    return ((arr - lo) / (hi - lo)).astype(np.float32)
+
+
+def _pil_to_gray(img: Image.Image) -> np.ndarray:
+    """PIL image of any mode -> float32 HxW in [0, 1]."""
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES:
+        # Bit depth of 16-bit radiographs varies (10-16 bits used): stretch.
+        return _stretch(np.asarray(img, dtype=np.float32))
+    if mode == "L":
+        return np.asarray(img, dtype=np.float32) / 255.0
+    if mode in ("LA", "RGBA", "PA"):
+        img = img.convert("RGBA" if mode != "LA" else "LA")
+        img = img.convert("L")
+    elif mode != "L":
+        img = img.convert("L")
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an X-ray (PNG/JPEG/BMP/TIFF 8/16-bit, L/RGB/RGBA, or DICOM).
+
+    Returns float32 grayscale, shape (H, W), values in [0, 1].
+    Raises ImageReadError naming the file on any failure.
+    """
+    path = Path(path)
+    if is_dicom(path):
+        return _read_dicom(path)[0]
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pil_to_gray(img)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(f"{path}: cannot read image ({_reason(exc)})") from exc
+
+
+def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask (any mode, any values): uint8 (H, W) in {0, 1}.
+
+    RGB masks are reduced to gray; values are thresholded at half range; the
+    mask is resized with nearest neighbour to ``size`` = (width, height).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if size is not None and img.size != tuple(size):
+                img = img.resize(tuple(size), Image.NEAREST)
+            arr = _pil_to_gray(img)
+    except Exception as exc:
+        raise ImageReadError(f"{path}: cannot read mask ({_reason(exc)})") from exc
+    return (arr >= 0.5).astype(np.uint8)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    if "truncated" in text.lower():
+        return "file is truncated"
+    if "cannot identify image file" in text:
+        return "not an image or unsupported format"
+    return text
+
+
+@dataclass
+class FileInfo:
+    """What ``index`` learns about one image file in a single decode."""
+
+    path: str
+    ok: bool
+    reason: str = ""
+    width: int = 0
+    height: int = 0
+    mode: str = ""
+    sha256: str = ""
+    phash: int = 0
+    phash_mirror: int = 0
+    thumb: np.ndarray | None = None  # THUMB_SIZE x THUMB_SIZE uint8
+
+
+def _thumbnail(gray: np.ndarray) -> np.ndarray:
+    img = Image.fromarray(np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return np.asarray(img.resize((THUMB_SIZE, THUMB_SIZE), Image.BILINEAR), dtype=np.uint8)
+
+
+def perceptual_hash(thumb: np.ndarray) -> int:
+    """64-bit pHash: sign of the 8x8 lowest DCT frequencies against their median."""
+    from scipy.fft import dctn
+
+    coeffs = dctn(thumb.astype(np.float32), norm="ortho")[:8, :8].ravel()
+    bits = coeffs > np.median(coeffs[1:])
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def inspect_file(path: str | Path) -> FileInfo:
+    """Fully decode one image: size, mode, sha256, perceptual hashes, thumbnail.
+
+    Never raises: a bad file comes back with ok=False and the reason.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return FileInfo(str(path), False, f"cannot read file ({exc.strerror or exc})")
+    if not data:
+        return FileInfo(str(path), False, "empty file (0 bytes)")
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        if is_dicom(path):
+            gray, mode = _read_dicom(path)
+            h, w = gray.shape
+        else:
+            import io
+
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                mode, (w, h) = img.mode, img.size
+                gray = _pil_to_gray(img)
+    except ImageReadError as exc:
+        return FileInfo(str(path), False, str(exc).split(": ", 1)[-1], sha256=sha)
+    except Exception as exc:
+        return FileInfo(str(path), False, _reason(exc), sha256=sha)
+    if w < 8 or h < 8:
+        return FileInfo(str(path), False, f"image too small ({w}x{h})", sha256=sha)
+    thumb = _thumbnail(gray)
+    return FileInfo(
+        str(path), True, "", w, h, mode, sha,
+        perceptual_hash(thumb), perceptual_hash(thumb[:, ::-1]), thumb,
+    )
+
+
+def check_mask(path: str | Path) -> str:
+    """Return '' if the mask file is readable, else the reason."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as exc:
+        return _reason(exc)
+    return ""

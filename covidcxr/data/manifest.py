@@ -1,0 +1,177 @@
+"""The manifest: one CSV row per image, the single source of truth of an experiment.
+
+Columns: ``path, label, lung_mask, infection_mask, split, sha256, group,
+width, height, mode, phash``. Mask columns are empty where there is no mask.
+``group`` ties exact and near-duplicate images together; a group never
+straddles two splits when the split is ours. Paths are absolute when written
+by ``index``; relative paths are resolved against the manifest's folder.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.data.dedup import DedupResult, group_duplicates
+from covidcxr.data.imageio import FileInfo, check_mask, inspect_file
+from covidcxr.data.layouts import Problem, Scan, scan_dataset
+from covidcxr.data.splits import SPLITS, stratified_group_split
+from covidcxr.errors import DataError
+
+COLUMNS = ["path", "label", "lung_mask", "infection_mask", "split", "sha256", "group",
+           "width", "height", "mode", "phash"]
+
+
+@dataclass
+class IndexReport:
+    root: str
+    layout: str
+    problems: list[Problem] = field(default_factory=list)
+    dedup: DedupResult | None = None
+    crossing_groups: list[list[int]] = field(default_factory=list)
+    split_source: str = ""
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def inspect_files(paths: list[str], workers: int | None = None, progress: bool = True,
+                  desc: str = "checking images") -> list[FileInfo]:
+    """Decode, hash and thumbnail every file, in parallel threads (Pillow and
+    hashlib release the GIL), with a progress bar."""
+    from tqdm import tqdm
+
+    workers = workers or default_workers()
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        it = ex.map(inspect_file, paths, chunksize=16)
+        return list(tqdm(it, total=len(paths), desc=desc, unit="img", disable=not progress,
+                         mininterval=0.5))
+
+
+def _check_masks(records, workers, progress, problems) -> None:
+    from tqdm import tqdm
+
+    masks = [(r, kind) for r in records for kind in ("lung_mask", "infection_mask") if getattr(r, kind)]
+    if not masks:
+        return
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as ex:
+        reasons = list(tqdm(ex.map(lambda rk: check_mask(getattr(*rk)), masks), total=len(masks),
+                            desc="checking masks", unit="mask", disable=not progress, mininterval=0.5))
+    for (r, kind), reason in zip(masks, reasons):
+        if reason:
+            problems.append(Problem(getattr(r, kind), f"unreadable {kind.replace('_', ' ')} ({reason}); "
+                                                      f"image kept without this mask"))
+            setattr(r, kind, "")
+
+
+def build_manifest(data: str | Path, fractions: tuple[float, ...], seed: int = 42,
+                   workers: int | None = None, progress: bool = True,
+                   dedup_kwargs: dict | None = None) -> tuple[pd.DataFrame, IndexReport]:
+    """Scan ``data``, check every file, group duplicates, split. Bad files are
+    reported in the IndexReport and left out of the manifest."""
+    scan: Scan = scan_dataset(data)
+    report = IndexReport(scan.root, scan.layout, list(scan.problems))
+    infos = inspect_files([r.path for r in scan.records], workers, progress)
+    good = []
+    for rec, info in zip(scan.records, infos):
+        if info.ok:
+            good.append((rec, info))
+        else:
+            report.problems.append(Problem(rec.path, f"{info.reason}; left out"))
+    if not good:
+        raise DataError(f"{data}: none of the {len(infos)} image files could be read.")
+    records = [r for r, _ in good]
+    _check_masks(records, workers, progress, report.problems)
+    df = pd.DataFrame({
+        "path": [r.path for r in records],
+        "label": [r.label for r in records],
+        "lung_mask": [r.lung_mask for r in records],
+        "infection_mask": [r.infection_mask for r in records],
+        "sha256": [i.sha256 for _, i in good],
+        "width": [i.width for _, i in good],
+        "height": [i.height for _, i in good],
+        "mode": [i.mode for _, i in good],
+        "phash": [f"{i.phash:016x}" for _, i in good],
+    })
+    thumbs = np.stack([i.thumb for _, i in good])
+    result = group_duplicates(df["sha256"].tolist(), np.array([i.phash for _, i in good], np.uint64),
+                              np.array([i.phash_mirror for _, i in good], np.uint64), thumbs,
+                              **(dedup_kwargs or {}))
+    report.dedup = result
+    df["group"] = result.group
+    official = [r.official_split for r in records]
+    present = {s for s in official if s}
+    if present and len(present) >= 2:
+        # The dataset's own split is honoured; report groups that cross it.
+        df["split"] = official
+        report.split_source = f"dataset's own split ({', '.join(s for s in SPLITS if s in present)})"
+    else:
+        df["split"] = stratified_group_split(df["label"].tolist(), df["group"].tolist(), fractions, seed)
+        report.split_source = (f"stratified group split {','.join(str(f) for f in fractions if f)} seed {seed}"
+                               + (f" (dataset holds only its '{present.pop()}' split)" if present else ""))
+    report.crossing_groups = crossing_groups(df)
+    return df[COLUMNS], report
+
+
+def crossing_groups(df: pd.DataFrame) -> list[list[int]]:
+    """Groups of row indices whose members sit in more than one split."""
+    out = []
+    for _, sub in df.groupby("group"):
+        if sub["split"].nunique() > 1:
+            out.append(sub.index.tolist())
+    return out
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path, overwrite: bool = False) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        from covidcxr.errors import RunExistsError
+        raise RunExistsError(f"{path} already exists; pass --overwrite to replace it or choose another --out.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return path
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest CSV; resolve relative paths against its folder; check columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found. Create one with 'python -m covidcxr.data index DATA --out {path}'.")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable CSV manifest ({exc})") from exc
+    missing = [c for c in ("path", "label", "split") if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: manifest lacks column(s) {', '.join(missing)}; "
+                        f"re-create it with 'python -m covidcxr.data index'.")
+    base = path.resolve().parent
+    for col in ("path", "lung_mask", "infection_mask"):
+        if col not in df.columns:
+            df[col] = ""
+        df[col] = [str(base / p) if p and not os.path.isabs(p) else p for p in df[col]]
+    for col, default in (("mode", ""), ("sha256", ""), ("group", None)):
+        if col not in df.columns:
+            df[col] = list(range(len(df))) if default is None else default
+    if "group" in df.columns:
+        df["group"] = pd.to_numeric(df["group"], errors="coerce").fillna(-1).astype(np.int64)
+    bad = sorted(set(df["split"]) - set(SPLITS))
+    if bad:
+        raise DataError(f"{path}: unknown split name(s) {bad}; use train, val or test.")
+    return df
+
+
+def class_split_table(df: pd.DataFrame) -> str:
+    """A plain-text class-by-split count table (with mask counts)."""
+    t = pd.crosstab(df["label"], df["split"]).reindex(columns=[s for s in SPLITS if s in set(df["split"])],
+                                                      fill_value=0)
+    t["total"] = t.sum(axis=1)
+    t["lung masks"] = df.groupby("label")["lung_mask"].apply(lambda s: int((s != "").sum()))
+    t["infection masks"] = df.groupby("label")["infection_mask"].apply(lambda s: int((s != "").sum()))
+    t.loc["total"] = t.sum(axis=0)
+    return t.to_string()

@@ -11,6 +11,7 @@ Wrapper folders with a single sub-folder (``COVID-19_Radiography_Dataset/``,
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def _unwrap(root: Path) -> Path:
 
 def detect_layout(root: str | Path) -> tuple[str, Path]:
     """Return (layout name, effective root). Raises DataError when unknown."""
-    root = Path(root).absolute()
+    root = Path(os.path.abspath(root))
     if not root.exists():
         raise DataError(f"{root}: no such folder. Pass the dataset folder with --data, "
                         f"or run 'python -m covidcxr.data synth DIR' for demo data.")

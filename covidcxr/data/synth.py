@@ -39,13 +39,14 @@ def synth_cxr(rng: np.random.Generator, size: int, cls: str) -> tuple[np.ndarray
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     s = size / 256.0
     # Patient position and build vary.
-    dx, dy = rng.normal(0, 0.02, 2)
-    scale = rng.uniform(0.92, 1.06)
-    xx_c = (xx - 0.5 - dx) / scale + 0.5
-    yy_c = (yy - 0.5 - dy) / scale + 0.5
+    dx, dy = rng.normal(0, 0.035, 2)
+    scale = rng.uniform(0.85, 1.08)
+    tilt = rng.normal(0, 0.05)
+    xx_c = ((xx - 0.5) * np.cos(tilt) - (yy - 0.5) * np.sin(tilt) - dx) / scale + 0.5
+    yy_c = ((xx - 0.5) * np.sin(tilt) + (yy - 0.5) * np.cos(tilt) - dy) / scale + 0.5
 
     img = 0.06 + 0.02 * _smooth_noise(rng, size, 8 * s)
-    body = _ellipse(yy_c, xx_c, 0.60, 0.5, 0.62, rng.uniform(0.40, 0.47), 0.03)
+    body = _ellipse(yy_c, xx_c, rng.uniform(0.56, 0.66), 0.5, rng.uniform(0.55, 0.66), rng.uniform(0.37, 0.48), 0.03)
     shoulders = _ellipse(yy_c, xx_c, 0.18, 0.5, 0.12, 0.50, 0.05)
     body = np.maximum(body, shoulders * (yy_c > 0.1))
     img = img + 0.45 * body

@@ -1,0 +1,132 @@
+"""Export a trained classifier for serving: ``python -m covidcxr.export RUN_OR_MODEL --out DIR``.
+
+Writes ``DIR/serving/1/`` (TF SavedModel, servable by TF Serving with
+``model_base_path=DIR/serving``), ``DIR/model.keras`` and ``DIR/labels.json``.
+The ``serving_default`` signature takes ``image_bytes`` (tf.string [batch],
+PNG/JPEG/BMP/GIF of any size, grayscale or RGB), runs the same TF
+preprocessing as training, and returns ``probabilities`` and ``label``.
+The export is reloaded and checked against the Keras model before it is kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from covidcxr.errors import CovidCXRError, DataError, RunExistsError
+
+TOLERANCE = 1e-5
+
+
+def make_serving_fn(model, labels_doc: dict):
+    import tensorflow as tf
+
+    from covidcxr.data.preprocess import serve_image
+
+    size, contrast, norm = labels_doc["image_size"], labels_doc["contrast"], labels_doc["normalization"]
+    classes = tf.constant(labels_doc["classes"])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve(image_bytes):
+        x = tf.map_fn(lambda b: serve_image(b, size, contrast, norm), image_bytes,
+                      fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+        probs = tf.cast(model(x, training=False), tf.float32)
+        return {"probabilities": probs, "label": tf.gather(classes, tf.argmax(probs, axis=-1))}
+
+    return serve
+
+
+def export_classifier(model, labels_doc: dict, out_dir: str | Path, overwrite: bool = False,
+                      check_images: list[str] = ()) -> Path:
+    import keras
+    import tensorflow as tf
+
+    from covidcxr.data.preprocess import serve_image
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise RunExistsError(f"export directory {out_dir} already exists; pass --overwrite or another --out.")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save(tmp / "model.keras")
+    (tmp / "labels.json").write_text(json.dumps(labels_doc, indent=2))
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", make_serving_fn(model, labels_doc))
+    archive.write_out(str(tmp / "serving" / "1"), verbose=False)
+
+    # Check: the reloaded SavedModel must reproduce the Keras model on real files.
+    loaded = tf.saved_model.load(str(tmp / "serving" / "1"))
+    fn = loaded.signatures["serving_default"]
+    worst = 0.0
+    for path in [p for p in check_images if Path(p).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")]:
+        data = tf.io.read_file(path)
+        got = fn(image_bytes=tf.reshape(data, [1]))["probabilities"].numpy()
+        x = serve_image(data, labels_doc["image_size"], labels_doc["contrast"], labels_doc["normalization"])
+        ref = keras.ops.convert_to_numpy(model(x[None], training=False))
+        worst = max(worst, float(np.abs(got - ref).max()))
+    if worst > TOLERANCE:
+        shutil.rmtree(tmp)
+        raise CovidCXRError(f"exported SavedModel differs from the Keras model by {worst:.2e} (> {TOLERANCE}); "
+                            f"export discarded.")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def find_model(path: str | Path):
+    """A run directory, an export directory or a .keras file -> (keras model, labels doc)."""
+    import keras
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such model file or folder.")
+    if path.is_dir():
+        for cand in ("best.keras", "model.keras"):
+            if (path / cand).exists():
+                labels = path / "labels.json"
+                if not labels.exists():
+                    raise DataError(f"{path}: has {cand} but no labels.json; cannot tell the class names.")
+                return keras.saving.load_model(path / cand), json.loads(labels.read_text())
+        raise DataError(f"{path}: not a run or export directory (no best.keras or model.keras).")
+    labels = path.parent / "labels.json"
+    if not labels.exists():
+        raise DataError(f"{path}: no labels.json beside it; cannot tell the class names.")
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot load this Keras model ({exc})") from exc
+    return model, json.loads(labels.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m covidcxr.export", description=__doc__)
+    p.add_argument("model", help="run directory, export directory or .keras file")
+    p.add_argument("--out", required=True, help="export directory")
+    p.add_argument("--check", nargs="*", default=[], help="image files to compare Keras and SavedModel on")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        model, labels = find_model(args.model)
+        checks = list(args.check)
+        if not checks and Path(args.model).is_dir() and (Path(args.model) / "manifest.csv").exists():
+            import pandas as pd
+
+            checks = pd.read_csv(Path(args.model) / "manifest.csv")["path"].tolist()[:4]
+        out = export_classifier(model, labels, args.out, args.overwrite, checks)
+        print(f"exported {out} (SavedModel: {out / 'serving' / '1'})")
+    except CovidCXRError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Model builders. Builders return uncompiled Keras models."""

@@ -1,0 +1,213 @@
+"""One table of backbones by name: builder, input normalisation, skip layers, weights.
+
+Each entry builds a *feature extractor* (no classifier top) from
+``keras.applications`` or ``keras-hub``. ``skips`` names the layers a U-Net
+decoder taps, from high to low resolution (as in segmentation_models).
+``weights`` is ``'imagenet'``, ``None``, or a local path:
+
+- keras.applications: an ``.h5`` file as Keras publishes it (its md5/sha256 is
+  checked when the file name matches a published one) or a ``.weights.h5``;
+- keras-hub: a preset directory (what ``save_to_preset`` writes) or a
+  ``.weights.h5`` file.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from covidcxr.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    source: str                      # 'keras.applications' or 'keras-hub'
+    normalization: str               # see covidcxr.data.preprocess.normalize
+    constructor: str                 # class or function name in its library
+    skips: tuple[str, ...] = ()
+    hub_preset: str = ""
+    hub_config: dict = field(default_factory=dict)
+    size_multiple: int = 32          # --image-size must be a multiple of this
+    min_size: int = 32
+    published_weights: dict = field(default_factory=dict)  # file name -> hash
+
+
+def _ka(name, ctor, norm, skips, files=None, **kw):
+    return ArchSpec(name, "keras.applications", norm, ctor, tuple(skips),
+                    published_weights=files or {}, **kw)
+
+
+def _published(module: str, key, pattern_top: str, pattern_notop: str, table: str = "WEIGHTS_HASHES") -> dict:
+    """File name -> hash from the constants Keras downloads with."""
+    import importlib
+
+    try:
+        hashes = getattr(importlib.import_module(f"keras.src.applications.{module}"), table)[key]
+    except Exception:  # pragma: no cover - Keras moved its constants: skip the check
+        return {}
+    return {pattern_top: hashes[0], pattern_notop: hashes[1]}
+
+
+def _specs() -> dict[str, ArchSpec]:
+    resnet_skips = ("conv1_relu", "conv2_block3_out", "conv3_block4_out")
+    specs = [
+        _ka("resnet50", "ResNet50", "caffe", resnet_skips + ("conv4_block6_out",),
+            _published("resnet", "resnet50", "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+                       "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")),
+        _ka("resnet101", "ResNet101", "caffe", resnet_skips + ("conv4_block23_out",),
+            _published("resnet", "resnet101", "resnet101_weights_tf_dim_ordering_tf_kernels.h5",
+                       "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5")),
+        _ka("densenet121", "DenseNet121", "torch", ("conv1_relu", "pool2_relu", "pool3_relu", "pool4_relu"),
+            {"densenet121_weights_tf_dim_ordering_tf_kernels.h5": "9d60b8095a5708f2dcce2bca79d332c7",
+             "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5": "30ee3e1110167f948a6b9946edeeb738"}),
+        _ka("mobilenetv3small", "MobileNetV3Small", "raw255",
+            ("re_lu", "expanded_conv_project_bn", "expanded_conv_2_add", "expanded_conv_7_add"),
+            _published("mobilenet_v3", "small_224_1.0_float", "weights_mobilenet_v3_small_224_1.0_float.h5",
+                       "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5")),
+        _ka("convnexttiny", "ConvNeXtTiny", "raw255",
+            ("convnext_tiny_stage_0_block_2_identity", "convnext_tiny_stage_1_block_2_identity",
+             "convnext_tiny_stage_2_block_8_identity"),
+            _published("convnext", "convnext_tiny", "convnext_tiny.h5", "convnext_tiny_notop.h5")),
+    ]
+    eff_skips = ("block2a_expand_activation", "block3a_expand_activation",
+                 "block4a_expand_activation", "block6a_expand_activation")
+    for b in range(8):
+        specs.append(_ka(f"efficientnetb{b}", f"EfficientNetB{b}", "raw255", eff_skips,
+                         _published("efficientnet", f"b{b}", f"efficientnetb{b}.h5", f"efficientnetb{b}_notop.h5")))
+    specs += [
+        ArchSpec("resnet18", "keras-hub", "torch", "ResNetBackbone",
+                 ("conv1_relu", "stack0_block1_out", "stack1_block1_out", "stack2_block1_out"),
+                 hub_preset="resnet_18_imagenet",
+                 hub_config=dict(input_conv_filters=[64], input_conv_kernel_sizes=[7],
+                                 stackwise_num_filters=[64, 128, 256, 512], stackwise_num_blocks=[2, 2, 2, 2],
+                                 stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
+                                 use_pre_activation=False)),
+        ArchSpec("vit_b16", "keras-hub", "tf", "ViTBackbone", hub_preset="vit_base_patch16_224_imagenet",
+                 hub_config=dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
+                 size_multiple=16),
+        ArchSpec("swin_tiny", "keras-hub", "torch", "SwinTransformerBackbone",
+                 hub_preset="swin_tiny_patch4_window7_224",
+                 hub_config=dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+                                 patch_size=4),
+                 size_multiple=224, min_size=224),
+    ]
+    return {s.name: s for s in specs}
+
+
+@functools.lru_cache(maxsize=1)
+def registry() -> dict[str, ArchSpec]:
+    """All registered architectures (built lazily: reads Keras' published hashes)."""
+    return _specs()
+
+
+def arch_names() -> list[str]:
+    return list(registry())
+
+
+def get_spec(name: str) -> ArchSpec:
+    specs = registry()
+    if name not in specs:
+        raise ConfigError(f"unknown architecture '{name}'. Registered: {', '.join(specs)}")
+    return specs[name]
+
+
+def check_image_size(spec: ArchSpec, size: int) -> None:
+    if size < spec.min_size or size % spec.size_multiple:
+        raise ConfigError(f"--image-size {size} does not suit {spec.name}: use a multiple of "
+                          f"{spec.size_multiple} of at least {spec.min_size}.")
+
+
+def file_hash(path: str | Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_weights_file(spec: ArchSpec, path: str | Path) -> str:
+    """Check a local weights file exists, and its hash when its name is a published one.
+    Returns a short note for the log."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--weights {path}: no such file or folder. Use --weights none, imagenet, "
+                          f"or the path of a weights file.")
+    expected = spec.published_weights.get(path.name)
+    if expected and path.is_file():
+        algo = "sha256" if len(expected) == 64 else "md5"
+        got = file_hash(path, algo)
+        if got != expected:
+            raise ConfigError(f"--weights {path}: {algo} {got} does not match the {expected} Keras publishes "
+                              f"for {path.name}; the file is corrupt or incomplete. Download it again.")
+        return f"{algo} verified against Keras' published hash"
+    return "no published hash for this file name; not verified"
+
+
+def _keras_weights_filename(spec: ArchSpec) -> str:
+    notop = [f for f in spec.published_weights if "notop" in f or "no_top" in f]
+    return notop[0] if notop else ""
+
+
+def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
+    """Feature extractor for ``spec`` at ``image_size``; ``weights`` imagenet/None/path."""
+    import keras
+
+    check_image_size(spec, image_size)
+    shape = (image_size, image_size, 3)
+    if weights not in (None, "imagenet"):
+        verify_weights_file(spec, weights)
+    try:
+        if spec.source == "keras.applications":
+            ctor = getattr(keras.applications, spec.constructor)
+            kw = dict(include_top=False, input_shape=shape)
+            if spec.constructor.startswith("MobileNetV3"):
+                kw["include_preprocessing"] = True
+            if weights is None or weights == "imagenet":
+                return ctor(weights=weights, **kw)
+            if str(weights).endswith(".weights.h5"):
+                model = ctor(weights=None, **kw)
+                model.load_weights(weights)
+                return model
+            return ctor(weights=str(weights), **kw)
+        import keras_hub
+
+        ctor = getattr(keras_hub.models, spec.constructor)
+        if weights == "imagenet":
+            return keras_hub.models.Backbone.from_preset(spec.hub_preset, image_shape=shape) \
+                if spec.constructor != "ResNetBackbone" else keras_hub.models.Backbone.from_preset(spec.hub_preset)
+        if weights is not None and os.path.isdir(weights):
+            return keras_hub.models.Backbone.from_preset(str(weights))
+        model = ctor(image_shape=shape, **spec.hub_config)
+        if weights is not None:
+            model.load_weights(weights)
+        return model
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise _weights_error(spec, weights, exc) from exc
+
+
+def _weights_error(spec: ArchSpec, weights, exc: Exception) -> ConfigError:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    if weights == "imagenet":
+        where = (f"download {_keras_weights_filename(spec)} elsewhere and pass --weights /path/to/it "
+                 f"(or put it in ~/.keras/models/)" if spec.source == "keras.applications"
+                 else f"save the keras-hub preset '{spec.hub_preset}' elsewhere and pass its folder with --weights")
+        return ConfigError(f"could not get ImageNet weights for {spec.name} (no internet access?): {text}. "
+                           f"Use --weights none to train from scratch, or {where}.")
+    if weights is None:
+        return ConfigError(f"could not build {spec.name}: {text}")
+    return ConfigError(f"--weights {weights}: cannot load it into {spec.name} ({text}). Is it a Keras weights "
+                       f"file for this architecture?")
+
+
+def imagenet_available(spec: ArchSpec) -> bool:
+    """True when ImageNet weights are cached locally (no network needed)."""
+    if spec.source == "keras.applications":
+        cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+        return bool(_keras_weights_filename(spec)) and (cache / _keras_weights_filename(spec)).exists()
+    return False

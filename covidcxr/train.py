@@ -1,0 +1,420 @@
+"""Train a CXR classifier: ``python -m covidcxr.train --arch resnet50``.
+
+Without ``--data`` it trains on the built-in synthetic demo set. Each run gets
+its own directory (config.json, manifest.csv, history.csv, best.keras,
+curves.png, metrics.json, TensorBoard logs) and an export under saved_models/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from covidcxr.config import TrainConfig
+from covidcxr.data.pipeline import AugmentConfig
+from covidcxr.errors import ConfigError, CovidCXRError, DataError, RunExistsError
+
+DEMO = dict(per_class=100, synth_size=128, image_size=128, epochs=4, fine_tune_epochs=4, batch_size=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from covidcxr.models.registry import arch_names
+
+    p = argparse.ArgumentParser(prog="python -m covidcxr.train", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", default=None, help="dataset folder (Kaggle, COVID-QU-Ex or folder-per-class) or manifest "
+                                  "CSV; omitted: the synthetic demo set")
+    a("--arch", default="resnet50", help=f"backbone, one of: {', '.join(arch_names())}")
+    a("--task", default="classify", choices=["classify", "segment", "multitask"],
+      help="what to train (segment/multitask: see README)")
+    a("--weights", default="auto", help="imagenet | none | PATH (local weights file or keras-hub preset "
+                                        "folder) | auto (imagenet if obtainable, else none, with a warning)")
+    a("--image-size", type=int, default=None, help="input side in pixels (default 224; demo 128)")
+    a("--batch-size", type=int, default=None, help="global batch size (default 32)")
+    a("--epochs", type=int, default=None, help="phase-1 epochs: head only on a frozen backbone "
+                                                "(default 10; demo 4)")
+    a("--fine-tune-epochs", type=int, default=None, help="phase-2 epochs: top layers unfrozen at lr/10 "
+                                                          "(default 10; demo 4)")
+    a("--unfreeze", default="all", help="phase 2 unfreezes the top N backbone layers, or 'all' "
+                                        "(BatchNormalization stays frozen)")
+    a("--lr", type=float, default=5e-4, help="phase-1 learning rate (AdamW); phase 2 uses lr/10")
+    a("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
+    a("--label-smoothing", type=float, default=0.1)
+    a("--dropout", type=float, default=0.3, help="head dropout")
+    a("--warmup-epochs", type=float, default=1.0, help="linear LR warm-up (phase 1 / from scratch)")
+    a("--bn-momentum", type=float, default=0.9, help="BatchNormalization momentum when training from scratch")
+    a("--no-class-weights", action="store_true", help="do not weight classes by inverse frequency")
+    a("--contrast", default="none", choices=["none", "stretch", "clahe", "gamma"], help="contrast enhancement")
+    a("--hflip", action="store_true", help="random horizontal flips (off by default: flips the heart)")
+    a("--no-augment", action="store_true", help="no augmentation")
+    a("--lung-crop", action="store_true", help="multiply images by their lung masks (segmented-lung study)")
+    a("--split", default="0.7,0.15,0.15", help="train,val[,test] fractions when the data has no split")
+    a("--seed", type=int, default=42, help="seed for splits, shuffling, augmentation and initialisation")
+    a("--monitor", default="val_macro_f1", choices=["val_macro_f1", "val_macro_auc"],
+      help="checkpoint selection metric")
+    a("--patience", type=int, default=8, help="early-stopping patience (epochs)")
+    a("--mixed-precision", action="store_true", help="float16 (GPU) / bfloat16 (TPU, CPU) compute")
+    a("--jit-compile", action="store_true", help="XLA-compile the training step")
+    a("--cache", default="memory", help="'memory', 'none' or a file prefix for the decoded-image cache")
+    a("--run-dir", default=None, help="run directory (default experiments/runs/<arch>-<task>-<time>)")
+    a("--export-dir", default=None, help="export directory (default saved_models/<run-name>; 'none' to skip)")
+    a("--overwrite", action="store_true", help="replace an existing run directory / export")
+    a("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    return p
+
+
+def config_from_args(args, argv) -> TrainConfig:
+    demo = args.data is None
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    aug = None if args.no_augment else AugmentConfig(hflip=args.hflip)
+    return TrainConfig(
+        task=args.task, arch=args.arch, data=None if demo else str(Path(args.data).absolute()),
+        weights=args.weights, image_size=pick(args.image_size, DEMO["image_size"] if demo else 224),
+        batch_size=pick(args.batch_size, 32),
+        epochs=pick(args.epochs, DEMO["epochs"] if demo else 10),
+        fine_tune_epochs=pick(args.fine_tune_epochs, DEMO["fine_tune_epochs"] if demo else 10),
+        unfreeze=args.unfreeze, lr=args.lr, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing, dropout=args.dropout, bn_momentum=args.bn_momentum,
+        warmup_epochs=args.warmup_epochs, class_weights=not args.no_class_weights, contrast=args.contrast,
+        augment=aug if aug is not None else AugmentConfig(0, 0, 0, False, 0, 0), split=args.split,
+        seed=args.seed, monitor=args.monitor, patience=args.patience, mixed_precision=args.mixed_precision,
+        jit_compile=args.jit_compile, cache=args.cache, lung_crop=args.lung_crop, demo=demo,
+        command="python -m covidcxr.train " + " ".join(argv),
+    )
+
+
+def demo_data(cache_root: Path) -> Path:
+    """Build (once) and reuse the synthetic demo set."""
+    from covidcxr.data.synth import write_synthetic_dataset
+
+    d = cache_root / f"demo-{DEMO['per_class']}x{DEMO['synth_size']}px-seed0"
+    if not (d / ".complete").exists():
+        if d.exists():
+            shutil.rmtree(d)
+        write_synthetic_dataset(d, DEMO["per_class"], DEMO["synth_size"], seed=0)
+        (d / ".complete").write_text("ok\n")
+    return d
+
+
+def load_data(cfg: TrainConfig, cache_root: Path):
+    """Manifest DataFrame and class names for the run; missing files dropped with a warning."""
+    from covidcxr.data.manifest import build_manifest, read_manifest
+    from covidcxr.data.splits import parse_fractions
+
+    fractions = parse_fractions(cfg.split)
+    src = Path(cfg.data) if cfg.data else demo_data(cache_root)
+    if src.is_file():
+        df = read_manifest(src)
+        print(f"manifest: {src} ({len(df)} images)")
+    else:
+        df, report = build_manifest(src, fractions, cfg.seed)
+        print(f"indexed {report.root}: {report.layout} layout, {len(df)} images; split: {report.split_source}")
+        if report.problems:
+            print(f"WARNING: {len(report.problems)} problem file(s) left out, e.g.:")
+            for pr in report.problems[:5]:
+                print(f"  - {pr}")
+        groups = report.dedup.duplicate_groups
+        print(f"duplicate groups: {len(groups)} ({sum(map(len, groups.values()))} images), kept within one split")
+        if report.crossing_groups:
+            print(f"WARNING: {len(report.crossing_groups)} duplicate groups cross the dataset's own split "
+                  f"(see python -m covidcxr.data audit {src})")
+    missing = [p for p in df["path"] if not os.path.exists(p)]
+    if missing:
+        if len(missing) == len(df):
+            raise DataError(f"none of the manifest's image files exist (first: {missing[0]}); were they moved? "
+                            f"Re-run python -m covidcxr.data index.")
+        print(f"WARNING: {len(missing)} image file(s) missing and left out, e.g. {missing[0]}")
+        df = df[~df["path"].isin(set(missing))].reset_index(drop=True)
+    classes = sorted(df["label"].unique())
+    for split in ("train", "val"):
+        if not (df["split"] == split).any():
+            raise DataError(f"the '{split}' split is empty; use --split with a non-zero {split} fraction "
+                            f"or a manifest that has {split} rows.")
+    counts = df[df["split"] == "train"]["label"].value_counts()
+    empty = [c for c in classes if counts.get(c, 0) == 0]
+    if empty:
+        raise DataError(f"class(es) {empty} have no training images; add images or remove the class.")
+    return df, classes
+
+
+def pick_strategy():
+    import tensorflow as tf
+
+    if os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR"):
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+            return tf.distribute.TPUStrategy(resolver), "TPU"
+        except Exception as exc:
+            print(f"WARNING: TPU requested by the environment but not usable ({exc}); continuing without it")
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy(), f"{len(gpus)} GPUs (MirroredStrategy)"
+    return tf.distribute.get_strategy(), ("1 GPU" if gpus else "CPU")
+
+
+def _default_run_dir(cfg: TrainConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("experiments") / "runs" / f"{cfg.arch}-{cfg.task}-{stamp}"
+
+
+def prepare_dirs(cfg: TrainConfig, run_dir: Path, export_dir: Path | None, overwrite: bool, resume: bool):
+    if resume:
+        if not (run_dir / "state.json").exists():
+            raise ConfigError(f"--resume: {run_dir} holds no interrupted run (no state.json); pass the "
+                              f"--run-dir of the run to continue.")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunExistsError(f"run directory {run_dir} already exists; pass --overwrite to replace it, "
+                                 f"--resume to continue it, or another --run-dir.")
+        shutil.rmtree(run_dir)
+    if export_dir is not None and export_dir.exists() and any(export_dir.iterdir()) and not overwrite:
+        raise RunExistsError(f"export directory {export_dir} already exists; pass --overwrite or another "
+                             f"--export-dir.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _compile(model, cfg: TrainConfig, lr: float):
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        metrics=["accuracy", keras.metrics.AUC(name="auc", multi_label=False)],
+        jit_compile=cfg.jit_compile,
+    )
+
+
+def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
+    if cfg.task != "classify":
+        raise ConfigError(f"--task {cfg.task} is not available yet; only --task classify is implemented.")
+    from covidcxr.models.registry import check_image_size, get_spec
+
+    spec = get_spec(cfg.arch)
+    check_image_size(spec, cfg.image_size)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else _default_run_dir(cfg)
+    if resume:
+        saved = TrainConfig.load(run_dir / "config.json")
+        cfg = replace(saved, run_dir=str(run_dir))
+    export_dir = None if cfg.export_dir == "none" else Path(cfg.export_dir or Path("saved_models") / run_dir.name)
+    prepare_dirs(cfg, run_dir, export_dir, overwrite, resume)
+    cfg = replace(cfg, run_dir=str(run_dir), export_dir=str(export_dir) if export_dir else "none")
+
+    import warnings
+
+    import keras
+    import numpy as np
+
+    # tf.data with skipped bad files has no fixed length; Keras' notes about it are noise.
+    warnings.filterwarnings("ignore", message=".*ran out of data.*")
+    warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
+
+    from covidcxr import callbacks as cb
+    from covidcxr.data.pipeline import class_weights, make_dataset
+    from covidcxr.models.classifier import build_classifier, freeze_backbone, unfreeze_top
+
+    if cfg.demo:
+        print("=" * 78)
+        print("DEMO RUN on built-in SYNTHETIC CXR-like images (not real X-rays).")
+        print("Train on real data with --data DIR (see README). Small sizes so it ends in minutes.")
+        print("=" * 78)
+    keras.utils.set_random_seed(cfg.seed)
+    if resume:
+        import pandas as pd
+
+        df = pd.read_csv(run_dir / "manifest.csv", dtype=str, keep_default_na=False)
+        classes = json.loads((run_dir / "labels.json").read_text())["classes"]
+    else:
+        df, classes = load_data(cfg, Path("experiments") / "cache")
+        df.to_csv(run_dir / "manifest.csv", index=False)
+        (run_dir / "labels.json").write_text(json.dumps(_labels_doc(cfg, spec, classes), indent=2))
+    train_df, val_df, test_df = (df[df["split"] == s] for s in ("train", "val", "test"))
+    cw = class_weights(train_df["label"], classes) if cfg.class_weights else None
+    common = dict(image_size=cfg.image_size, normalization=spec.normalization, batch_size=cfg.batch_size,
+                  contrast=cfg.contrast, lung_crop=cfg.lung_crop)
+    cache = None if cfg.cache == "none" else cfg.cache
+    train_ds = make_dataset(train_df, classes, training=True, augment=cfg.augment, weights=cw, seed=cfg.seed,
+                            cache=cache if cache == "memory" or cache is None else f"{cache}-train", **common)
+    val_ds = make_dataset(val_df, classes, cache="memory" if cache else None, **common)
+
+    strategy, device = pick_strategy()
+    if cfg.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16" if "GPU" in device else "mixed_bfloat16")
+    state = json.loads((run_dir / "state.json").read_text()) if resume else {}
+    with strategy.scope():
+        if resume:
+            model = keras.saving.load_model(run_dir / "last.keras")
+            weights = cfg.weights
+        else:
+            model, weights = _build(cfg, spec, len(classes), build_classifier)
+            cfg = replace(cfg, weights=weights or "none")
+    cfg.save(run_dir / "config.json")
+    print(f"arch {cfg.arch} ({spec.source}), weights: {cfg.weights}, device: {device}, "
+          f"{len(train_df)} train / {len(val_df)} val / {len(test_df)} test images, classes: {classes}")
+
+    steps = int(np.ceil(len(train_df) / cfg.batch_size))
+    ckpt = keras.callbacks.ModelCheckpoint(run_dir / "best.keras", monitor=cfg.monitor, mode="max",
+                                           save_best_only=True, verbose=0)
+    if state.get("best") is not None:
+        ckpt.best = state["best"]
+
+    def callbacks(phase, warmup):
+        log = cb.PhaseLog(phase, run_dir, len(train_df), ckpt)
+        cbs = [cb.ValidationMetrics(val_ds, classes), log, ckpt,
+               keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode="max", patience=cfg.patience),
+               keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3, min_lr=1e-7),
+               keras.callbacks.CSVLogger(run_dir / "history.csv", append=True),
+               keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))]
+        if warmup and cfg.warmup_epochs > 0:
+            cbs.insert(0, cb.Warmup(lr_now, cfg.warmup_epochs * steps))
+        return cbs, log
+
+    verbose = 1 if sys.stdout.isatty() else 2
+    pretrained = cfg.weights != "none"
+    done = state.get("epoch", 0)
+    phase = state.get("phase", "head" if pretrained else "scratch")
+    summaries = []
+
+    def run_phase(name, first_epoch, last_epoch, warmup):
+        if last_epoch <= first_epoch:
+            return first_epoch
+        cbs, log = callbacks(name, warmup)
+        hist = model.fit(train_ds, validation_data=val_ds, epochs=last_epoch, initial_epoch=first_epoch,
+                         callbacks=cbs, verbose=verbose)
+        n = len(hist.epoch)
+        trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+        line = (f"phase {name}: {n} epochs, {trainable:,} trainable weights, "
+                f"{log.images_per_second:.1f} images/s (training steps)")
+        print(line, flush=True)
+        summaries.append(line)
+        return first_epoch + n
+
+    with strategy.scope():
+        if not pretrained:
+            total = cfg.epochs + cfg.fine_tune_epochs
+            print(f"weights none: the whole network trains from epoch 1 ({total} epochs = --epochs + "
+                  f"--fine-tune-epochs), BatchNormalization momentum {cfg.bn_momentum}")
+            lr_now = cfg.lr
+            if not resume:
+                _compile(model, cfg, cfg.lr)
+            run_phase("scratch", done, total, warmup=not resume)
+        else:
+            e1 = done
+            if phase == "head":
+                lr_now = cfg.lr
+                if not resume:
+                    freeze_backbone(model)
+                    _compile(model, cfg, cfg.lr)
+                e1 = run_phase("head", done, cfg.epochs, warmup=not resume)
+            if cfg.fine_tune_epochs > 0:
+                lr_now = cfg.lr / 10
+                if phase == "head":
+                    if (run_dir / "best.keras").exists():
+                        model.set_weights(keras.saving.load_model(run_dir / "best.keras").get_weights())
+                    n = unfreeze_top(model, cfg.unfreeze)
+                    print(f"phase finetune: {n} backbone layers unfrozen (BatchNormalization frozen), "
+                          f"lr {lr_now:g}")
+                    _compile(model, cfg, lr_now)
+                    start = e1
+                else:
+                    start = done
+                run_phase("finetune", start, start + cfg.fine_tune_epochs if phase == "head"
+                          else _finetune_end(run_dir, cfg), warmup=False)
+
+    best = keras.saving.load_model(run_dir / "best.keras") if (run_dir / "best.keras").exists() else model
+    metrics = {"summary": summaries}
+    for split, sdf in (("val", val_df), ("test", test_df)):
+        if len(sdf):
+            ds = val_ds if split == "val" else make_dataset(sdf, classes, cache=None, **common)
+            y, p = cb.predict_dataset(best, ds)
+            from covidcxr.metrics import classification_metrics
+
+            metrics[split] = classification_metrics(y, p, classes)
+            m = metrics[split]
+            print(f"{split}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, "
+                  f"macro-AUC {m['macro_auc'] if m['macro_auc'] is None else round(m['macro_auc'], 4)} "
+                  f"(n={m['n']})")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    from covidcxr.plots import plot_history
+
+    plot_history(run_dir / "history.csv", run_dir / "curves.png")
+    if export_dir is not None:
+        from covidcxr.export import export_classifier
+
+        export_classifier(best, _labels_doc(cfg, spec, classes), export_dir, overwrite=True,
+                          check_images=val_df["path"].tolist()[:4])
+        print(f"exported: {export_dir} (SavedModel in {export_dir / 'serving' / '1'})")
+    (run_dir / "state.json").write_text(json.dumps({**json.loads((run_dir / "state.json").read_text()),
+                                                    "finished": True}))
+    print(f"run directory: {run_dir}")
+    return run_dir
+
+
+def _finetune_end(run_dir: Path, cfg: TrainConfig) -> int:
+    import pandas as pd
+
+    hist = pd.read_csv(run_dir / "history.csv")
+    head_epochs = int((hist["phase"] == 1).sum()) if "phase" in hist else cfg.epochs
+    return head_epochs + cfg.fine_tune_epochs
+
+
+def _labels_doc(cfg: TrainConfig, spec, classes) -> dict:
+    return {"classes": list(classes), "arch": cfg.arch, "task": cfg.task, "image_size": cfg.image_size,
+            "normalization": spec.normalization, "contrast": cfg.contrast, "lung_crop": cfg.lung_crop}
+
+
+def _build(cfg: TrainConfig, spec, n_classes: int, build_classifier):
+    from covidcxr.models.registry import imagenet_available
+
+    w = cfg.weights
+    kw = dict(dropout=cfg.dropout)
+    if w == "none":
+        return build_classifier(spec, n_classes, cfg.image_size, None, bn_momentum=cfg.bn_momentum, **kw), None
+    if w == "auto":
+        try:
+            if spec.source == "keras-hub" and not imagenet_available(spec):
+                raise ConfigError("keras-hub presets are not fetched automatically")
+            return build_classifier(spec, n_classes, cfg.image_size, "imagenet", **kw), "imagenet"
+        except ConfigError as exc:
+            print(f"WARNING: --weights auto: ImageNet weights unavailable ({str(exc)[:160]}...). "
+                  f"Training FROM SCRATCH instead (--weights none). Pass --weights imagenet to make this an "
+                  f"error, or --weights PATH for a local file.")
+            return build_classifier(spec, n_classes, cfg.image_size, None, bn_momentum=cfg.bn_momentum,
+                                    **kw), None
+    return build_classifier(spec, n_classes, cfg.image_size, w, **kw), w
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        from covidcxr.models.registry import get_spec
+
+        get_spec(args.arch)  # fail fast, before TensorFlow starts
+        if args.data is not None and not Path(args.data).exists():
+            raise DataError(f"--data {args.data}: no such file or folder.")
+        cfg = config_from_args(args, argv)
+        cfg.run_dir = args.run_dir or ""
+        cfg.export_dir = args.export_dir or ""
+        if args.resume and not args.run_dir:
+            raise ConfigError("--resume needs --run-dir of the run to continue.")
+        train(cfg, overwrite=args.overwrite, resume=args.resume)
+    except CovidCXRError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: continue with --resume --run-dir <run directory>", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_path(name: str) -> Path:
+    p = SHARED / name
+    if not p.exists():
+        pytest.skip(f"../shared/data/{name} not present (runs in CI)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    from covidcxr.data.synth import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth") / "data", per_class=8, size=64, seed=3,
+                                   progress=False)
+
+
+@pytest.fixture
+def synth_copy(synth_dir, tmp_path) -> Path:
+    dst = tmp_path / "data"
+    shutil.copytree(synth_dir, dst)
+    return dst
+
+
+def write_png(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode=mode).save(path)
+    return path
+
+
+def random_cxr(seed: int, size: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    from scipy import ndimage
+
+    return (np.clip(ndimage.gaussian_filter(rng.random((size, size)), 3) * 4 - 1.5, 0, 1) * 255).astype(np.uint8)

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+
+import keras
+
+from covidcxr.errors import ConfigError
+from covidcxr.models.classifier import build_classifier, freeze_backbone, get_backbone, iter_layers, unfreeze_top
+from covidcxr.models.registry import arch_names, build_backbone, check_image_size, get_spec, verify_weights_file
+
+
+def tiny_size(spec):
+    return max(spec.min_size, spec.size_multiple if spec.size_multiple > 32 else 32)
+
+
+@pytest.mark.parametrize("name", arch_names())
+def test_every_arch_builds_and_trains_one_step(name):
+    spec = get_spec(name)
+    size = tiny_size(spec)
+    model = build_classifier(spec, 3, size, None, bn_momentum=0.9)
+    # Eager step: the same gradients without minutes of graph tracing for the large backbones.
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy", run_eagerly=True)
+    x = np.random.default_rng(0).random((2, size, size, 3)).astype("float32")
+    y = np.eye(3, dtype="float32")[[0, 2]]
+    before = [w.numpy().copy() for w in model.trainable_weights[-2:]]
+    loss = model.train_on_batch(x, y)
+    assert np.isfinite(loss)
+    assert model.output_shape == (None, 3)
+    assert any(not np.allclose(b, w.numpy()) for b, w in zip(before, model.trainable_weights[-2:]))
+    layer_names = {l.name for l in get_backbone(model).layers}
+    assert set(spec.skips) <= layer_names, f"skip layers missing for {name}"
+    keras.backend.clear_session()
+
+
+def test_unknown_arch_lists_choices():
+    with pytest.raises(ConfigError, match="resnet50.*efficientnetb0"):
+        get_spec("resnet9000")
+
+
+def test_bad_image_size_for_swin():
+    with pytest.raises(ConfigError, match="multiple of 224"):
+        check_image_size(get_spec("swin_tiny"), 128)
+
+
+def test_phase2_trains_more_weights_and_bn_stays_frozen():
+    spec = get_spec("resnet50")
+    model = build_classifier(spec, 4, 32, None)
+    # Rebuild as a "pretrained" model: backbone called with training=False.
+    path = "/tmp/_covidcxr_test_bb.weights.h5"
+    get_backbone(model).save_weights(path)
+    model = build_classifier(spec, 4, 32, path)
+    freeze_backbone(model)
+    n1 = len(model.trainable_weights)
+    n_unfrozen = unfreeze_top(model, 30)
+    n2 = len(model.trainable_weights)
+    assert n_unfrozen > 0 and n2 > n1
+    bns = [l for l in iter_layers(get_backbone(model)) if isinstance(l, keras.layers.BatchNormalization)]
+    assert all(not l.trainable for l in bns)
+    stats = [l.moving_mean.numpy().copy() for l in bns]
+    model.compile(optimizer=keras.optimizers.AdamW(1e-2), loss="categorical_crossentropy")
+    x = np.random.default_rng(1).random((4, 32, 32, 3)).astype("float32") * 100
+    model.train_on_batch(x, np.eye(4, dtype="float32"))
+    assert all(np.array_equal(s, l.moving_mean.numpy()) for s, l in zip(stats, bns))
+    unfreeze_top(model, "all")
+    assert len(model.trainable_weights) > n2
+
+
+def test_weights_file_errors(tmp_path):
+    spec = get_spec("resnet50")
+    with pytest.raises(ConfigError, match="no such file"):
+        verify_weights_file(spec, tmp_path / "missing.h5")
+    fake = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    fake.write_bytes(b"not the real weights")
+    with pytest.raises(ConfigError, match="does not match"):
+        verify_weights_file(spec, fake)
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="cannot load it into resnet50"):
+        build_backbone(spec, 32, str(junk))
+
+
+def test_imagenet_failure_is_explained(monkeypatch):
+    from keras.src.utils import file_utils
+
+    def offline(*a, **k):
+        raise Exception("URL fetch failure: network unreachable")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(ConfigError, match="--weights none"):
+        build_backbone(get_spec("densenet121"), 32, "imagenet")

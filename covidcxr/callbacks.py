@@ -54,12 +54,12 @@ class Warmup(keras.callbacks.Callback):
 
 
 class PhaseLog(keras.callbacks.Callback):
-    """Adds phase and learning rate to the logs, saves the resumable state each epoch,
-    and measures training throughput (images/s, training steps only)."""
+    """Adds phase and learning rate to the logs and measures training throughput
+    (images/s, training steps only)."""
 
-    def __init__(self, phase: str, run_dir: Path, n_train: int, checkpoint):
+    def __init__(self, phase: str, n_train: int):
         super().__init__()
-        self.phase, self.run_dir, self.n_train, self.checkpoint = phase, Path(run_dir), n_train, checkpoint
+        self.phase, self.n_train = phase, n_train
         self.train_time, self.epochs, self._t = 0.0, 0, None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -74,12 +74,25 @@ class PhaseLog(keras.callbacks.Callback):
         self.epochs += 1
         logs["phase"] = {"head": 1, "finetune": 2, "scratch": 0}[self.phase]
         logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        self.model.save(self.run_dir / "last.keras")
-        best = getattr(self.checkpoint, "best", None)
-        state = {"phase": self.phase, "epoch": epoch + 1,
-                 "best": None if best is None or not np.isfinite(best) else float(best)}
-        (self.run_dir / "state.json").write_text(json.dumps(state))
 
     @property
     def images_per_second(self) -> float:
         return self.epochs * self.n_train / self.train_time if self.train_time else 0.0
+
+
+class ResumeState(keras.callbacks.Callback):
+    """Saves last.keras and state.json; must run after every other callback so a
+    kill never leaves a state that claims an epoch the history lacks."""
+
+    def __init__(self, phase: str, run_dir: Path, checkpoint):
+        super().__init__()
+        self.phase, self.run_dir, self.checkpoint = phase, Path(run_dir), checkpoint
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.save(self.run_dir / "last.keras")
+        best = getattr(self.checkpoint, "best", None)
+        state = {"phase": self.phase, "epoch": epoch + 1,
+                 "best": None if best is None or not np.isfinite(best) else float(best)}
+        tmp = self.run_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.run_dir / "state.json")

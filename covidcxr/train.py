@@ -267,12 +267,13 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
         ckpt.best = state["best"]
 
     def callbacks(phase, warmup):
-        log = cb.PhaseLog(phase, run_dir, len(train_df), ckpt)
+        log = cb.PhaseLog(phase, len(train_df))
         cbs = [cb.ValidationMetrics(val_ds, classes), log, ckpt,
                keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode="max", patience=cfg.patience),
                keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3, min_lr=1e-7),
                keras.callbacks.CSVLogger(run_dir / "history.csv", append=True),
-               keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard"))]
+               keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")),
+               cb.ResumeState(phase, run_dir, ckpt)]
         if warmup and cfg.warmup_epochs > 0:
             cbs.insert(0, cb.Warmup(lr_now, cfg.warmup_epochs * steps))
         return cbs, log

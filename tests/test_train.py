@@ -93,7 +93,9 @@ def test_two_phase_with_local_weights_file(synth_dir, in_tmp, capsys):
     lines = [l for l in out.splitlines() if l.startswith("phase ")]
     head = next(l for l in lines if l.startswith("phase head:"))
     fine = next(l for l in lines if l.startswith("phase finetune:") and "epochs" in l)
-    count = lambda l: int(l.split(",")[1].split()[0].replace(",", ""))  # noqa: E731
+    import re
+
+    count = lambda l: int(re.search(r"([\d,]+) trainable", l).group(1).replace(",", ""))  # noqa: E731
     assert count(fine) > count(head)
     hist = pd.read_csv(in_tmp / "r2" / "history.csv")
     assert hist["phase"].tolist() == [1, 2]

@@ -202,6 +202,9 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
     check_image_size(spec, cfg.image_size)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else _default_run_dir(cfg)
     if resume:
+        if not (run_dir / "state.json").exists() or not (run_dir / "config.json").exists():
+            raise ConfigError(f"--resume: {run_dir} holds no interrupted run (no state.json/config.json); "
+                              f"pass the --run-dir of the run to continue.")
         saved = TrainConfig.load(run_dir / "config.json")
         cfg = replace(saved, run_dir=str(run_dir))
     export_dir = None if cfg.export_dir == "none" else Path(cfg.export_dir or Path("saved_models") / run_dir.name)

@@ -166,10 +166,7 @@ def _default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def prepare_dirs(cfg: TrainConfig, run_dir: Path, export_dir: Path | None, overwrite: bool, resume: bool):
-    if resume:
-        if not (run_dir / "state.json").exists():
-            raise ConfigError(f"--resume: {run_dir} holds no interrupted run (no state.json); pass the "
-                              f"--run-dir of the run to continue.")
+    if resume:  # train() has checked the run's state.json and config.json
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:

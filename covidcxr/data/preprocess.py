@@ -110,7 +110,7 @@ def contrast(img: tf.Tensor, method: str = "none") -> tf.Tensor:
 def normalize(img: tf.Tensor, mode: str) -> tf.Tensor:
     """[..., H, W, 1] in [0, 1] -> [..., H, W, 3] as the backbone expects."""
     img = tf.cast(img, tf.float32)
-    if img.dtype != tf.float32 or img.shape[-1] == 1:
+    if img.shape[-1] == 1:
         img = tf.concat([img, img, img], axis=-1)
     if mode == "caffe":
         return img * 255.0 - tf.constant(_CAFFE_MEAN_BGR)

@@ -4,6 +4,11 @@ PATH is a run directory, an export directory (``model.keras`` + ``labels.json``)
 or a SavedModel directory (``serving/1``). INPUTs are files or folders
 (PNG, JPEG, BMP, TIFF, DICOM). Writes a CSV (path, label, one probability
 column per class) and prints a table. Unreadable files are reported and skipped.
+
+``--calibrated`` divides the log-probabilities by the temperature that
+``python -m covidcxr.evaluate`` fitted on the validation split (``calibration.json``
+beside the model, or ``--calibration FILE``). ``--gradcam DIR`` writes a Grad-CAM
+overlay per input (Keras models only).
 """
 from __future__ import annotations
 
@@ -76,11 +81,56 @@ class Predictor:
         return np.asarray(self.model(x[None], training=False))[0]
 
 
+def _temperature(args, pred) -> float:
+    from covidcxr.calibration import load_temperature
+
+    if args.calibration:
+        path = Path(args.calibration)
+    else:
+        home = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+        cands = [home / "calibration.json", home.parent / "calibration.json", home.parent.parent / "calibration.json"]
+        path = next((c for c in cands if c.exists()), cands[0])
+    if not path.exists():
+        raise CovidCXRError(f"--calibrated: {path} not found. Run python -m covidcxr.evaluate on this model first "
+                            f"(it fits the temperature on the validation split), or pass --calibration FILE.")
+    try:
+        t = load_temperature(path)
+    except (ValueError, KeyError) as exc:
+        raise CovidCXRError(f"--calibrated: {path} is not a calibration file ({exc}).") from exc
+    print(f"calibrated: temperature {t:.4f} from {path}")
+    return t
+
+
+def _write_gradcam(cam, pred, gray: np.ndarray, src: Path, out_dir: Path) -> Path:
+    import tensorflow as tf
+    from PIL import Image
+
+    from covidcxr.data import preprocess as P
+    from covidcxr.gradcam import overlay
+
+    L = pred.labels
+    cached = P.prepare(tf.constant(gray[..., None]), L["image_size"], L.get("contrast", "none"))
+    x = P.normalize(tf.cast(cached, tf.float32)[None] / 255.0, L.get("normalization", "unit"))
+    heat, _ = cam.heatmaps(x)
+    dest = out_dir / f"{src.stem}_gradcam.png"
+    n = 1
+    while dest.exists():  # same stem in two input folders
+        n += 1
+        dest = out_dir / f"{src.stem}_gradcam_{n}.png"
+    Image.fromarray(overlay(gray, heat[0])).save(dest)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m covidcxr.predict", description=__doc__)
     p.add_argument("--model", required=True, help="run directory, export directory, .keras file or SavedModel")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="apply the temperature fitted by covidcxr.evaluate (calibration.json beside the model)")
+    p.add_argument("--calibration", default=None, help="calibration.json to use with --calibrated")
+    p.add_argument("--gradcam", default=None, metavar="DIR", help="write a Grad-CAM overlay PNG per input into DIR")
+    p.add_argument("--gradcam-layer", default=None, help="layer inside the backbone (default: its last block)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -94,13 +144,33 @@ def main(argv: list[str] | None = None) -> int:
         if pred.labels is None:
             raise DataError(f"{args.model}: no labels.json found next to the SavedModel.")
         classes = pred.classes
+        temperature = _temperature(args, pred) if args.calibrated else None
+        cam = None
+        if args.gradcam:
+            if pred.kind != "keras":
+                raise CovidCXRError("--gradcam needs the Keras model: pass the run or export directory, not the "
+                                    "bare SavedModel.")
+            from covidcxr.gradcam import GradCAM
+
+            cam = GradCAM(pred.model, args.gradcam_layer)
+            gdir = Path(args.gradcam)
+            if gdir.exists() and any(gdir.iterdir()) and not args.overwrite:
+                raise CovidCXRError(f"--gradcam {gdir} already exists; pass --overwrite or another folder.")
+            gdir.mkdir(parents=True, exist_ok=True)
         rows = []
         for f in files:
             try:
-                probs = pred.predict(read_image(f))
+                gray = read_image(f)
+                probs = pred.predict(gray)
             except ImageReadError as exc:
                 problems.append(str(exc))
                 continue
+            if temperature is not None:
+                from covidcxr.calibration import apply_temperature
+
+                probs = apply_temperature(probs[None], temperature)[0]
+            if cam is not None:
+                _write_gradcam(cam, pred, gray, f, Path(args.gradcam))
             rows.append({"path": str(f), "label": classes[int(np.argmax(probs))],
                          **{f"prob_{c}": float(v) for c, v in zip(classes, probs)}})
         import pandas as pd
@@ -112,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             show = df.copy()
             show["path"] = [Path(x).name for x in show["path"]]
             print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        print(f"wrote {out} ({len(df)} predictions)")
+        print(f"wrote {out} ({len(df)} predictions)" + (f"; Grad-CAM overlays in {args.gradcam}" if cam else ""))
         if problems:
             print(f"{len(problems)} input(s) skipped:", file=sys.stderr)
             for pr in problems:

@@ -114,11 +114,26 @@ def load_examples(df: pd.DataFrame, class_names: list[str], image_size: int, con
         img = P.prepare(load_image(e["path"], e["native"], e["stretch"]), image_size, contrast)
         mask = load_mask(e["mask"], e["mask_native"], image_size)
         return {"image": img, "mask": tf.cast(mask, tf.uint8), "has_mask": tf.strings.length(e["mask"]) > 0,
-                "label": e["label"]}
+                "label": e["label"], "path": e["path"]}
 
     ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
     # One unreadable file must not end an epoch: it is logged and skipped.
     return ds.ignore_errors(log_warning=True)
+
+
+def affine_batch(images: tf.Tensor, angle_rad: float, zoom: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)):
+    """One fixed affine transform for a whole batch [B, S, S, C] (test-time augmentation)."""
+    b = tf.shape(images)[0]
+    size = tf.cast(tf.shape(images)[1], tf.float32)
+    cos, sin = math.cos(angle_rad) / zoom, math.sin(angle_rad) / zoom
+    cx = cy = (size - 1.0) / 2.0
+    tx, ty = shift[0] * size, shift[1] * size
+    row = tf.stack([cos + 0 * size, -sin + 0 * size, cx - cos * cx + sin * cy + tx, sin + 0 * size, cos + 0 * size,
+                    cy - sin * cx - cos * cy + ty, 0 * size, 0 * size])
+    transforms = tf.tile(row[None], [b, 1])
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")
 
 
 def augment_batch(images: tf.Tensor, masks: tf.Tensor, cfg: AugmentConfig, seed: int | None = None):

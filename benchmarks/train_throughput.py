@@ -1,0 +1,229 @@
+"""Training speed and memory: every registered architecture, and the default recipe
+against a plain Keras `image_dataset_from_directory` + `fit` baseline.
+
+    # images/s, s/step and peak RSS per architecture (fresh process each, weights none)
+    python benchmarks/train_throughput.py sweep [--archs resnet50,efficientnetb0] [--size 224] [--batch 32]
+    # our `python -m covidcxr.train` against a plain fit of the same backbone, same images, same epochs
+    python benchmarks/train_throughput.py baseline [--arch resnet50] [--data DIR] [--epochs 2]
+
+sweep: each architecture runs in its own process (so peak RSS is its own): build with
+weights none, compile as `covidcxr.train` does (AdamW, label smoothing, accuracy + AUC), then
+`fit` on batches from the covidcxr pipeline. The first step (graph tracing) is timed apart;
+images/s comes from the next --steps steps.
+
+baseline: runs `python -m covidcxr.train --data DATA --arch ARCH --weights none --epochs E
+--fine-tune-epochs 0` (the whole CLI: index, pipeline, validation metrics each epoch,
+checkpoints) and, in a second process, the textbook script: `image_dataset_from_directory`
+over the same training images (the run's manifest, linked into class folders), the same
+`keras.applications` backbone with a GAP/dense head, Adam, one `fit` with the same validation
+images. Both report images/s over their training steps (first epoch, with tracing, included in
+both) and peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def run_child(cmd: list[str], timeout: float | None = None) -> tuple[int, float, float, str]:
+    """(exit code, wall s, peak RSS MB, stdout+stderr) of a child process."""
+    t = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=ENV)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        _, status, usage = os.wait4(proc.pid, 0) if proc.returncode is None else (0, 0, None)
+        rc = proc.returncode if proc.returncode is not None else os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t
+        out.seek(0)
+        text = out.read()
+    rss = usage.ru_maxrss / 1024 if usage else float("nan")
+    return rc, wall, rss, text
+
+
+# ---------------------------------------------------------------- sweep
+
+
+def sweep_worker(a) -> None:
+    """One architecture, in this process. Prints one JSON line."""
+    import keras
+    import numpy as np
+
+    from covidcxr.config import TrainConfig
+    from covidcxr.data.manifest import build_manifest
+    from covidcxr.data.pipeline import make_dataset
+    from covidcxr.data.synth import write_synthetic_dataset
+    from covidcxr.models.classifier import build_classifier
+    from covidcxr.models.registry import get_spec
+    from covidcxr.train import _compile
+
+    spec = get_spec(a.arch)
+    data = Path(a.data) if a.data else write_synthetic_dataset(
+        Path(tempfile.mkdtemp()) / "syn", per_class=a.batch // 4 + 1, size=256, seed=0, progress=False)
+    df, _ = build_manifest(data, (1.0, 0.0, 0.0), progress=False)
+    classes = sorted(df["label"].unique())
+    ds = make_dataset(df.head(a.batch), classes, image_size=a.size, normalization=spec.normalization,
+                      batch_size=a.batch, training=True, cache="memory", repeat=True)
+    cfg = TrainConfig(arch=a.arch, image_size=a.size, batch_size=a.batch)
+    t0 = time.perf_counter()
+    model = build_classifier(spec, len(classes), a.size, None, bn_momentum=cfg.bn_momentum, dropout=cfg.dropout)
+    _compile(model, cfg, cfg.lr)
+    build_s = time.perf_counter() - t0
+    times = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            times.append(time.perf_counter() - self.t)
+
+    model.fit(ds, epochs=1, steps_per_epoch=a.steps + 1, callbacks=[Timer()], verbose=0)
+    steady = float(np.mean(times[1:]))
+    print("RESULT " + json.dumps({
+        "arch": a.arch, "params_m": round(model.count_params() / 1e6, 1), "build_s": round(build_s, 1),
+        "first_step_s": round(times[0], 1), "s_per_step": round(steady, 2),
+        "images_per_s": round(a.batch / steady, 2)}), flush=True)
+
+
+def sweep(a) -> None:
+    from covidcxr.models.registry import registry
+
+    archs = a.archs.split(",") if a.archs else list(registry())
+    print(f"| arch | params (M) | build s | first step s (trace) | s/step | images/s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for arch in archs:
+        cmd = [sys.executable, __file__, "_sweep_worker", "--arch", arch, "--size", str(a.size),
+               "--batch", str(a.batch), "--steps", str(a.steps)] + (["--data", a.data] if a.data else [])
+        rc, wall, rss, text = run_child(cmd, timeout=a.timeout)
+        m = re.search(r"^RESULT (.*)$", text, re.M)
+        if rc == 0 and m:
+            r = json.loads(m.group(1))
+            print(f"| {arch} | {r['params_m']} | {r['build_s']} | {r['first_step_s']} | {r['s_per_step']} | "
+                  f"{r['images_per_s']} | {rss:.0f} |", flush=True)
+        else:
+            why = f"killed after {a.timeout:.0f} s" if rc in (-9, 137) else f"exit {rc}: {text.strip()[-300:]}"
+            print(f"| {arch} | | | | | not measured ({why}) | |", flush=True)
+
+
+# ---------------------------------------------------------------- baseline
+
+
+def baseline_worker(a) -> None:
+    """The textbook Keras script, on the class folders in a.folders."""
+    import keras
+
+    from covidcxr.models.registry import get_spec
+
+    spec = get_spec(a.arch)
+    kw = dict(image_size=(a.size, a.size), batch_size=a.batch, color_mode="rgb", label_mode="categorical", seed=0)
+    train = keras.utils.image_dataset_from_directory(Path(a.folders) / "train", shuffle=True, **kw)
+    val = keras.utils.image_dataset_from_directory(Path(a.folders) / "val", shuffle=False, **kw)
+    n_classes = len(train.class_names)
+    app = {"resnet50": keras.applications.ResNet50, "efficientnetb0": keras.applications.EfficientNetB0,
+           "densenet121": keras.applications.DenseNet121, "mobilenetv3small": keras.applications.MobileNetV3Small,
+           "convnexttiny": keras.applications.ConvNeXtTiny, "resnet101": keras.applications.ResNet101}[a.arch]
+    pre = {"resnet50": keras.applications.resnet.preprocess_input,
+           "resnet101": keras.applications.resnet.preprocess_input,
+           "densenet121": keras.applications.densenet.preprocess_input}.get(a.arch, lambda x: x)
+    aug = keras.Sequential([keras.layers.RandomRotation(0.02), keras.layers.RandomZoom(0.1),
+                            keras.layers.RandomContrast(0.15)])
+    inp = keras.Input((a.size, a.size, 3))
+    x = aug(inp)
+    x = keras.layers.Lambda(pre)(x)
+    x = app(include_top=False, weights=None, input_shape=(a.size, a.size, 3))(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Dropout(0.3)(x)
+    out = keras.layers.Dense(n_classes, activation="softmax")(x)
+    model = keras.Model(inp, out)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
+                  metrics=["accuracy", keras.metrics.AUC(name="auc")])
+    n = sum(1 for _ in (Path(a.folders) / "train").glob("*/*"))
+    spent = {"train": 0.0}
+
+    class Timer(keras.callbacks.Callback):  # same measure as covidcxr.callbacks.PhaseLog
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = self.last = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.last = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            spent["train"] += self.last - self.t
+
+    model.fit(train, validation_data=val, epochs=a.epochs, callbacks=[Timer()], verbose=2)
+    print(f"RESULT {a.epochs * n / spent['train']:.2f} images/s (training steps)", flush=True)
+
+
+def baseline(a) -> None:
+    import pandas as pd
+
+    work = Path(tempfile.mkdtemp(prefix="covidcxr-bench-"))
+    data = a.data
+    if data is None:
+        from covidcxr.data.synth import write_synthetic_dataset
+
+        data = str(write_synthetic_dataset(work / "syn", per_class=100, size=256, seed=0, progress=False))
+    run_dir = work / "run"
+    cmd = [sys.executable, "-m", "covidcxr.train", "--data", data, "--arch", a.arch, "--weights", "none",
+           "--image-size", str(a.size), "--batch-size", str(a.batch), "--epochs", str(a.epochs),
+           "--fine-tune-epochs", "0", "--run-dir", str(run_dir), "--export-dir", "none"]
+    print("ours:", " ".join(cmd), flush=True)
+    rc, wall, rss, text = run_child(cmd)
+    if rc:
+        sys.exit(text[-3000:])
+    ours = float(re.search(r"([\d.]+) images/s \(training steps\)", text).group(1))
+    # The same training and validation images, as class folders for image_dataset_from_directory.
+    df = pd.read_csv(run_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    folders = work / "folders"
+    for r in df[df["split"].isin(["train", "val"])].itertuples():
+        d = folders / r.split / r.label
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{r.Index}{Path(r.path).suffix}").symlink_to(Path(r.path).resolve())
+    cmd2 = [sys.executable, __file__, "_baseline_worker", "--arch", a.arch, "--folders", str(folders),
+            "--size", str(a.size), "--batch", str(a.batch), "--epochs", str(a.epochs)]
+    rc2, wall2, rss2, text2 = run_child(cmd2)
+    if rc2:
+        sys.exit(text2[-3000:])
+    base = float(re.search(r"RESULT ([\d.]+) images/s", text2).group(1))
+    n_train = int((df["split"] == "train").sum())
+    print(f"data {data}: {n_train} train / {int((df['split'] == 'val').sum())} val images, {a.size} px, "
+          f"batch {a.batch}, {a.epochs} epochs, arch {a.arch}, weights none")
+    print(f"| path | training images/s | wall s (whole command) | peak RSS MB |\n|---|---|---|---|")
+    print(f"| covidcxr.train (default recipe) | {ours:.2f} | {wall:.0f} | {rss:.0f} |")
+    print(f"| image_dataset_from_directory + fit | {base:.2f} | {wall2:.0f} | {rss2:.0f} |")
+    print(f"speed ratio ours/baseline {ours / base:.2f}x, memory ratio {rss / rss2:.2f}x", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["sweep", "baseline", "_sweep_worker", "_baseline_worker"])
+    p.add_argument("--archs", default=None, help="sweep: comma-separated names (default: all registered)")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--data", default=None, help="dataset folder (default: synthetic images)")
+    p.add_argument("--folders", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="sweep: timed steps after the first")
+    p.add_argument("--epochs", type=int, default=2, help="baseline: epochs for both paths")
+    p.add_argument("--timeout", type=float, default=300, help="sweep: seconds per architecture")
+    a = p.parse_args()
+    {"sweep": sweep, "baseline": baseline, "_sweep_worker": sweep_worker,
+     "_baseline_worker": baseline_worker}[a.mode](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,601 @@
+"""Evaluate a trained classifier: ``python -m covidcxr.evaluate --model PATH --data DIR|manifest.csv``.
+
+PATH is a run directory, an export directory, a ``.keras`` file or a SavedModel
+directory. Writes, into ``--out`` (default ``<run or model dir>/eval-<split>``):
+
+  metrics.json      every figure (schema below), with 95% bootstrap intervals
+  predictions.csv   path, true_label, pred_label, prob_<class>... (one row per image)
+  confusion_matrix.png  roc.png  pr.png  reliability.png  examples.png
+  gradcam.png + gradcam/<class>/*.png   training_curves.png (run directories)
+  calibration.json  the temperature fitted on the validation split (predict --calibrated)
+  report.html       all of it on one self-contained page
+
+The report is written to ``OUT.partial`` and renamed only when complete.
+Also callable from Python: ``evaluate(model, dataset, class_names) -> dict``.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.errors import ConfigError, CovidCXRError, DataError, RunExistsError
+
+SCHEMA = "covidcxr.evaluate/1"
+TTA_VIEWS = ((0.0, 1.0), (5.0, 1.0), (-5.0, 1.0), (0.0, 1.08))  # (degrees, zoom); no flips (see AugmentConfig)
+
+
+# ----------------------------------------------------------------- figures
+
+
+def figures(y: np.ndarray, probs: np.ndarray, class_names: list[str], bootstrap: int = 0, seed: int = 0) -> dict:
+    """Every classification figure for true indices ``y`` and probabilities ``probs``."""
+    from sklearn.metrics import roc_auc_score
+
+    from covidcxr.calibration import ece, nll, reliability_bins
+    from covidcxr.metrics import bootstrap_ci, classification_metrics, cosine_similarity
+
+    m = classification_metrics(y, probs, class_names)
+    m["cosine_similarity"] = cosine_similarity(y, probs)
+    m["ece"] = ece(y, probs)
+    m["nll"] = nll(np.asarray(y, int), np.asarray(probs, np.float64)) if len(y) else None
+    onehot = np.eye(len(class_names))[np.asarray(y, int)]
+    m["micro_auc"] = (float(roc_auc_score(onehot.ravel(), np.asarray(probs, np.float64).ravel()))
+                      if len(y) and 0 < onehot.sum() < onehot.size else None)
+    m["reliability"] = reliability_bins(y, np.asarray(probs, np.float64))
+    if bootstrap:
+        m["ci95"] = bootstrap_ci(y, probs, class_names, n=bootstrap, seed=seed)
+    return m
+
+
+def evaluate(model, dataset, class_names: list[str], bootstrap: int = 0, seed: int = 0) -> dict:
+    """Python entry point: a Keras model and a dataset of (x, y[, w]) batches (y one-hot or
+    indices) -> the figures dict (accuracy, macro_f1, macro_auc, ece, per_class, ...)."""
+    import keras
+
+    ys, ps = [], []
+    for batch in dataset:
+        x, y = batch[0], batch[1]
+        out = model(x, training=False)
+        if isinstance(out, dict):
+            out, y = out["label"], y["label"]
+        p = keras.ops.convert_to_numpy(out).astype(np.float64)
+        y = keras.ops.convert_to_numpy(y)
+        ys.append(np.argmax(y, axis=-1) if y.ndim == 2 else y.astype(int))
+        ps.append(p)
+    if not ps:
+        raise DataError("the dataset is empty: nothing to evaluate.")
+    return figures(np.concatenate(ys), np.concatenate(ps), class_names, bootstrap, seed)
+
+
+# ----------------------------------------------------------------- model and data
+
+
+class LoadedModel:
+    """A Keras model (with its labels doc) or, failing that, a SavedModel signature."""
+
+    def __init__(self, path: str | Path):
+        from covidcxr.predict import Predictor
+
+        self.path = Path(path)
+        p = Predictor(path)
+        if p.labels is None:
+            raise DataError(f"{path}: no labels.json found; cannot tell the model's classes.")
+        self.labels, self.kind = p.labels, p.kind
+        self.model = getattr(p, "model", None)
+        self.fn = getattr(p, "fn", None)
+        self.run_dir = self.path if (self.path / "config.json").exists() and self.path.is_dir() else None
+        self.home = self.path if self.path.is_dir() else self.path.parent
+        if self.labels.get("task", "classify") != "classify":
+            raise ConfigError(f"{path}: a {self.labels['task']} model; this evaluation covers classifiers.")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.labels["classes"])
+
+
+def load_data(data: str | Path, seed: int = 42) -> tuple[pd.DataFrame, str, bool]:
+    """(manifest, description, has_own_split) from a dataset folder or a manifest CSV."""
+    from covidcxr.data.manifest import build_manifest, read_manifest
+
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"--data {data}: no such file or folder.")
+    if data.is_file():
+        return read_manifest(data), f"manifest {data}", True
+    df, rep = build_manifest(data, (0.7, 0.15, 0.15), seed=seed, progress=sys.stderr.isatty())
+    own = rep.split_source.startswith("dataset's own split")
+    for p in rep.problems:
+        print(f"  skipped: {p}", file=sys.stderr)
+    return df, f"{rep.layout} folder {rep.root} ({rep.split_source})", own
+
+
+def choose_split(df: pd.DataFrame, split: str, has_split: bool) -> tuple[pd.DataFrame, str]:
+    counts = df["split"].value_counts().to_dict() if has_split else {}
+    if split == "auto":
+        split = "all" if not has_split else next((s for s in ("test", "val") if counts.get(s)), "all")
+    if split == "all":
+        return df.reset_index(drop=True), "all"
+    if not has_split:
+        raise DataError(f"--split {split}: the data has no split of its own (a plain folder); use --split all, "
+                        f"or pass a manifest written by `python -m covidcxr.data index`.")
+    sub = df[df["split"] == split].reset_index(drop=True)
+    if sub.empty:
+        raise DataError(f"--split {split} is empty in this data (splits present: "
+                        f"{', '.join(f'{k} {v}' for k, v in counts.items()) or 'none'}).")
+    return sub, split
+
+
+def check_classes(df: pd.DataFrame, classes: list[str]) -> list[str]:
+    """Refuse data the model cannot be scored on; return warnings for classes the data lacks."""
+    data_classes = sorted(df["label"].unique())
+    unknown = [c for c in data_classes if c not in classes]
+    if not set(data_classes) & set(classes):
+        raise DataError(f"the data's classes {data_classes} are none of the model's classes {classes}; "
+                        f"is this the right model for this data?")
+    if unknown:
+        raise DataError(f"the data has classes the model does not know: {unknown} (model: {classes}). "
+                        f"Evaluate on a manifest without them, or use a model trained on these classes.")
+    missing = [c for c in classes if c not in data_classes]
+    return [f"the data has no images of {missing}; their AUC is undefined and they count as 0 in macro recall"] \
+        if missing else []
+
+
+def predict_frame(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, view=None,
+                  mask_lungs: bool = False) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """Predict every row -> (rows kept, probabilities [n, K], skipped paths with reasons).
+    ``view``: (degrees, zoom) fixed transform (TTA); ``mask_lungs``: black out the lung mask."""
+    import tensorflow as tf
+
+    from covidcxr.data import preprocess as P
+    from covidcxr.data.pipeline import affine_batch, load_examples
+
+    classes = lm.classes
+    if lm.kind == "savedmodel":
+        if view is not None or mask_lungs:
+            raise ConfigError("test-time augmentation and --mask-lungs need the Keras model; pass the run or "
+                              "export directory (with model.keras) instead of the bare SavedModel.")
+        probs, keep, skipped = [], [], []
+        for i, path in enumerate(df["path"]):
+            try:
+                data = tf.io.read_file(path)
+                probs.append(lm.fn(image_bytes=tf.reshape(data, [1]))["probabilities"].numpy()[0])
+                keep.append(i)
+            except Exception as exc:  # one bad file never stops an evaluation
+                skipped.append(f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+        return df.iloc[keep].reset_index(drop=True), np.asarray(probs, np.float64).reshape(-1, len(classes)), skipped
+
+    L = lm.labels
+    ds = load_examples(df, classes, L["image_size"], L.get("contrast", "none"), "lung_mask").batch(batch_size)
+
+    def finish(e):
+        img = tf.cast(e["image"], tf.float32) / 255.0
+        if mask_lungs:
+            img = img * (1.0 - tf.cast(e["mask"], tf.float32))
+        if view is not None and (view[0] or view[1] != 1.0):
+            img = affine_batch(img, np.deg2rad(view[0]), view[1])
+        return P.normalize(img, L.get("normalization", "unit")), e["path"]
+
+    ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    probs, paths = [], []
+    for x, p in ds:
+        probs.append(np.asarray(lm.model(x, training=False), np.float64))
+        paths += [v.decode() for v in p.numpy()]
+    probs = np.concatenate(probs) if probs else np.zeros((0, len(classes)))
+    pos = {p: i for i, p in enumerate(df["path"])}
+    kept = df.iloc[[pos[p] for p in paths]].reset_index(drop=True)
+    skipped = [f"{p}: unreadable image (decode failed); left out" for p in sorted(set(df["path"]) - set(paths))]
+    return kept, probs, skipped
+
+
+# ----------------------------------------------------------------- the run
+
+
+def _label_index(df: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    look = {c: i for i, c in enumerate(classes)}
+    return np.array([look[c] for c in df["label"]], int)
+
+
+def _fit_temperature(lm, df_all, has_split, split, batch_size, seed):
+    """Temperature from the validation split of the data, else of the run's own manifest."""
+    from covidcxr.calibration import fit_temperature
+
+    source, val = None, None
+    if has_split and (df_all["split"] == "val").any():
+        val, source = df_all[df_all["split"] == "val"].reset_index(drop=True), "validation split of the data"
+    elif lm.run_dir is not None and (lm.run_dir / "manifest.csv").exists():
+        man = pd.read_csv(lm.run_dir / "manifest.csv", dtype=str, keep_default_na=False)
+        man = man[(man["split"] == "val") & man["label"].isin(lm.classes)]
+        man = man[[Path(p).exists() for p in man["path"]]]
+        if len(man):
+            val, source = man.reset_index(drop=True), f"validation split of the run ({lm.run_dir / 'manifest.csv'})"
+    if val is None:
+        return None, "no validation split in the data or the run: temperature not fitted"
+    kept, probs, _ = predict_frame(lm, val, batch_size)
+    if len(kept) < 2:
+        return None, "validation split too small: temperature not fitted"
+    t = fit_temperature(_label_index(kept, lm.classes), probs)
+    note = source + (" (the evaluated split itself: the calibrated ECE is optimistic)" if split == "val"
+                     and source.startswith("validation split of the data") else "")
+    return (t, len(kept)), note
+
+
+def _gradcam(lm, df, y, probs, classes, n_per_class, layer, out: Path, seed: int) -> dict:
+    """Overlays for up to n images per true class (predicted class explained)."""
+    from covidcxr.data.imageio import read_image
+    from covidcxr.data import preprocess as P
+    from covidcxr.gradcam import GradCAM, overlay
+    from covidcxr.plots import plot_image_grid
+
+    import tensorflow as tf
+
+    cam = GradCAM(lm.model, layer)
+    L = lm.labels
+    rng = np.random.default_rng(seed)
+    rows, files = [], []
+    for i, c in enumerate(classes):
+        idx = np.flatnonzero(y == i)
+        if not len(idx):
+            continue
+        pick = np.sort(rng.choice(idx, size=min(n_per_class, len(idx)), replace=False))
+        items = []
+        (out / "gradcam" / c).mkdir(parents=True, exist_ok=True)
+        for j in pick:
+            gray = read_image(df["path"][j])
+            cached = P.prepare(tf.constant(gray[..., None]), L["image_size"], L.get("contrast", "none"))
+            x = P.normalize(tf.cast(cached, tf.float32)[None] / 255.0, L.get("normalization", "unit"))
+            heat, _ = cam.heatmaps(x)
+            shown = np.asarray(cached, np.float32)[..., 0] / 255.0
+            ov = overlay(shown, heat[0])
+            k = int(probs[j].argmax())
+            name = Path(df["path"][j]).stem + ".png"
+            from PIL import Image
+
+            Image.fromarray(overlay(gray, heat[0])).save(out / "gradcam" / c / name)
+            files.append(f"gradcam/{c}/{name}")
+            items.append((ov, f"{Path(df['path'][j]).name[:22]}\npred {classes[k]} {probs[j, k]:.2f}",
+                          "green" if k == i else "red"))
+        rows.append((f"true {c}", items))
+    plot_image_grid(rows, out / "gradcam.png", f"Grad-CAM (layer {cam.layer_name}), explaining the predicted class")
+    return {"layer": cam.layer_name, "files": files}
+
+
+def _examples(df, y, probs, classes, out: Path, n: int = 4, seed: int = 0) -> Path:
+    from covidcxr.data.imageio import read_image
+    from covidcxr.plots import plot_image_grid
+
+    rng = np.random.default_rng(seed)
+    pred = probs.argmax(axis=1)
+    rows = []
+    for i, c in enumerate(classes):
+        for ok in (True, False):
+            idx = np.flatnonzero((y == i) & ((pred == i) == ok))
+            if not len(idx):
+                continue
+            pick = np.sort(rng.choice(idx, size=min(n, len(idx)), replace=False))
+            items = []
+            for j in pick:
+                try:
+                    img = read_image(df["path"][j])
+                except Exception:
+                    continue
+                k = int(pred[j])
+                items.append((img, f"pred {classes[k]} {probs[j, k]:.2f}\np({c})={probs[j, i]:.2f}",
+                              "green" if ok else "red"))
+            rows.append((f"{c}: {'right' if ok else 'wrong'}", items))
+    return plot_image_grid(rows, out / "examples.png", "Correctly (green) and wrongly (red) classified examples")
+
+
+def _probe_verdict(normal: dict, masked: dict, k: int) -> str:
+    auc_n, auc_m = normal.get("macro_auc"), masked.get("macro_auc")
+    if auc_n is None or auc_m is None:
+        return "not enough classes with lung masks to compare AUCs."
+    retained = (auc_m - 0.5) / (auc_n - 0.5) if auc_n > 0.5 else float("nan")
+    base = (f"with the lung fields blacked out: macro-AUC {auc_m:.3f} (vs {auc_n:.3f} with them), accuracy "
+            f"{masked['accuracy']:.3f} (chance {1 / k:.3f})")
+    if auc_m >= 0.7 or (np.isfinite(retained) and retained >= 0.5):
+        return (f"WARNING: {base}. The model keeps {retained:.0%} of its above-chance AUC without the lungs: it leans "
+                f"on what lies outside them (text, devices, borders, body habitus), a known shortcut in COVID CXR "
+                f"datasets. Treat its figures with caution.")
+    return f"OK: {base}. Without the lungs the model drops towards chance, as it should."
+
+
+def run(model_path: str, data: str, split: str = "auto", out: str | None = None, bootstrap: int = 1000,
+        seed: int = 0, tta: bool = False, mask_lungs: bool = False, gradcam: int = 4,
+        gradcam_layer: str | None = None, batch_size: int = 32, overwrite: bool = False) -> Path:
+    t0 = time.perf_counter()
+    lm = LoadedModel(model_path)
+    classes = lm.classes
+    df_all, data_desc, has_split = load_data(data)
+    df, split = choose_split(df_all, split, has_split)
+    warnings = check_classes(df, classes)
+    out = Path(out) if out else lm.home / f"eval-{split}"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RunExistsError(f"{out} already exists; pass --overwrite or another --out.")
+    if gradcam and lm.kind != "keras":
+        warnings.append("Grad-CAM needs the Keras model; a bare SavedModel was given, so no heatmaps.")
+        gradcam = 0
+    if gradcam:  # fail before the long part when the layer is wrong
+        from covidcxr.gradcam import GradCAM
+
+        GradCAM(lm.model, gradcam_layer)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        _run(lm, classes, df_all, df, split, has_split, data_desc, tmp, bootstrap, seed, tta, mask_lungs, gradcam,
+             gradcam_layer, batch_size, warnings, model_path, data, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"evaluation written to {out} ({time.perf_counter() - t0:.0f} s); open {out / 'report.html'}")
+    return out
+
+
+def _run(lm, classes, df_all, df, split, has_split, data_desc, out, bootstrap, seed, tta, mask_lungs, gradcam,
+         gradcam_layer, batch_size, warnings, model_path, data, overwrite):
+    from covidcxr.calibration import apply_temperature, ece, reliability_bins, save_temperature
+    from covidcxr.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc
+
+    print(f"evaluating {model_path} ({lm.kind}, classes {classes}) on {len(df)} images of split '{split}' "
+          f"from {data_desc}")
+    kept, probs, skipped = predict_frame(lm, df, batch_size)
+    if not len(kept):
+        raise DataError(f"none of the {len(df)} images could be read; nothing to evaluate.")
+    y = _label_index(kept, classes)
+    m = {"schema": SCHEMA, "model": str(model_path), "model_kind": lm.kind, "data": str(data), "split": split,
+         "classes": classes}
+    m.update(figures(y, probs, classes, bootstrap, seed))
+    m["bootstrap"] = {"replicates": bootstrap, "seed": seed, "stratified": True} if bootstrap else None
+    m["skipped"] = skipped
+    m["warnings"] = warnings
+
+    # predictions.csv: full float precision so metrics.json can be recomputed from it exactly.
+    pred = pd.DataFrame({"path": kept["path"], "true_label": kept["label"],
+                         "pred_label": [classes[i] for i in probs.argmax(axis=1)]})
+    for i, c in enumerate(classes):
+        pred[f"prob_{c}"] = probs[:, i]
+    pred.to_csv(out / "predictions.csv", index=False, float_format="%.17g")
+
+    # Calibration.
+    fitted, note = _fit_temperature(lm, df_all, has_split, split, batch_size, seed)
+    cal = {"bins": 15, "ece_before": m["ece"], "note": note, "temperature": None, "ece_after": None}
+    after = None
+    if fitted is not None:
+        t, n_fit = fitted
+        cal_probs = apply_temperature(probs, t)
+        cal.update(temperature=t, n_fit=n_fit, fitted_on=note, ece_after=ece(y, cal_probs))
+        after = reliability_bins(y, cal_probs)
+        save_temperature(out / "calibration.json", t, note, n_fit, m["ece"], cal["ece_after"])
+    m["calibration"] = cal
+    plot_reliability(m["reliability"], after, m["ece"], cal["ece_after"], cal["temperature"], out / "reliability.png")
+    auc = "n/a" if m["macro_auc"] is None else f"{m['macro_auc']:.4f}"
+    print(f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, macro-AUC {auc}, ECE {m['ece']:.4f}"
+          + (f" -> {cal['ece_after']:.4f} at T={cal['temperature']:.3f}" if fitted else ""))
+
+    if tta:
+        views = []
+        for v in TTA_VIEWS:
+            k2, p2, _ = predict_frame(lm, kept, batch_size, view=v)
+            if len(k2) != len(kept):
+                raise DataError("test-time augmentation read a different set of images than the plain pass.")
+            views.append(p2)
+        ptta = np.mean(views, axis=0)
+        t_fig = figures(y, ptta, classes, bootstrap, seed)
+        m["tta"] = {"views": [{"rotation_deg": a, "zoom": z} for a, z in TTA_VIEWS],
+                    **{k: t_fig[k] for k in ("accuracy", "macro_f1", "macro_auc", "ece", "cosine_similarity")},
+                    "ci95": t_fig.get("ci95"), "per_class": t_fig["per_class"]}
+        print(f"TTA ({len(TTA_VIEWS)} views): accuracy {t_fig['accuracy']:.4f}, macro-F1 {t_fig['macro_f1']:.4f}")
+    else:
+        m["tta"] = None
+
+    if mask_lungs:
+        sub = kept[kept["lung_mask"].astype(str) != ""].reset_index(drop=True) if "lung_mask" in kept else kept[:0]
+        if sub.empty:
+            m["mask_lungs"] = {"n": 0, "verdict": "no lung masks in this data: the shortcut probe could not run."}
+            warnings.append(m["mask_lungs"]["verdict"])
+        else:
+            k_m, p_m, _ = predict_frame(lm, sub, batch_size, mask_lungs=True)
+            pos = {p: i for i, p in enumerate(kept["path"])}
+            p_n = probs[[pos[p] for p in k_m["path"]]]
+            y_m = _label_index(k_m, classes)
+            normal, masked = figures(y_m, p_n, classes), figures(y_m, p_m, classes)
+            keys = ("accuracy", "macro_f1", "macro_auc", "ece")
+            m["mask_lungs"] = {"n": int(len(k_m)), "classes_with_masks": sorted(k_m["label"].unique().tolist()),
+                               "normal": {k: normal[k] for k in keys}, "lungs_masked": {k: masked[k] for k in keys},
+                               "verdict": _probe_verdict(normal, masked, len(classes))}
+            print("shortcut probe: " + m["mask_lungs"]["verdict"])
+    else:
+        m["mask_lungs"] = None
+
+    plot_confusion(m["confusion_matrix"], classes, out / "confusion_matrix.png", f"{split} split, n={m['n']}")
+    plot_roc(y, probs, classes, out / "roc.png")
+    plot_pr(y, probs, classes, out / "pr.png")
+    _examples(kept, y, probs, classes, out, seed=seed)
+    if lm.run_dir is not None and (lm.run_dir / "history.csv").exists():
+        plot_history(lm.run_dir / "history.csv", out / "training_curves.png")
+    m["gradcam"] = _gradcam(lm, kept, y, probs, classes, gradcam, gradcam_layer, out, seed) if gradcam else None
+    m["data_summary"] = data_summary(df_all, df, has_split, skipped)
+    m["model_config"] = model_config(lm)
+    (out / "metrics.json").write_text(json.dumps(m, indent=2, default=_json_default))
+    write_report(out, m)
+    # The temperature beside the model, for `predict --calibrated` (never replacing one silently).
+    if fitted is not None and lm.home.is_dir():
+        dest = lm.home / "calibration.json"
+        if not dest.exists() or overwrite:
+            shutil.copy(out / "calibration.json", dest)
+            print(f"temperature {fitted[0]:.4f} saved to {dest} (predict --calibrated uses it)")
+        else:
+            print(f"note: {dest} exists; kept it (pass --overwrite to replace it with this fit)")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    raise TypeError(type(o))
+
+
+def data_summary(df_all: pd.DataFrame, df: pd.DataFrame, has_split: bool, skipped: list[str]) -> dict:
+    out = {"images_evaluated": int(len(df) - len(skipped)), "images_skipped": len(skipped),
+           "classes_evaluated": {k: int(v) for k, v in df["label"].value_counts().sort_index().items()}}
+    if has_split:
+        out["class_by_split"] = {c: {k: int(v) for k, v in g["split"].value_counts().items()}
+                                 for c, g in df_all.groupby("label")}
+    if "group" in df_all:
+        sizes = df_all.groupby("group").size()
+        dup = sizes[sizes > 1]
+        crossing = sum(1 for g, sub in df_all[df_all["group"].isin(dup.index)].groupby("group")
+                       if sub["split"].nunique() > 1)
+        out["duplicate_groups"] = int(len(dup))
+        out["images_in_duplicate_groups"] = int(dup.sum())
+        out["duplicate_groups_crossing_splits"] = int(crossing)
+    return out
+
+
+def model_config(lm: LoadedModel) -> dict:
+    cfg = {"labels": lm.labels}
+    for cand in ((lm.run_dir / "config.json") if lm.run_dir else None, lm.home / "config.json"):
+        if cand is not None and cand.exists():
+            cfg["train_config"] = json.loads(cand.read_text())
+            break
+    return cfg
+
+
+# ----------------------------------------------------------------- report
+
+
+def _img(out: Path, name: str, caption: str) -> str:
+    p = out / name
+    if not p.exists():
+        return ""
+    data = base64.b64encode(p.read_bytes()).decode()
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _f(v, digits=3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def write_report(out: Path, m: dict) -> Path:
+    ci = m.get("ci95") or {}
+
+    def with_ci(key):
+        c = ci.get(key)
+        return _f(m.get(key)) + (f" <small>[{_f(c['low'])}, {_f(c['high'])}]</small>" if c else "")
+
+    cov = ci.get("covid_class")
+    covid_sens = m["per_class"][cov]["sensitivity"] if cov else None
+    rows = [("accuracy", with_ci("accuracy")), ("macro F1", with_ci("macro_f1")), ("macro ROC-AUC", with_ci("macro_auc")),
+            ("micro ROC-AUC", _f(m.get("micro_auc"))), ("weighted F1", _f(m["weighted_f1"])),
+            ("cosine similarity (probabilities vs one-hot)", _f(m["cosine_similarity"])),
+            ("ECE (15 bins), uncalibrated", _f(m["ece"])),
+            ("ECE after temperature scaling", _f(m["calibration"]["ece_after"]) +
+             (f" (T = {m['calibration']['temperature']:.3f})" if m["calibration"]["temperature"] else ""))]
+    if cov:
+        c = ci.get("covid_sensitivity")
+        rows.insert(3, (f"{cov} sensitivity", _f(covid_sens) +
+                        (f" <small>[{_f(c['low'])}, {_f(c['high'])}]</small>" if c else "")))
+    if m.get("tta"):
+        rows.append(("with test-time augmentation: accuracy / macro F1 / macro AUC",
+                     f"{_f(m['tta']['accuracy'])} / {_f(m['tta']['macro_f1'])} / {_f(m['tta']['macro_auc'])}"))
+    head = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    pc = "".join(
+        f"<tr><td>{html.escape(c)}</td><td>{_f(v['precision'])}</td><td>{_f(v['recall'])}</td>"
+        f"<td>{_f(v['specificity'])}</td><td>{_f(v['f1'])}</td><td>{_f(v['roc_auc'])}</td>"
+        f"<td>{_f(v['average_precision'])}</td><td>{v['support']}</td></tr>" for c, v in m["per_class"].items())
+    probe = ""
+    if m.get("mask_lungs"):
+        ml = m["mask_lungs"]
+        probe = f"<h2>Shortcut probe: lungs blacked out</h2><p>{html.escape(ml['verdict'])}</p>"
+        if ml.get("n"):
+            probe += (f"<p>{ml['n']} images with lung masks (classes {html.escape(', '.join(ml['classes_with_masks']))}).</p>"
+                      "<table><tr><th></th><th>accuracy</th><th>macro F1</th><th>macro AUC</th></tr>"
+                      + "".join(f"<tr><th>{n}</th><td>{_f(ml[k]['accuracy'])}</td><td>{_f(ml[k]['macro_f1'])}</td>"
+                                f"<td>{_f(ml[k]['macro_auc'])}</td></tr>"
+                                for n, k in (("lungs visible", "normal"), ("lungs blacked out", "lungs_masked")))
+                      + "</table>")
+    warn = "".join(f"<li>{html.escape(w)}</li>" for w in m.get("warnings", []))
+    skipped = "".join(f"<li>{html.escape(s)}</li>" for s in m.get("skipped", [])[:50])
+    figs = "".join(_img(out, n, c) for n, c in (
+        ("confusion_matrix.png", "Confusion matrix"), ("roc.png", "ROC curves"), ("pr.png", "Precision-recall"),
+        ("reliability.png", "Reliability diagram"), ("training_curves.png", "Training curves"),
+        ("examples.png", "Examples"), ("gradcam.png", "Grad-CAM")))
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>covidcxr evaluation</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
+img{{max-width:100%}}figure{{margin:1.5em 0}}.note{{background:#fff3cd;padding:.8em;border:1px solid #e0c36c}}
+pre{{background:#f6f6f6;padding:.8em;overflow:auto}}</style></head><body>
+<h1>Evaluation: {html.escape(Path(m['model']).name)} on split '{html.escape(m['split'])}'</h1>
+<p class="note"><b>Intended use: research only, not for diagnosis.</b> These figures describe this model on these
+images; they do not establish clinical performance. Intervals are 95% stratified bootstrap percentile intervals
+({(m.get('bootstrap') or {}).get('replicates', 0)} replicates).</p>
+<p>Model: <code>{html.escape(m['model'])}</code> ({m['model_kind']}); data: <code>{html.escape(m['data'])}</code>;
+{m['n']} images evaluated, {len(m.get('skipped', []))} skipped.</p>
+{f'<ul class="note">{warn}</ul>' if warn else ''}
+<h2>Figures</h2><table>{head}</table>
+<h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall (sensitivity)</th><th>specificity</th>
+<th>F1</th><th>ROC-AUC</th><th>average precision</th><th>support</th></tr>{pc}</table>
+{probe}
+<h2>Plots</h2>{figs}
+<h2>Classification report</h2><pre>{html.escape(m['classification_report'])}</pre>
+<h2>Data</h2><pre>{html.escape(json.dumps(m['data_summary'], indent=2))}</pre>
+{f'<h3>Skipped files</h3><ul>{skipped}</ul>' if skipped else ''}
+<h2>Model configuration</h2><pre>{html.escape(json.dumps(m['model_config'], indent=2))}</pre>
+<p><small>covidcxr, metrics.json schema {SCHEMA}.</small></p></body></html>"""
+    (out / "report.html").write_text(doc)
+    return out / "report.html"
+
+
+# ----------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m covidcxr.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="run directory, export directory, .keras file or SavedModel")
+    p.add_argument("--data", required=True, help="dataset folder or manifest CSV")
+    p.add_argument("--split", default="auto", choices=["auto", "train", "val", "test", "all"],
+                   help="images to evaluate (default auto: test, else val, else all images of a plain folder)")
+    p.add_argument("--out", default=None, help="output folder (default <model dir>/eval-<split>)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for 95%% CIs (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap and example-picking seed")
+    p.add_argument("--tta", action="store_true", help="also report test-time augmentation (4 fixed views)")
+    p.add_argument("--mask-lungs", action="store_true",
+                   help="shortcut probe: also evaluate with the lung fields blacked out (needs lung masks)")
+    p.add_argument("--gradcam", type=int, default=4, help="Grad-CAM overlays per class (0: none)")
+    p.add_argument("--gradcam-layer", default=None, help="layer inside the backbone (default: its last block)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.bootstrap < 0 or args.gradcam < 0:
+            raise ConfigError("--bootstrap and --gradcam must be 0 or more.")
+        run(args.model, args.data, args.split, args.out, args.bootstrap, args.seed, args.tta, args.mask_lungs,
+            args.gradcam, args.gradcam_layer, args.batch_size, args.overwrite)
+    except CovidCXRError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

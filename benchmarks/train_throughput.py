@@ -37,20 +37,22 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "TF_CP
 
 def run_child(cmd: list[str], timeout: float | None = None) -> tuple[int, float, float, str]:
     """(exit code, wall s, peak RSS MB, stdout+stderr) of a child process."""
+    import threading
+
     t = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=ENV)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        _, status, usage = os.wait4(proc.pid, 0) if proc.returncode is None else (0, 0, None)
-        rc = proc.returncode if proc.returncode is not None else os.waitstatus_to_exitcode(status)
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)  # reaps the child and returns its own peak RSS
+        if timer:
+            timer.cancel()
+        rc = proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t
         out.seek(0)
         text = out.read()
-    rss = usage.ru_maxrss / 1024 if usage else float("nan")
-    return rc, wall, rss, text
+    return rc, wall, usage.ru_maxrss / 1024, text
 
 
 # ---------------------------------------------------------------- sweep
@@ -176,7 +178,7 @@ def baseline(a) -> None:
     if data is None:
         from covidcxr.data.synth import write_synthetic_dataset
 
-        data = str(write_synthetic_dataset(work / "syn", per_class=100, size=256, seed=0, progress=False))
+        data = str(write_synthetic_dataset(work / "syn", per_class=a.per_class, size=256, seed=0, progress=False))
     run_dir = work / "run"
     cmd = [sys.executable, "-m", "covidcxr.train", "--data", data, "--arch", a.arch, "--weights", "none",
            "--image-size", str(a.size), "--batch-size", str(a.batch), "--epochs", str(a.epochs),
@@ -219,6 +221,7 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="sweep: timed steps after the first")
     p.add_argument("--epochs", type=int, default=2, help="baseline: epochs for both paths")
+    p.add_argument("--per-class", type=int, default=40, help="baseline: synthetic images per class without --data")
     p.add_argument("--timeout", type=float, default=300, help="sweep: seconds per architecture")
     a = p.parse_args()
     {"sweep": sweep, "baseline": baseline, "_sweep_worker": sweep_worker,

@@ -37,6 +37,9 @@ class TrainConfig:
     jit_compile: bool = False
     cache: str = "memory"
     lung_crop: bool = False
+    target: str = "lung"               # segment/multitask: lung | infection masks
+    seg_loss: str = "bce_dice"         # segment/multitask: bce_dice | dice | focal
+    loss_weights: str = "label=1,mask=1"  # multitask
     run_dir: str = ""
     export_dir: str = ""
     demo: bool = False

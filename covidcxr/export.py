@@ -81,9 +81,94 @@ def export_classifier(model, labels_doc: dict, out_dir: str | Path, overwrite: b
     return out_dir
 
 
+def make_segment_serving_fn(model, labels_doc: dict):
+    """image_bytes [B] -> mask (model resolution), mask_png (PNG at each input's own size),
+    height, width, and for multi-task models probabilities and label."""
+    import tensorflow as tf
+
+    from covidcxr.data import preprocess as P
+
+    size, contrast, norm = labels_doc["image_size"], labels_doc["contrast"], labels_doc["normalization"]
+    classes = tf.constant(labels_doc["classes"])
+    multitask = labels_doc.get("task") == "multitask"
+
+    def one(b):
+        img = P.decode_bytes(b)
+        x = P.normalize(tf.cast(P.prepare(img, size, contrast), tf.float32) / 255.0, norm)
+        return x, tf.shape(img)[0], tf.shape(img)[1]
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve(image_bytes):
+        x, h, w = tf.map_fn(one, image_bytes, fn_output_signature=(
+            tf.TensorSpec([size, size, 3], tf.float32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)))
+        out = model(x, training=False)
+        mask = tf.cast(out["mask"] if multitask else out, tf.float32)
+
+        def png(args):
+            m, hh, ww = args
+            full = tf.image.resize(m, tf.stack([hh, ww]), method="bilinear")
+            return tf.io.encode_png(tf.cast(full >= 0.5, tf.uint8) * 255)
+
+        pngs = tf.map_fn(png, (mask, h, w), fn_output_signature=tf.TensorSpec([], tf.string))
+        res = {"mask": mask[..., 0], "mask_png": pngs, "height": h, "width": w}
+        if multitask:
+            probs = tf.cast(out["label"], tf.float32)
+            res.update(probabilities=probs, label=tf.gather(classes, tf.argmax(probs, axis=-1)))
+        return res
+
+    return serve
+
+
+def export_segmenter(model, labels_doc: dict, out_dir: str | Path, overwrite: bool = False,
+                     check_images: list[str] = ()) -> Path:
+    """Like export_classifier, for segment and multitask models (checked the same way)."""
+    import keras
+    import tensorflow as tf
+
+    from covidcxr.data import preprocess as P
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise RunExistsError(f"export directory {out_dir} already exists; pass --overwrite or another --out.")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save(tmp / "model.keras")
+    (tmp / "labels.json").write_text(json.dumps(labels_doc, indent=2))
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", make_segment_serving_fn(model, labels_doc))
+    archive.write_out(str(tmp / "serving" / "1"), verbose=False)
+    fn = tf.saved_model.load(str(tmp / "serving" / "1")).signatures["serving_default"]
+    worst = 0.0
+    for path in [p for p in check_images if Path(p).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")]:
+        data = tf.io.read_file(path)
+        got = fn(image_bytes=tf.reshape(data, [1]))
+        x = P.serve_image(data, labels_doc["image_size"], labels_doc["contrast"], labels_doc["normalization"])
+        ref = model(x[None], training=False)
+        ref_mask = ref["mask"] if isinstance(ref, dict) else ref
+        worst = max(worst, float(np.abs(got["mask"].numpy() - keras.ops.convert_to_numpy(ref_mask)[..., 0]).max()))
+        png = tf.io.decode_png(got["mask_png"][0])
+        img = P.decode_bytes(data)
+        if tuple(png.shape[:2]) != tuple(img.shape[:2]):
+            shutil.rmtree(tmp)
+            raise CovidCXRError(f"exported mask is {png.shape[:2]} for a {img.shape[:2]} image; export discarded.")
+    if worst > TOLERANCE:
+        shutil.rmtree(tmp)
+        raise CovidCXRError(f"exported SavedModel differs from the Keras model by {worst:.2e} (> {TOLERANCE}); "
+                            f"export discarded.")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
 def find_model(path: str | Path):
     """A run directory, an export directory or a .keras file -> (keras model, labels doc)."""
     import keras
+
+    import covidcxr.losses  # noqa: F401  (registers the segmentation losses and metrics)
 
     path = Path(path)
     if not path.exists():
@@ -120,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             import pandas as pd
 
             checks = pd.read_csv(Path(args.model) / "manifest.csv")["path"].tolist()[:4]
-        out = export_classifier(model, labels, args.out, args.overwrite, checks)
+        export = export_classifier if labels.get("task", "classify") == "classify" else export_segmenter
+        out = export(model, labels, args.out, args.overwrite, checks)
         print(f"exported {out} (SavedModel: {out / 'serving' / '1'})")
     except CovidCXRError as exc:
         print(f"error: {exc}", file=sys.stderr)

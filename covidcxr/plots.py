@@ -26,16 +26,18 @@ def plot_history(history_csv: str | Path, out: str | Path) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     x = h["epoch"] + 1
-    for ax, key, title in ((axes[0], "accuracy", "Accuracy"), (axes[1], "loss", "Loss")):
+    first = next((k for k in ("accuracy", "label_accuracy", "dice", "mask_dice") if k in h), "accuracy")
+    for ax, key, title in ((axes[0], first, first.replace("_", " ").capitalize()), (axes[1], "loss", "Loss")):
         if key in h:
             ax.plot(x, h[key], "o-", label="train")
         if f"val_{key}" in h:
             ax.plot(x, h[f"val_{key}"], "s-", label="validation")
         ax.set_title(title)
-    for key, label in (("val_macro_f1", "val macro-F1"), ("val_macro_auc", "val macro-AUC")):
+    for key, label in (("val_macro_f1", "val macro-F1"), ("val_macro_auc", "val macro-AUC"),
+                       ("val_dice", "val Dice"), ("val_iou", "val IoU"), ("val_mask_dice", "val mask Dice")):
         if key in h:
             axes[2].plot(x, h[key], "o-", label=label)
-    axes[2].set_title("Validation macro-F1 / AUC")
+    axes[2].set_title("Validation selection metrics")
     axes[2].set_ylim(0, 1.02)
     if "phase" in h and (h["phase"] == 2).any():
         start = x[h["phase"] == 2].iloc[0] - 0.5

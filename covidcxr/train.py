@@ -30,9 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--data", default=None, help="dataset folder (Kaggle, COVID-QU-Ex or folder-per-class) or manifest "
                                   "CSV; omitted: the synthetic demo set")
-    a("--arch", default="resnet50", help=f"backbone, one of: {', '.join(arch_names())}")
+    a("--arch", default="resnet50", help=f"classify: one of {', '.join(arch_names())}. segment/multitask: unet, "
+                                         f"or unet_/unetpp_/deeplabv3plus_<backbone>, e.g. unet_resnet50")
     a("--task", default="classify", choices=["classify", "segment", "multitask"],
-      help="what to train (segment/multitask: see README)")
+      help="classify; segment (one-channel mask); multitask (label + mask from one U-Net)")
+    a("--target", default="lung", choices=["lung", "infection"], help="segment/multitask: which masks to learn")
+    a("--seg-loss", default="bce_dice", choices=["bce_dice", "dice", "focal"], help="segment/multitask mask loss")
+    a("--loss-weights", default="label=1,mask=1", help="multitask: weights of the label and mask losses")
     a("--weights", default="auto", help="imagenet | none | PATH (local weights file or keras-hub preset "
                                         "folder) | auto (imagenet if obtainable, else none, with a warning)")
     a("--image-size", type=int, default=None, help="input side in pixels (default 224; demo 128)")
@@ -56,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lung-crop", action="store_true", help="multiply images by their lung masks (segmented-lung study)")
     a("--split", default="0.7,0.15,0.15", help="train,val[,test] fractions when the data has no split")
     a("--seed", type=int, default=42, help="seed for splits, shuffling, augmentation and initialisation")
-    a("--monitor", default="val_macro_f1", choices=["val_macro_f1", "val_macro_auc"],
-      help="checkpoint selection metric")
+    a("--monitor", default="auto", choices=["auto", "val_macro_f1", "val_macro_auc", "val_dice"],
+      help="checkpoint selection metric (auto: val_dice for segment, val_macro_f1 otherwise)")
     a("--patience", type=int, default=8, help="early-stopping patience (epochs)")
     a("--mixed-precision", action="store_true", help="float16 (GPU) / bfloat16 (TPU, CPU) compute")
     a("--jit-compile", action="store_true", help="XLA-compile the training step")
@@ -83,8 +87,10 @@ def config_from_args(args, argv) -> TrainConfig:
         label_smoothing=args.label_smoothing, dropout=args.dropout, bn_momentum=args.bn_momentum,
         warmup_epochs=args.warmup_epochs, class_weights=not args.no_class_weights, contrast=args.contrast,
         augment=aug if aug is not None else AugmentConfig(0, 0, 0, False, 0, 0), split=args.split,
-        seed=args.seed, monitor=args.monitor, patience=args.patience, mixed_precision=args.mixed_precision,
+        seed=args.seed, monitor=(("val_dice" if args.task == "segment" else "val_macro_f1")
+                                 if args.monitor == "auto" else args.monitor), patience=args.patience, mixed_precision=args.mixed_precision,
         jit_compile=args.jit_compile, cache=args.cache, lung_crop=args.lung_crop, demo=demo,
+        target=args.target, seg_loss=args.seg_loss, loss_weights=args.loss_weights,
         command="python -m covidcxr.train " + " ".join(argv),
     )
 
@@ -182,21 +188,57 @@ def prepare_dirs(cfg: TrainConfig, run_dir: Path, export_dir: Path | None, overw
 def _compile(model, cfg: TrainConfig, lr: float):
     import keras
 
-    model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-        metrics=["accuracy", keras.metrics.AUC(name="auc", multi_label=False)],
-        jit_compile=cfg.jit_compile,
-    )
+    from covidcxr.losses import MaskScore, get_loss
+
+    opt = keras.optimizers.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
+    cce = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+    cls_metrics = ["accuracy", keras.metrics.AUC(name="auc", multi_label=False)]
+    if cfg.task == "classify":
+        model.compile(optimizer=opt, loss=cce, metrics=cls_metrics, jit_compile=cfg.jit_compile)
+    elif cfg.task == "segment":
+        # weighted_metrics: Keras passes sample weights (0 = no mask) to these, not to `metrics`.
+        model.compile(optimizer=opt, loss=get_loss(cfg.seg_loss),
+                      weighted_metrics=[MaskScore("dice"), MaskScore("iou")], jit_compile=cfg.jit_compile)
+    else:
+        model.compile(optimizer=opt, loss={"label": cce, "mask": get_loss(cfg.seg_loss)},
+                      loss_weights=parse_loss_weights(cfg.loss_weights), metrics={"label": cls_metrics},
+                      weighted_metrics={"mask": [MaskScore("dice"), MaskScore("iou")]},
+                      jit_compile=cfg.jit_compile)
+
+
+def resolve_spec(cfg: TrainConfig):
+    """Registry spec (classify) or segmentation spec (segment/multitask), size checked."""
+    from covidcxr.models.registry import check_image_size, get_spec
+
+    if cfg.task == "classify":
+        spec = get_spec(cfg.arch)
+        check_image_size(spec, cfg.image_size)
+        return spec
+    from covidcxr.models.segmentation import seg_spec
+
+    spec = seg_spec(cfg.arch)
+    if cfg.image_size % spec.size_multiple or cfg.image_size < spec.size_multiple:
+        raise ConfigError(f"--image-size {cfg.image_size} does not suit {cfg.arch}: use a multiple of "
+                          f"{spec.size_multiple}.")
+    return spec
+
+
+def parse_loss_weights(text: str) -> dict[str, float]:
+    try:
+        parts = dict(kv.split("=") for kv in text.split(",")) if "=" in text else \
+            dict(zip(("label", "mask"), text.split(",")))
+        w = {k.strip(): float(v) for k, v in parts.items()}
+    except ValueError:
+        w = {}
+    if set(w) != {"label", "mask"} or min(w.values()) < 0:
+        raise ConfigError(f"--loss-weights {text!r}: write label=W1,mask=W2 (non-negative numbers).")
+    return w
 
 
 def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
-    if cfg.task != "classify":
-        raise ConfigError(f"--task {cfg.task} is not available yet; only --task classify is implemented.")
-    from covidcxr.models.registry import check_image_size, get_spec
-
-    spec = get_spec(cfg.arch)
-    check_image_size(spec, cfg.image_size)
+    spec = resolve_spec(cfg)
+    if cfg.task == "multitask":
+        parse_loss_weights(cfg.loss_weights)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else _default_run_dir(cfg)
     if resume:
         if not (run_dir / "state.json").exists() or not (run_dir / "config.json").exists():
@@ -217,6 +259,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
     warnings.filterwarnings("ignore", message=".*ran out of data.*")
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
 
+    import covidcxr.losses  # noqa: F401  (registers segmentation losses/metrics for load_model)
     from covidcxr import callbacks as cb
     from covidcxr.data.pipeline import class_weights, make_dataset
     from covidcxr.models.classifier import build_classifier, freeze_backbone, unfreeze_top
@@ -234,12 +277,27 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
         classes = json.loads((run_dir / "labels.json").read_text())["classes"]
     else:
         df, classes = load_data(cfg, Path("experiments") / "cache")
+    mask_col = f"{cfg.target}_mask"
+    if cfg.task != "classify" and not resume:
+        has = df[mask_col].astype(str) != "" if mask_col in df else df["path"] == "\0"
+        if not has[df["split"] == "train"].any():
+            raise DataError(f"--task {cfg.task} --target {cfg.target}: the training split has no {cfg.target} "
+                            f"masks ({mask_col} is empty for every image). Use data with {cfg.target} masks "
+                            f"(COVID-QU-Ex has lung and infection masks; the Kaggle set has lung masks).")
+        if cfg.task == "segment":  # images without a mask teach a segmenter nothing
+            df = df[has].reset_index(drop=True)
+            if not (df["split"] == "val").any():
+                raise DataError(f"no validation image has a {cfg.target} mask; cannot select checkpoints.")
+        print(f"{cfg.target} masks: {int(has.sum())} of {len(has)} images"
+              + ("" if cfg.task == "segment" else " (images without a mask train the classifier only: "
+                                                  "mask loss weight 0)"))
+    if not resume:
         df.to_csv(run_dir / "manifest.csv", index=False)
         (run_dir / "labels.json").write_text(json.dumps(_labels_doc(cfg, spec, classes), indent=2))
     train_df, val_df, test_df = (df[df["split"] == s] for s in ("train", "val", "test"))
-    cw = class_weights(train_df["label"], classes) if cfg.class_weights else None
+    cw = class_weights(train_df["label"], classes) if cfg.class_weights and cfg.task != "segment" else None
     common = dict(image_size=cfg.image_size, normalization=spec.normalization, batch_size=cfg.batch_size,
-                  contrast=cfg.contrast, lung_crop=cfg.lung_crop)
+                  contrast=cfg.contrast, lung_crop=cfg.lung_crop, task=cfg.task, mask_column=mask_col)
     cache = None if cfg.cache == "none" else cfg.cache
     train_ds = make_dataset(train_df, classes, training=True, augment=cfg.augment, weights=cw, seed=cfg.seed,
                             cache=cache if cache == "memory" or cache is None else f"{cache}-train", **common)
@@ -254,7 +312,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
             model = keras.saving.load_model(run_dir / "last.keras")
             weights = cfg.weights
         else:
-            model, weights = _build(cfg, spec, len(classes), build_classifier)
+            model, weights = _build(cfg, spec, len(classes), _builder(cfg, spec, len(classes), build_classifier))
             cfg = replace(cfg, weights=weights or "none")
     cfg.save(run_dir / "config.json")
     print(f"arch {cfg.arch} ({spec.source}), weights: {cfg.weights}, device: {device}, "
@@ -268,7 +326,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
 
     def callbacks(phase, warmup):
         log = cb.PhaseLog(phase, len(train_df))
-        cbs = [cb.ValidationMetrics(val_ds, classes), log, ckpt,
+        cbs = ([cb.ValidationMetrics(val_ds, classes)] if cfg.task != "segment" else []) + [log, ckpt,
                keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode="max", patience=cfg.patience),
                keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=3, min_lr=1e-7),
                keras.callbacks.CSVLogger(run_dir / "history.csv", append=True),
@@ -335,23 +393,26 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
     for split, sdf in (("val", val_df), ("test", test_df)):
         if len(sdf):
             ds = val_ds if split == "val" else make_dataset(sdf, classes, cache=None, **common)
-            y, p = cb.predict_dataset(best, ds)
-            from covidcxr.metrics import classification_metrics
-
-            metrics[split] = classification_metrics(y, p, classes)
+            metrics[split] = split_metrics(best, ds, classes, cfg.task)
             m = metrics[split]
-            print(f"{split}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, "
-                  f"macro-AUC {m['macro_auc'] if m['macro_auc'] is None else round(m['macro_auc'], 4)} "
-                  f"(n={m['n']})")
+            if "accuracy" in m:
+                print(f"{split}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, "
+                      f"macro-AUC {m['macro_auc'] if m['macro_auc'] is None else round(m['macro_auc'], 4)} "
+                      f"(n={m['n']})")
+            if "segmentation" in m:
+                sm = m["segmentation"]
+                print(f"{split}: {cfg.target} Dice {sm['dice']:.4f}, IoU {sm['iou']:.4f}, "
+                      f"HD95 {sm['hd95'] if sm['hd95'] is None else round(sm['hd95'], 2)} px (n={sm['n']} masks)")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     from covidcxr.plots import plot_history
 
     plot_history(run_dir / "history.csv", run_dir / "curves.png")
     if export_dir is not None:
-        from covidcxr.export import export_classifier
+        from covidcxr.export import export_classifier, export_segmenter
 
-        export_classifier(best, _labels_doc(cfg, spec, classes), export_dir, overwrite=True,
-                          check_images=val_df["path"].tolist()[:4])
+        export = export_classifier if cfg.task == "classify" else export_segmenter
+        export(best, _labels_doc(cfg, spec, classes), export_dir, overwrite=True,
+               check_images=val_df["path"].tolist()[:4])
         print(f"exported: {export_dir} (SavedModel in {export_dir / 'serving' / '1'})")
     (run_dir / "state.json").write_text(json.dumps({**json.loads((run_dir / "state.json").read_text()),
                                                     "finished": True}))
@@ -368,29 +429,76 @@ def _finetune_end(run_dir: Path, cfg: TrainConfig) -> int:
 
 
 def _labels_doc(cfg: TrainConfig, spec, classes) -> dict:
-    return {"classes": list(classes), "arch": cfg.arch, "task": cfg.task, "image_size": cfg.image_size,
-            "normalization": spec.normalization, "contrast": cfg.contrast, "lung_crop": cfg.lung_crop}
+    doc = {"classes": list(classes), "arch": cfg.arch, "task": cfg.task, "image_size": cfg.image_size,
+           "normalization": spec.normalization, "contrast": cfg.contrast, "lung_crop": cfg.lung_crop}
+    if cfg.task != "classify":
+        doc["target"] = cfg.target
+    return doc
 
 
-def _build(cfg: TrainConfig, spec, n_classes: int, build_classifier):
+def split_metrics(model, ds, classes, task: str) -> dict:
+    """Classification figures (classify, multitask) and Dice/IoU/HD95 on images with masks."""
+    import keras
+    import numpy as np
+
+    from covidcxr.metrics import classification_metrics
+    from covidcxr.segmetrics import segmentation_metrics
+
+    ys, ps, mt, mp, ml = [], [], [], [], []
+    for x, y, w in ds:
+        out = model(x, training=False)
+        if task == "classify":
+            ys.append(np.argmax(keras.ops.convert_to_numpy(y), -1))
+            ps.append(keras.ops.convert_to_numpy(out))
+            continue
+        if task == "multitask":
+            ys.append(np.argmax(keras.ops.convert_to_numpy(y["label"]), -1))
+            ps.append(keras.ops.convert_to_numpy(out["label"]))
+            out, y, w = out["mask"], y["mask"], w["mask"]
+        keep = keras.ops.convert_to_numpy(w) > 0
+        mt.append(keras.ops.convert_to_numpy(y)[keep])
+        mp.append(keras.ops.convert_to_numpy(out)[keep])
+    m = {}
+    if ps:
+        m = classification_metrics(np.concatenate(ys), np.concatenate(ps), classes)
+    if mt and sum(len(a) for a in mt):
+        m["segmentation"] = segmentation_metrics(np.concatenate(mt), np.concatenate(mp))
+        m["segmentation"].pop("per_image")
+    return m
+
+
+def _builder(cfg: TrainConfig, spec, n_classes: int, build_classifier):
+    """weights (None | 'imagenet' | path), bn_momentum -> model, for this task."""
+    if cfg.task == "classify":
+        return lambda w, bn: build_classifier(spec, n_classes, cfg.image_size, w, dropout=cfg.dropout,
+                                              bn_momentum=bn)
+    from covidcxr.models.segmentation import build_segmenter
+
+    nc = n_classes if cfg.task == "multitask" else None
+    return lambda w, bn: build_segmenter(cfg.arch, cfg.image_size, w, num_classes=nc, dropout=cfg.dropout,
+                                         bn_momentum=bn)
+
+
+def _build(cfg: TrainConfig, spec, n_classes: int, build):
     from covidcxr.models.registry import imagenet_available
 
     w = cfg.weights
-    kw = dict(dropout=cfg.dropout)
-    if w == "none":
-        return build_classifier(spec, n_classes, cfg.image_size, None, bn_momentum=cfg.bn_momentum, **kw), None
+    backbone = getattr(spec, "backbone", spec)  # segmentation specs wrap a registry backbone (or none)
+    if w == "none" or backbone is None:
+        if w not in ("none", "auto"):
+            raise ConfigError(f"--weights {w}: {cfg.arch} has no pretrained encoder; use --weights none.")
+        return build(None, cfg.bn_momentum), None
     if w == "auto":
         try:
-            if spec.source == "keras-hub" and not imagenet_available(spec):
+            if backbone.source == "keras-hub" and not imagenet_available(backbone):
                 raise ConfigError("keras-hub presets are not fetched automatically")
-            return build_classifier(spec, n_classes, cfg.image_size, "imagenet", **kw), "imagenet"
+            return build("imagenet", None), "imagenet"
         except ConfigError as exc:
             print(f"WARNING: --weights auto: ImageNet weights unavailable ({str(exc)[:160]}...). "
                   f"Training FROM SCRATCH instead (--weights none). Pass --weights imagenet to make this an "
                   f"error, or --weights PATH for a local file.")
-            return build_classifier(spec, n_classes, cfg.image_size, None, bn_momentum=cfg.bn_momentum,
-                                    **kw), None
-    return build_classifier(spec, n_classes, cfg.image_size, w, **kw), w
+            return build(None, cfg.bn_momentum), None
+    return build(w, None), w
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,7 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from covidcxr.models.registry import get_spec
 
-        get_spec(args.arch)  # fail fast, before TensorFlow starts
+        if args.task == "classify":
+            get_spec(args.arch)  # fail fast, before TensorFlow starts
+        else:
+            from covidcxr.models.segmentation import seg_spec
+
+            seg_spec(args.arch)
         if args.data is not None and not Path(args.data).exists():
             raise DataError(f"--data {args.data}: no such file or folder.")
         cfg = config_from_args(args, argv)

@@ -191,6 +191,9 @@ def make_dataset(df: pd.DataFrame, class_names: list[str], *, image_size: int, n
         mask = tf.cast(e["mask"], tf.float32)
         if training and augment is not None:
             img, mask = augment_batch(img, mask, augment)
+        # Static spatial shapes (the projective transform loses them): decoders need them to upsample.
+        img = tf.ensure_shape(img, [None, image_size, image_size, 1])
+        mask = tf.ensure_shape(mask, [None, image_size, image_size, 1])
         if lung_crop:
             img = img * mask
         x = P.normalize(img, normalization)

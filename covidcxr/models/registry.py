@@ -65,7 +65,7 @@ def _specs() -> dict[str, ArchSpec]:
             {"densenet121_weights_tf_dim_ordering_tf_kernels.h5": "9d60b8095a5708f2dcce2bca79d332c7",
              "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5": "30ee3e1110167f948a6b9946edeeb738"}),
         _ka("mobilenetv3small", "MobileNetV3Small", "raw255",
-            ("re_lu", "expanded_conv_project_bn", "expanded_conv_2_add", "expanded_conv_7_add"),
+            ("conv_bn", "expanded_conv_project_bn", "expanded_conv_2_add", "expanded_conv_7_add"),
             _published("mobilenet_v3", "small_224_1.0_float", "weights_mobilenet_v3_small_224_1.0_float.h5",
                        "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5")),
         _ka("convnexttiny", "ConvNeXtTiny", "raw255",

@@ -1,0 +1,122 @@
+"""Segmentation and multi-task models, losses, metrics, training and export (tiny sizes)."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidcxr.errors import ConfigError
+from covidcxr.losses import MaskScore, bce_dice_loss, dice_loss, focal_loss, soft_dice
+from covidcxr.models.segmentation import build_segmenter, seg_spec
+from covidcxr.segmetrics import dice, hd95, iou, segmentation_metrics
+
+
+def test_mask_figures_on_hand_made_masks():
+    t = np.zeros((10, 10), bool)
+    t[2:6, 2:6] = True            # 16 px
+    p = np.zeros((10, 10), bool)
+    p[2:6, 4:8] = True            # 16 px, 8 overlap
+    assert dice(t, p) == pytest.approx(2 * 8 / 32)
+    assert iou(t, p) == pytest.approx(8 / 24)
+    assert dice(t, t) == 1.0 and iou(t, t) == 1.0 and hd95(t, t) == 0.0
+    assert dice(np.zeros((4, 4)), np.zeros((4, 4))) == 1.0 and np.isnan(hd95(t, np.zeros_like(t)))
+    shifted = np.roll(t, 3, axis=1)
+    assert hd95(t, shifted) == pytest.approx(3.0)
+    m = segmentation_metrics(np.stack([t, t]), np.stack([p, t]).astype(float), labels=["A", "B"])
+    assert m["dice"] == pytest.approx((0.5 + 1.0) / 2) and m["per_class"]["B"]["dice"] == 1.0
+
+
+def test_losses_and_keras_metric_respect_zero_weights():
+    t = np.zeros((2, 8, 8, 1), "float32")
+    t[:, 2:6, 2:6] = 1
+    perfect = t.copy()
+    assert float(np.max(np.asarray(dice_loss(t, perfect)))) < 1e-6
+    assert np.asarray(soft_dice(t, perfect)).shape == (2,)
+    assert np.asarray(bce_dice_loss(t, perfect * 0.98 + 0.01)).shape == (2,)
+    f = np.asarray(focal_loss(t, np.full_like(t, 0.5)))
+    assert f.shape == (2,) and (f > 0).all()
+    m = MaskScore("dice")
+    wrong = np.zeros_like(t)
+    m.update_state(t, np.concatenate([perfect[:1], wrong[:1]]), sample_weight=np.array([1.0, 0.0]))
+    assert float(m.result()) == pytest.approx(1.0)  # the weight-0 image (no mask) is ignored
+    m.update_state(t, wrong, sample_weight=np.array([1.0, 1.0]))
+    assert float(m.result()) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("name", ["unet", "unet_resnet50", "unetpp_efficientnetb0", "deeplabv3plus_densenet121",
+                                  "unet_mobilenetv3small"])
+def test_models_output_masks_at_input_resolution(name):
+    seg = build_segmenter(name, 64, None)
+    x = np.random.default_rng(0).random((2, 64, 64, 3)).astype("float32")
+    y = np.asarray(seg(x))
+    assert y.shape == (2, 64, 64, 1) and (y >= 0).all() and (y <= 1).all()
+    mt = build_segmenter(name, 64, None, num_classes=3)
+    out = mt(x)
+    assert out["mask"].shape == (2, 64, 64, 1) and out["label"].shape == (2, 3)
+    np.testing.assert_allclose(np.asarray(out["label"]).sum(1), 1, atol=1e-5)
+    if name != "unet":
+        assert mt.get_layer("backbone") is not None  # the two-phase schedule freezes it
+
+
+def test_unetpp_deep_supervision_and_bad_names():
+    m = build_segmenter("unetpp_resnet18", 64, None, deep_supervision=True)
+    assert m.output.shape[1:] == (64, 64, 1)
+    with pytest.raises(ConfigError, match="unknown segmentation architecture"):
+        seg_spec("segformer_resnet50")
+    with pytest.raises(ConfigError, match="no skip layers"):
+        seg_spec("unet_vit_b16")
+    with pytest.raises(ConfigError, match="multiple of"):
+        build_segmenter("unet", 40, None)
+
+
+def test_segment_and_multitask_training_end_to_end(synth_dir, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from covidcxr import train
+
+    monkeypatch.chdir(tmp_path)
+    # Images without a mask: drop half of the masks from the manifest.
+    from covidcxr.data.manifest import build_manifest
+
+    df, _ = build_manifest(synth_dir, (0.7, 0.15, 0.15), progress=False)
+    df.loc[df.index % 2 == 0, "lung_mask"] = ""
+    df.to_csv(tmp_path / "half.csv", index=False)
+    tiny = ["--image-size", "32", "--batch-size", "8", "--weights", "none", "--epochs", "1", "--fine-tune-epochs", "1"]
+    assert train.main(["--data", str(tmp_path / "half.csv"), "--task", "segment", "--arch", "unet", *tiny,
+                       "--run-dir", "seg", "--export-dir", "seg-export"]) == 0
+    m = json.loads((tmp_path / "seg" / "metrics.json").read_text())
+    assert 0 <= m["val"]["segmentation"]["dice"] <= 1 and "hd95" in m["val"]["segmentation"]
+    man = pd.read_csv(tmp_path / "seg" / "manifest.csv", keep_default_na=False)
+    assert (man["lung_mask"] != "").all()  # a segmenter trains on images with masks only
+    fn = tf.saved_model.load(str(tmp_path / "seg-export" / "serving" / "1")).signatures["serving_default"]
+    from PIL import Image
+
+    img = Image.open(df["path"][0]).resize((50, 70))
+    img.save(tmp_path / "odd.png")
+    res = fn(image_bytes=tf.constant([(tmp_path / "odd.png").read_bytes()]))
+    assert tf.io.decode_png(res["mask_png"][0]).shape == (70, 50, 1)  # the input's own size
+    assert res["mask"].shape == (1, 32, 32)
+
+    assert train.main(["--data", str(tmp_path / "half.csv"), "--task", "multitask", "--arch",
+                       "unet_mobilenetv3small", *tiny, "--loss-weights", "label=1,mask=0.5",
+                       "--run-dir", "mt", "--export-dir", "none"]) == 0
+    m = json.loads((tmp_path / "mt" / "metrics.json").read_text())
+    assert {"accuracy", "macro_f1", "segmentation"} <= set(m["val"])
+    man = pd.read_csv(tmp_path / "mt" / "manifest.csv", keep_default_na=False)
+    assert (man["lung_mask"] == "").any()  # multitask keeps images without masks (classifier only)
+    hist = pd.read_csv(tmp_path / "mt" / "history.csv")
+    assert {"label_accuracy", "mask_dice", "val_mask_dice", "val_macro_f1"} <= set(hist.columns)
+
+
+def test_segment_refuses_missing_targets(synth_dir, tmp_path, monkeypatch, capsys):
+    from covidcxr import train
+
+    monkeypatch.chdir(tmp_path)
+    rc = train.main(["--data", str(synth_dir), "--task", "segment", "--target", "infection", "--arch", "unet",
+                     "--image-size", "32", "--weights", "none", "--run-dir", "x"])
+    assert rc == 2 and "no infection masks" in capsys.readouterr().err
+    rc = train.main(["--data", str(synth_dir), "--task", "multitask", "--arch", "unet", "--loss-weights", "a=1",
+                     "--image-size", "32", "--weights", "none", "--run-dir", "y"])
+    assert rc == 2 and "--loss-weights" in capsys.readouterr().err
+    rc = train.main(["--data", str(synth_dir), "--task", "segment", "--arch", "unet_nosuch", "--run-dir", "z"])
+    assert rc == 2 and "unknown architecture" in capsys.readouterr().err

@@ -40,12 +40,13 @@ def make_serving_fn(model, labels_doc: dict):
     return serve
 
 
-def export_classifier(model, labels_doc: dict, out_dir: str | Path, overwrite: bool = False,
-                      check_images: list[str] = ()) -> Path:
+def _write_export(model, labels_doc: dict, out_dir: str | Path, overwrite: bool, serving_fn, check_images,
+                  difference) -> Path:
+    """Save model.keras, labels.json and the SavedModel into OUT.partial, reload the SavedModel,
+    and keep it (rename to OUT) only if ``difference(signature, image_bytes)`` stays within
+    TOLERANCE on every check image."""
     import keras
     import tensorflow as tf
-
-    from covidcxr.data.preprocess import serve_image
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -54,31 +55,45 @@ def export_classifier(model, labels_doc: dict, out_dir: str | Path, overwrite: b
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save(tmp / "model.keras")
-    (tmp / "labels.json").write_text(json.dumps(labels_doc, indent=2))
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serving_default", make_serving_fn(model, labels_doc))
-    archive.write_out(str(tmp / "serving" / "1"), verbose=False)
-
-    # Check: the reloaded SavedModel must reproduce the Keras model on real files.
-    loaded = tf.saved_model.load(str(tmp / "serving" / "1"))
-    fn = loaded.signatures["serving_default"]
-    worst = 0.0
-    for path in [p for p in check_images if Path(p).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")]:
-        data = tf.io.read_file(path)
-        got = fn(image_bytes=tf.reshape(data, [1]))["probabilities"].numpy()
-        x = serve_image(data, labels_doc["image_size"], labels_doc["contrast"], labels_doc["normalization"])
-        ref = keras.ops.convert_to_numpy(model(x[None], training=False))
-        worst = max(worst, float(np.abs(got - ref).max()))
-    if worst > TOLERANCE:
-        shutil.rmtree(tmp)
-        raise CovidCXRError(f"exported SavedModel differs from the Keras model by {worst:.2e} (> {TOLERANCE}); "
-                            f"export discarded.")
+    try:
+        model.save(tmp / "model.keras")
+        (tmp / "labels.json").write_text(json.dumps(labels_doc, indent=2))
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint("serving_default", serving_fn)
+        archive.write_out(str(tmp / "serving" / "1"), verbose=False)
+        # Check: the reloaded SavedModel must reproduce the Keras model on real files.
+        fn = tf.saved_model.load(str(tmp / "serving" / "1")).signatures["serving_default"]
+        worst = 0.0
+        for path in [p for p in check_images if Path(p).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")]:
+            worst = max(worst, difference(fn, tf.io.read_file(path)))
+        if worst > TOLERANCE:
+            raise CovidCXRError(f"exported SavedModel differs from the Keras model by {worst:.2e} (> {TOLERANCE}); "
+                                f"export discarded.")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def export_classifier(model, labels_doc: dict, out_dir: str | Path, overwrite: bool = False,
+                      check_images: list[str] = ()) -> Path:
+    import keras
+    import tensorflow as tf
+
+    from covidcxr.data.preprocess import serve_image
+
+    def difference(fn, data) -> float:
+        got = fn(image_bytes=tf.reshape(data, [1]))["probabilities"].numpy()
+        x = serve_image(data, labels_doc["image_size"], labels_doc["contrast"], labels_doc["normalization"])
+        ref = keras.ops.convert_to_numpy(model(x[None], training=False))
+        return float(np.abs(got - ref).max())
+
+    return _write_export(model, labels_doc, out_dir, overwrite, make_serving_fn(model, labels_doc), check_images,
+                         difference)
 
 
 def make_segment_serving_fn(model, labels_doc: dict):
@@ -121,47 +136,26 @@ def make_segment_serving_fn(model, labels_doc: dict):
 
 def export_segmenter(model, labels_doc: dict, out_dir: str | Path, overwrite: bool = False,
                      check_images: list[str] = ()) -> Path:
-    """Like export_classifier, for segment and multitask models (checked the same way)."""
+    """Like export_classifier, for segment and multitask models; the mask PNG must also come
+    back at the input image's own size."""
     import keras
     import tensorflow as tf
 
     from covidcxr.data import preprocess as P
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise RunExistsError(f"export directory {out_dir} already exists; pass --overwrite or another --out.")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save(tmp / "model.keras")
-    (tmp / "labels.json").write_text(json.dumps(labels_doc, indent=2))
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serving_default", make_segment_serving_fn(model, labels_doc))
-    archive.write_out(str(tmp / "serving" / "1"), verbose=False)
-    fn = tf.saved_model.load(str(tmp / "serving" / "1")).signatures["serving_default"]
-    worst = 0.0
-    for path in [p for p in check_images if Path(p).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")]:
-        data = tf.io.read_file(path)
+    def difference(fn, data) -> float:
         got = fn(image_bytes=tf.reshape(data, [1]))
         x = P.serve_image(data, labels_doc["image_size"], labels_doc["contrast"], labels_doc["normalization"])
         ref = model(x[None], training=False)
         ref_mask = ref["mask"] if isinstance(ref, dict) else ref
-        worst = max(worst, float(np.abs(got["mask"].numpy() - keras.ops.convert_to_numpy(ref_mask)[..., 0]).max()))
         png = tf.io.decode_png(got["mask_png"][0])
         img = P.decode_bytes(data)
         if tuple(png.shape[:2]) != tuple(img.shape[:2]):
-            shutil.rmtree(tmp)
             raise CovidCXRError(f"exported mask is {png.shape[:2]} for a {img.shape[:2]} image; export discarded.")
-    if worst > TOLERANCE:
-        shutil.rmtree(tmp)
-        raise CovidCXRError(f"exported SavedModel differs from the Keras model by {worst:.2e} (> {TOLERANCE}); "
-                            f"export discarded.")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+        return float(np.abs(got["mask"].numpy() - keras.ops.convert_to_numpy(ref_mask)[..., 0]).max())
+
+    return _write_export(model, labels_doc, out_dir, overwrite, make_segment_serving_fn(model, labels_doc),
+                         check_images, difference)
 
 
 def find_model(path: str | Path):

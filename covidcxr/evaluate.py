@@ -1,4 +1,4 @@
-"""Evaluate a trained classifier: ``python -m covidcxr.evaluate --model PATH --data DIR|manifest.csv``.
+"""Evaluate a trained model: ``python -m covidcxr.evaluate --model PATH --data DIR|manifest.csv``.
 
 PATH is a run directory, an export directory, a ``.keras`` file or a SavedModel
 directory. Writes, into ``--out`` (default ``<run or model dir>/eval-<split>``):
@@ -9,6 +9,11 @@ directory. Writes, into ``--out`` (default ``<run or model dir>/eval-<split>``):
   gradcam.png + gradcam/<class>/*.png   training_curves.png (run directories)
   calibration.json  the temperature fitted on the validation split (predict --calibrated)
   report.html       all of it on one self-contained page
+
+Segmentation and multi-task models: ``segmentation`` in metrics.json (Dice, IoU, HD95,
+mean and per class of image, scored at each ground-truth mask's own size) and
+segmentation.png + overlays/<class>/*.png (prediction red, truth green); a multi-task
+model also gets every classification figure above (from its ``label`` output).
 
 The report is written to ``OUT.partial`` and renamed only when complete.
 Also callable from Python: ``evaluate(model, dataset, class_names) -> dict``.
@@ -94,8 +99,8 @@ class LoadedModel:
         self.fn = getattr(p, "fn", None)
         self.run_dir = self.path if (self.path / "config.json").exists() and self.path.is_dir() else None
         self.home = self.path if self.path.is_dir() else self.path.parent
-        if self.labels.get("task", "classify") != "classify":
-            raise ConfigError(f"{path}: a {self.labels['task']} model; this evaluation covers classifiers.")
+        self.task = self.labels.get("task", "classify")
+        self.target = self.labels.get("target", "lung")
 
     @property
     def classes(self) -> list[str]:
@@ -149,32 +154,40 @@ def check_classes(df: pd.DataFrame, classes: list[str]) -> list[str]:
         if missing else []
 
 
-def predict_frame(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, view=None,
-                  mask_lungs: bool = False) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
-    """Predict every row -> (rows kept, probabilities [n, K], skipped paths with reasons).
-    ``view``: (degrees, zoom) fixed transform (TTA); ``mask_lungs``: black out the lung mask."""
+def predict_outputs(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, view=None, mask_lungs: bool = False):
+    """Run the model on every row -> (rows kept, probabilities [n, K] or None, masks [n, h, w]
+    at model resolution or None, skipped paths with reasons). ``view``: (degrees, zoom) fixed
+    transform (TTA); ``mask_lungs``: black out the lung mask."""
     import tensorflow as tf
 
     from covidcxr.data import preprocess as P
     from covidcxr.data.pipeline import affine_batch, load_examples
 
-    classes = lm.classes
+    task, k = lm.task, len(lm.classes)
     if lm.kind == "savedmodel":
         if view is not None or mask_lungs:
             raise ConfigError("test-time augmentation and --mask-lungs need the Keras model; pass the run or "
                               "export directory (with model.keras) instead of the bare SavedModel.")
-        probs, keep, skipped = [], [], []
+        probs, masks, keep, skipped = [], [], [], []
         for i, path in enumerate(df["path"]):
             try:
-                data = tf.io.read_file(path)
-                probs.append(lm.fn(image_bytes=tf.reshape(data, [1]))["probabilities"].numpy()[0])
-                keep.append(i)
+                res = lm.fn(image_bytes=tf.reshape(tf.io.read_file(path), [1]))
             except Exception as exc:  # one bad file never stops an evaluation
                 skipped.append(f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-        return df.iloc[keep].reset_index(drop=True), np.asarray(probs, np.float64).reshape(-1, len(classes)), skipped
+                continue
+            keep.append(i)
+            if task != "segment":
+                probs.append(res["probabilities"].numpy()[0])
+            if task != "classify":
+                masks.append(res["mask"].numpy()[0])
+        kept = df.iloc[keep].reset_index(drop=True)
+        return (kept, np.asarray(probs, np.float64).reshape(-1, k) if task != "segment" else None,
+                np.asarray(masks, np.float32) if task != "classify" else None, skipped)
 
     L = lm.labels
-    ds = load_examples(df, classes, L["image_size"], L.get("contrast", "none"), "lung_mask").batch(batch_size)
+    # A segmenter scores images of any class; the pipeline only needs each label to have an index.
+    names = lm.classes if task != "segment" else sorted(set(df["label"]) | set(lm.classes))
+    ds = load_examples(df, names, L["image_size"], L.get("contrast", "none"), "lung_mask").batch(batch_size)
 
     def finish(e):
         img = tf.cast(e["image"], tf.float32) / 255.0
@@ -185,15 +198,95 @@ def predict_frame(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, view=
         return P.normalize(img, L.get("normalization", "unit")), e["path"]
 
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-    probs, paths = [], []
+    probs, masks, paths = [], [], []
     for x, p in ds:
-        probs.append(np.asarray(lm.model(x, training=False), np.float64))
+        out = lm.model(x, training=False)
+        if isinstance(out, dict):
+            probs.append(np.asarray(out["label"], np.float64))
+            masks.append(np.asarray(out["mask"], np.float32)[..., 0])
+        elif task == "segment":
+            masks.append(np.asarray(out, np.float32)[..., 0])
+        else:
+            probs.append(np.asarray(out, np.float64))
         paths += [v.decode() for v in p.numpy()]
-    probs = np.concatenate(probs) if probs else np.zeros((0, len(classes)))
+    size = L["image_size"]
+    probs = (np.concatenate(probs) if probs else np.zeros((0, k))) if task != "segment" else None
+    masks = (np.concatenate(masks) if masks else np.zeros((0, size, size), np.float32)) if task != "classify" \
+        else None
     pos = {p: i for i, p in enumerate(df["path"])}
     kept = df.iloc[[pos[p] for p in paths]].reset_index(drop=True)
     skipped = [f"{p}: unreadable image (decode failed); left out" for p in sorted(set(df["path"]) - set(paths))]
+    return kept, probs, masks, skipped
+
+
+def predict_frame(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, view=None,
+                  mask_lungs: bool = False) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """Class probabilities for every row -> (rows kept, probabilities [n, K], skipped)."""
+    if lm.task == "segment":
+        raise ConfigError("a segmentation model has no class probabilities.")
+    kept, probs, _, skipped = predict_outputs(lm, df, batch_size, view, mask_lungs)
     return kept, probs, skipped
+
+
+def score_masks(lm: LoadedModel, kept: pd.DataFrame, masks: np.ndarray, out: Path, n_overlays: int,
+                seed: int) -> dict:
+    """Dice, IoU and HD95 of the predicted masks against the ground truth (target column), scored at
+    each ground-truth mask's own resolution; overlay PNGs for up to n images."""
+    from covidcxr.data.imageio import read_image, read_mask
+    from covidcxr.masks import overlay, to_size
+    from covidcxr.plots import plot_image_grid
+    from covidcxr.segmetrics import segmentation_metrics
+
+    col = f"{lm.target}_mask"
+    has = (kept[col].astype(str) != "").to_numpy() if col in kept else np.zeros(len(kept), bool)
+    idx = np.flatnonzero(has)
+    truths, preds, labels, used = [], [], [], []
+    for i in idx:
+        try:
+            t = read_mask(kept[col][i])
+        except Exception as exc:
+            print(f"  skipped mask: {exc}", file=sys.stderr)
+            continue
+        truths.append(t)
+        preds.append(to_size(masks[i], *t.shape))
+        labels.append(kept["label"][i])
+        used.append(i)
+    if not used:
+        return {"n": 0, "target": lm.target, "note": f"no {lm.target} masks in the evaluated images"}
+    m = segmentation_metrics(truths, [p.astype(np.float32) for p in preds], labels)
+    per_image = m.pop("per_image")
+    m.update(target=lm.target, threshold=0.5, scored_at="each ground-truth mask's own resolution (prediction "
+             "resized bilinearly from the model's output, then thresholded at 0.5); HD95 in those pixels")
+    files, rows = [], []
+    rng = np.random.default_rng(seed)
+    lab = np.asarray(labels)
+    per_class = max(1, int(np.ceil(n_overlays / max(1, len(set(labels)))))) if n_overlays else 0
+    for c in sorted(set(labels)):
+        pos = np.flatnonzero(lab == c)
+        if not per_class:
+            break
+        pick = np.sort(rng.choice(pos, size=min(per_class, len(pos)), replace=False))
+        (out / "overlays" / c).mkdir(parents=True, exist_ok=True)
+        items = []
+        for j in pick:
+            from PIL import Image
+
+            path = kept["path"][used[j]]
+            gray = read_image(path)
+            t = truths[j]
+            if t.shape != gray.shape:  # e.g. Kaggle: 256 px masks for 299 px images
+                t = read_mask(kept[col][used[j]], (gray.shape[1], gray.shape[0]))
+            pic = overlay(gray, to_size(masks[used[j]], *gray.shape), t)
+            name = f"overlays/{c}/{Path(path).stem}.png"
+            Image.fromarray(pic).save(out / name)
+            files.append(name)
+            items.append((pic, f"{Path(path).name[:22]}\nDice {per_image['dice'][j]:.3f}", "black"))
+        rows.append((c, items))
+    if rows:
+        plot_image_grid(rows, out / "segmentation.png",
+                        f"{lm.target} masks: prediction red, ground truth green")
+    m["overlays"] = files
+    return m
 
 
 # ----------------------------------------------------------------- the run
@@ -310,16 +403,30 @@ def _probe_verdict(normal: dict, masked: dict, k: int) -> str:
 
 def run(model_path: str, data: str, split: str = "auto", out: str | None = None, bootstrap: int = 1000,
         seed: int = 0, tta: bool = False, mask_lungs: bool = False, gradcam: int = 4,
-        gradcam_layer: str | None = None, batch_size: int = 32, overwrite: bool = False) -> Path:
+        gradcam_layer: str | None = None, batch_size: int = 32, overwrite: bool = False,
+        overlays: int = 8) -> Path:
     t0 = time.perf_counter()
     lm = LoadedModel(model_path)
     classes = lm.classes
     df_all, data_desc, has_split = load_data(data)
     df, split = choose_split(df_all, split, has_split)
-    warnings = check_classes(df, classes)
+    if lm.task == "segment":
+        warnings = []
+        col = f"{lm.target}_mask"
+        has = df[col].astype(str) != "" if col in df else pd.Series(False, index=df.index)
+        if not has.any():
+            raise DataError(f"this {lm.target} segmentation model needs {lm.target} masks to be scored, and no image "
+                            f"of split '{split}' has one ({col} is empty). Use data with {lm.target} masks.")
+        df = df[has].reset_index(drop=True)
+    else:
+        warnings = check_classes(df, classes)
     out = Path(out) if out else lm.home / f"eval-{split}"
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RunExistsError(f"{out} already exists; pass --overwrite or another --out.")
+    if gradcam and lm.task != "classify":
+        if lm.task == "multitask":
+            warnings.append("Grad-CAM is drawn for classifiers; the multi-task model's figures have no heatmaps.")
+        gradcam = 0
     if gradcam and lm.kind != "keras":
         warnings.append("Grad-CAM needs the Keras model; a bare SavedModel was given, so no heatmaps.")
         gradcam = 0
@@ -333,7 +440,7 @@ def run(model_path: str, data: str, split: str = "auto", out: str | None = None,
     tmp.mkdir(parents=True)
     try:
         _run(lm, classes, df_all, df, split, has_split, data_desc, tmp, bootstrap, seed, tta, mask_lungs, gradcam,
-             gradcam_layer, batch_size, warnings, model_path, data, overwrite)
+             gradcam_layer, batch_size, warnings, model_path, data, overwrite, overlays)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -345,18 +452,59 @@ def run(model_path: str, data: str, split: str = "auto", out: str | None = None,
 
 
 def _run(lm, classes, df_all, df, split, has_split, data_desc, out, bootstrap, seed, tta, mask_lungs, gradcam,
-         gradcam_layer, batch_size, warnings, model_path, data, overwrite):
-    from covidcxr.calibration import apply_temperature, ece, reliability_bins, save_temperature
-    from covidcxr.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc
+         gradcam_layer, batch_size, warnings, model_path, data, overwrite, overlays=8):
+    from covidcxr.plots import plot_history
 
-    print(f"evaluating {model_path} ({lm.kind}, classes {classes}) on {len(df)} images of split '{split}' "
+    what = f"classes {classes}" if lm.task != "segment" else f"{lm.target} segmentation"
+    print(f"evaluating {model_path} ({lm.kind}, {lm.task}, {what}) on {len(df)} images of split '{split}' "
           f"from {data_desc}")
-    kept, probs, skipped = predict_frame(lm, df, batch_size)
+    kept, probs, masks, skipped = predict_outputs(lm, df, batch_size)
     if not len(kept):
         raise DataError(f"none of the {len(df)} images could be read; nothing to evaluate.")
+    m = {"schema": SCHEMA, "model": str(model_path), "model_kind": lm.kind, "task": lm.task, "data": str(data),
+         "split": split, "classes": classes}
+    if lm.task != "segment":
+        _classification(m, lm, classes, kept, probs, df_all, has_split, split, out, bootstrap, seed, tta,
+                        mask_lungs, batch_size, skipped, warnings)
+    else:
+        m.update(n=int(len(kept)), skipped=skipped, warnings=warnings)
+    if lm.task != "classify":
+        seg = score_masks(lm, kept, masks, out, overlays, seed)
+        m["segmentation"] = seg
+        if seg["n"]:
+            hd = "n/a" if seg["hd95"] is None else f"{seg['hd95']:.2f} px"
+            print(f"{lm.target} masks (n={seg['n']}): Dice {seg['dice']:.4f}, IoU {seg['iou']:.4f}, HD95 {hd}; "
+                  + ", ".join(f"{c} Dice {v['dice']:.3f}" for c, v in seg["per_class"].items()))
+        else:
+            warnings.append(seg["note"])
+    if lm.run_dir is not None and (lm.run_dir / "history.csv").exists():
+        plot_history(lm.run_dir / "history.csv", out / "training_curves.png")
+    m["gradcam"] = None
+    if lm.task == "classify" and gradcam:
+        m["gradcam"] = _gradcam(lm, kept, _label_index(kept, classes), probs, classes, gradcam, gradcam_layer, out,
+                                seed)
+    m["data_summary"] = data_summary(df_all, df, has_split, skipped)
+    m["model_config"] = model_config(lm)
+    (out / "metrics.json").write_text(json.dumps(m, indent=2, default=_json_default))
+    write_report(out, m)
+    fitted = (m.get("calibration") or {}).get("temperature")
+    # The temperature beside the model, for `predict --calibrated` (never replacing one silently).
+    if fitted is not None and lm.home.is_dir():
+        dest = lm.home / "calibration.json"
+        if not dest.exists() or overwrite:
+            shutil.copy(out / "calibration.json", dest)
+            print(f"temperature {fitted:.4f} saved to {dest} (predict --calibrated uses it)")
+        else:
+            print(f"note: {dest} exists; kept it (pass --overwrite to replace it with this fit)")
+
+
+def _classification(m, lm, classes, kept, probs, df_all, has_split, split, out, bootstrap, seed, tta, mask_lungs,
+                    batch_size, skipped, warnings):
+    """The classification figures and plots into ``m`` and ``out``."""
+    from covidcxr.calibration import apply_temperature, ece, reliability_bins, save_temperature
+    from covidcxr.plots import plot_confusion, plot_pr, plot_reliability, plot_roc
+
     y = _label_index(kept, classes)
-    m = {"schema": SCHEMA, "model": str(model_path), "model_kind": lm.kind, "data": str(data), "split": split,
-         "classes": classes}
     m.update(figures(y, probs, classes, bootstrap, seed))
     m["bootstrap"] = {"replicates": bootstrap, "seed": seed, "stratified": True} if bootstrap else None
     m["skipped"] = skipped
@@ -424,21 +572,6 @@ def _run(lm, classes, df_all, df, split, has_split, data_desc, out, bootstrap, s
     plot_roc(y, probs, classes, out / "roc.png")
     plot_pr(y, probs, classes, out / "pr.png")
     _examples(kept, y, probs, classes, out, seed=seed)
-    if lm.run_dir is not None and (lm.run_dir / "history.csv").exists():
-        plot_history(lm.run_dir / "history.csv", out / "training_curves.png")
-    m["gradcam"] = _gradcam(lm, kept, y, probs, classes, gradcam, gradcam_layer, out, seed) if gradcam else None
-    m["data_summary"] = data_summary(df_all, df, has_split, skipped)
-    m["model_config"] = model_config(lm)
-    (out / "metrics.json").write_text(json.dumps(m, indent=2, default=_json_default))
-    write_report(out, m)
-    # The temperature beside the model, for `predict --calibrated` (never replacing one silently).
-    if fitted is not None and lm.home.is_dir():
-        dest = lm.home / "calibration.json"
-        if not dest.exists() or overwrite:
-            shutil.copy(out / "calibration.json", dest)
-            print(f"temperature {fitted[0]:.4f} saved to {dest} (predict --calibrated uses it)")
-        else:
-            print(f"note: {dest} exists; kept it (pass --overwrite to replace it with this fit)")
 
 
 def _json_default(o):
@@ -491,7 +624,21 @@ def _f(v, digits=3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
 
 
+def _seg_section(seg: dict) -> str:
+    if not seg.get("n"):
+        return f"<h2>Segmentation</h2><p>{html.escape(seg.get('note', 'no masks scored'))}</p>"
+    rows = [("all images", seg)] + list((seg.get("per_class") or {}).items())
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{v['n']}</td><td>{_f(v['dice'])}</td><td>{_f(v['iou'])}</td>"
+                   f"<td>{_f(v['hd95'], 2)}</td><td>{v['hd95_undefined']}</td></tr>" for k, v in rows)
+    return (f"<h2>Segmentation: {html.escape(seg['target'])} masks</h2><table><tr><th></th><th>images</th>"
+            f"<th>Dice</th><th>IoU</th><th>HD95 (px)</th><th>HD95 undefined</th></tr>{body}</table>"
+            f"<p><small>Means over images, scored at {html.escape(seg['scored_at'])}. HD95 is undefined when "
+            f"exactly one of truth and prediction is empty.</small></p>")
+
+
 def write_report(out: Path, m: dict) -> Path:
+    if "accuracy" not in m:  # a segmentation model: no classification figures
+        return _write_page(out, m, "", "", "", _seg_section(m["segmentation"]))
     ci = m.get("ci95") or {}
 
     def with_ci(key):
@@ -529,12 +676,26 @@ def write_report(out: Path, m: dict) -> Path:
                                 f"<td>{_f(ml[k]['macro_auc'])}</td></tr>"
                                 for n, k in (("lungs visible", "normal"), ("lungs blacked out", "lungs_masked")))
                       + "</table>")
+    seg = _seg_section(m["segmentation"]) if m.get("segmentation") else ""
+    return _write_page(out, m, head, pc, probe, seg)
+
+
+def _write_page(out: Path, m: dict, head: str, pc: str, probe: str, seg: str) -> Path:
     warn = "".join(f"<li>{html.escape(w)}</li>" for w in m.get("warnings", []))
     skipped = "".join(f"<li>{html.escape(s)}</li>" for s in m.get("skipped", [])[:50])
     figs = "".join(_img(out, n, c) for n, c in (
         ("confusion_matrix.png", "Confusion matrix"), ("roc.png", "ROC curves"), ("pr.png", "Precision-recall"),
         ("reliability.png", "Reliability diagram"), ("training_curves.png", "Training curves"),
-        ("examples.png", "Examples"), ("gradcam.png", "Grad-CAM")))
+        ("examples.png", "Examples"), ("gradcam.png", "Grad-CAM"),
+        ("segmentation.png", "Predicted (red) and true (green) masks")))
+    classification = "" if not head else f"""<h2>Figures</h2><table>{head}</table>
+<h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall (sensitivity)</th><th>specificity</th>
+<th>F1</th><th>ROC-AUC</th><th>average precision</th><th>support</th></tr>{pc}</table>
+{probe}"""
+    report = "" if "classification_report" not in m else \
+        f"<h2>Classification report</h2><pre>{html.escape(m['classification_report'])}</pre>"
+    intervals = (f" Intervals are 95% stratified bootstrap percentile intervals "
+                 f"({(m.get('bootstrap') or {}).get('replicates', 0)} replicates)." if head else "")
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>covidcxr evaluation</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}
@@ -542,17 +703,14 @@ img{{max-width:100%}}figure{{margin:1.5em 0}}.note{{background:#fff3cd;padding:.
 pre{{background:#f6f6f6;padding:.8em;overflow:auto}}</style></head><body>
 <h1>Evaluation: {html.escape(Path(m['model']).name)} on split '{html.escape(m['split'])}'</h1>
 <p class="note"><b>Intended use: research only, not for diagnosis.</b> These figures describe this model on these
-images; they do not establish clinical performance. Intervals are 95% stratified bootstrap percentile intervals
-({(m.get('bootstrap') or {}).get('replicates', 0)} replicates).</p>
+images; they do not establish clinical performance.{intervals}</p>
 <p>Model: <code>{html.escape(m['model'])}</code> ({m['model_kind']}); data: <code>{html.escape(m['data'])}</code>;
 {m['n']} images evaluated, {len(m.get('skipped', []))} skipped.</p>
 {f'<ul class="note">{warn}</ul>' if warn else ''}
-<h2>Figures</h2><table>{head}</table>
-<h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall (sensitivity)</th><th>specificity</th>
-<th>F1</th><th>ROC-AUC</th><th>average precision</th><th>support</th></tr>{pc}</table>
-{probe}
+{classification}
+{seg}
 <h2>Plots</h2>{figs}
-<h2>Classification report</h2><pre>{html.escape(m['classification_report'])}</pre>
+{report}
 <h2>Data</h2><pre>{html.escape(json.dumps(m['data_summary'], indent=2))}</pre>
 {f'<h3>Skipped files</h3><ul>{skipped}</ul>' if skipped else ''}
 <h2>Model configuration</h2><pre>{html.escape(json.dumps(m['model_config'], indent=2))}</pre>
@@ -579,6 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shortcut probe: also evaluate with the lung fields blacked out (needs lung masks)")
     p.add_argument("--gradcam", type=int, default=4, help="Grad-CAM overlays per class (0: none)")
     p.add_argument("--gradcam-layer", default=None, help="layer inside the backbone (default: its last block)")
+    p.add_argument("--overlays", type=int, default=8,
+                   help="segmentation/multi-task: overlay PNGs of predicted vs true masks (0: none)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--overwrite", action="store_true")
     return p
@@ -587,10 +747,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.bootstrap < 0 or args.gradcam < 0:
-            raise ConfigError("--bootstrap and --gradcam must be 0 or more.")
+        if args.bootstrap < 0 or args.gradcam < 0 or args.overlays < 0:
+            raise ConfigError("--bootstrap, --gradcam and --overlays must be 0 or more.")
         run(args.model, args.data, args.split, args.out, args.bootstrap, args.seed, args.tta, args.mask_lungs,
-            args.gradcam, args.gradcam_layer, args.batch_size, args.overwrite)
+            args.gradcam, args.gradcam_layer, args.batch_size, args.overwrite, args.overlays)
     except CovidCXRError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

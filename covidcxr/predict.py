@@ -4,6 +4,8 @@ PATH is a run directory, an export directory (``model.keras`` + ``labels.json``)
 or a SavedModel directory (``serving/1``). INPUTs are files or folders
 (PNG, JPEG, BMP, TIFF, DICOM). Writes a CSV (path, label, one probability
 column per class) and prints a table. Unreadable files are reported and skipped.
+Segmentation and multi-task models also write each predicted mask as a PNG at
+the input's own size (``--masks DIR``) and add mask_path and mask_fraction columns.
 
 ``--calibrated`` divides the log-probabilities by the temperature that
 ``python -m covidcxr.evaluate`` fitted on the validation split (``calibration.json``
@@ -67,18 +69,35 @@ class Predictor:
     def classes(self) -> list[str]:
         return self.labels["classes"]
 
-    def predict(self, gray01: np.ndarray) -> np.ndarray:
+    @property
+    def task(self) -> str:
+        return self.labels.get("task", "classify")
+
+    def outputs(self, gray01: np.ndarray) -> dict:
+        """One image [H, W] in [0, 1] -> {"probabilities": [K]} and/or {"mask": [h, w] at model resolution}."""
         import tensorflow as tf
 
         from covidcxr.data import preprocess as P
 
         if self.kind == "savedmodel":
-            data = P.numpy_to_png_bytes(gray01)
-            return self.fn(image_bytes=tf.constant([data]))["probabilities"].numpy()[0]
-        L = self.labels
-        x = P.normalize(tf.cast(P.prepare(tf.constant(gray01[..., None]), L["image_size"], L["contrast"]),
-                                tf.float32) / 255.0, L["normalization"])
-        return np.asarray(self.model(x[None], training=False))[0]
+            res = self.fn(image_bytes=tf.constant([P.numpy_to_png_bytes(gray01)]))
+            out = {k: res[k].numpy()[0] for k in ("probabilities", "mask") if k in res}
+        else:
+            L = self.labels
+            x = P.normalize(tf.cast(P.prepare(tf.constant(gray01[..., None]), L["image_size"], L["contrast"]),
+                                    tf.float32) / 255.0, L["normalization"])
+            y = self.model(x[None], training=False)
+            if isinstance(y, dict):
+                out = {"probabilities": np.asarray(y["label"])[0], "mask": np.asarray(y["mask"])[0, ..., 0]}
+            elif self.task == "segment":
+                out = {"mask": np.asarray(y)[0, ..., 0]}
+            else:
+                out = {"probabilities": np.asarray(y)[0]}
+        return out
+
+    def predict(self, gray01: np.ndarray) -> np.ndarray:
+        """Class probabilities of one image [H, W] in [0, 1]."""
+        return self.outputs(gray01)["probabilities"]
 
 
 def _temperature(args, pred) -> float:
@@ -112,12 +131,17 @@ def _write_gradcam(cam, pred, gray: np.ndarray, src: Path, out_dir: Path) -> Pat
     cached = P.prepare(tf.constant(gray[..., None]), L["image_size"], L.get("contrast", "none"))
     x = P.normalize(tf.cast(cached, tf.float32)[None] / 255.0, L.get("normalization", "unit"))
     heat, _ = cam.heatmaps(x)
-    dest = out_dir / f"{src.stem}_gradcam.png"
-    n = 1
-    while dest.exists():  # same stem in two input folders
-        n += 1
-        dest = out_dir / f"{src.stem}_gradcam_{n}.png"
+    dest = _unique(out_dir / f"{src.stem}_gradcam.png")
     Image.fromarray(overlay(gray, heat[0])).save(dest)
+    return dest
+
+
+def _unique(dest: Path) -> Path:
+    """``dest``, or ``<stem>_2.png``... when two inputs share a file name."""
+    n, first = 1, dest
+    while dest.exists():
+        n += 1
+        dest = first.with_name(f"{first.stem}_{n}{first.suffix}")
     return dest
 
 
@@ -131,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", default=None, help="calibration.json to use with --calibrated")
     p.add_argument("--gradcam", default=None, metavar="DIR", help="write a Grad-CAM overlay PNG per input into DIR")
     p.add_argument("--gradcam-layer", default=None, help="layer inside the backbone (default: its last block)")
+    p.add_argument("--masks", default=None, metavar="DIR",
+                   help="segmentation/multi-task models: folder for the mask PNGs, one per input at its own size "
+                        "(default: <CSV name>_masks beside the CSV)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -143,10 +170,20 @@ def main(argv: list[str] | None = None) -> int:
         pred = Predictor(args.model)
         if pred.labels is None:
             raise DataError(f"{args.model}: no labels.json found next to the SavedModel.")
-        classes = pred.classes
+        classes, task = pred.classes, pred.task
+        if task == "segment" and (args.calibrated or args.gradcam):
+            raise CovidCXRError("--calibrated and --gradcam apply to classifiers; this is a segmentation model.")
         temperature = _temperature(args, pred) if args.calibrated else None
+        mdir = None
+        if task != "classify":
+            mdir = Path(args.masks) if args.masks else out.with_name(out.stem + "_masks")
+            if mdir.exists() and any(mdir.iterdir()) and not args.overwrite:
+                raise CovidCXRError(f"mask folder {mdir} already exists; pass --overwrite or another --masks.")
+            mdir.mkdir(parents=True, exist_ok=True)
         cam = None
         if args.gradcam:
+            if task != "classify":
+                raise CovidCXRError("--gradcam draws heatmaps for classifiers; this is a multi-task model.")
             if pred.kind != "keras":
                 raise CovidCXRError("--gradcam needs the Keras model: pass the run or export directory, not the "
                                     "bare SavedModel.")
@@ -161,28 +198,43 @@ def main(argv: list[str] | None = None) -> int:
         for f in files:
             try:
                 gray = read_image(f)
-                probs = pred.predict(gray)
+                res = pred.outputs(gray)
             except ImageReadError as exc:
                 problems.append(str(exc))
                 continue
-            if temperature is not None:
-                from covidcxr.calibration import apply_temperature
+            row = {"path": str(f)}
+            if "probabilities" in res:
+                probs = res["probabilities"]
+                if temperature is not None:
+                    from covidcxr.calibration import apply_temperature
 
-                probs = apply_temperature(probs[None], temperature)[0]
+                    probs = apply_temperature(probs[None], temperature)[0]
+                row.update(label=classes[int(np.argmax(probs))], **{f"prob_{c}": float(v)
+                                                                     for c, v in zip(classes, probs)})
+            if mdir is not None:
+                from covidcxr.masks import save_png, to_size
+
+                mask = to_size(res["mask"], *gray.shape)
+                dest = _unique(mdir / f"{f.stem}_mask.png")
+                save_png(mask, dest)
+                row.update(mask_path=str(dest), mask_fraction=float(mask.mean()), height=gray.shape[0],
+                           width=gray.shape[1])
             if cam is not None:
                 _write_gradcam(cam, pred, gray, f, Path(args.gradcam))
-            rows.append({"path": str(f), "label": classes[int(np.argmax(probs))],
-                         **{f"prob_{c}": float(v) for c, v in zip(classes, probs)}})
+            rows.append(row)
         import pandas as pd
 
-        df = pd.DataFrame(rows, columns=["path", "label"] + [f"prob_{c}" for c in classes])
+        cols = ["path"] + (["label"] + [f"prob_{c}" for c in classes] if task != "segment" else []) \
+            + (["mask_path", "mask_fraction", "height", "width"] if mdir is not None else [])
+        df = pd.DataFrame(rows, columns=cols)
         out.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(out, index=False)
         if len(df):
             show = df.copy()
             show["path"] = [Path(x).name for x in show["path"]]
             print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        print(f"wrote {out} ({len(df)} predictions)" + (f"; Grad-CAM overlays in {args.gradcam}" if cam else ""))
+        print(f"wrote {out} ({len(df)} predictions)" + (f"; Grad-CAM overlays in {args.gradcam}" if cam else "")
+              + (f"; {pred.labels.get('target', 'lung')} masks in {mdir}" if mdir is not None else ""))
         if problems:
             print(f"{len(problems)} input(s) skipped:", file=sys.stderr)
             for pr in problems:

@@ -38,12 +38,17 @@ def hd95(t: np.ndarray, p: np.ndarray) -> float:
 
 def segmentation_metrics(true_masks, pred_probs, labels=None, threshold: float = 0.5) -> dict:
     """Mean Dice, IoU and HD95 over images, overall and per class of image.
-    ``true_masks``/``pred_probs``: [N, H, W] (or [..., 1]); ``labels``: class name per image."""
-    t = np.asarray(true_masks) >= 0.5
-    p = np.asarray(pred_probs) >= threshold
-    if t.ndim == 4:
-        t, p = t[..., 0], p[..., 0]
-    rows = [(dice(a, b), iou(a, b), hd95(a, b)) for a, b in zip(t, p)]
+    ``true_masks``/``pred_probs``: [N, H, W] (or [..., 1]) arrays, or lists of per-image arrays
+    whose sizes may differ from image to image (each pair must agree); ``labels``: class per image."""
+    def binary(a, thr):
+        a = np.asarray(a)
+        return (a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a) >= thr
+
+    pairs = [(binary(a, 0.5), binary(b, threshold)) for a, b in zip(true_masks, pred_probs)]
+    for t, p in pairs:
+        if t.shape != p.shape:
+            raise ValueError(f"mask shapes differ: truth {t.shape}, prediction {p.shape}")
+    rows = [(dice(t, p), iou(t, p), hd95(t, p)) for t, p in pairs]
     arr = np.array(rows, dtype=float).reshape(-1, 3)
 
     def summary(sel) -> dict:

@@ -1,5 +1,6 @@
 """Segmentation and multi-task models, losses, metrics, training and export (tiny sizes)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -106,6 +107,79 @@ def test_segment_and_multitask_training_end_to_end(synth_dir, tmp_path, monkeypa
     assert (man["lung_mask"] == "").any()  # multitask keeps images without masks (classifier only)
     hist = pd.read_csv(tmp_path / "mt" / "history.csv")
     assert {"label_accuracy", "mask_dice", "val_mask_dice", "val_macro_f1"} <= set(hist.columns)
+
+    _evaluate_and_predict_segmenters(tmp_path, df)
+
+
+def _evaluate_and_predict_segmenters(tmp_path, df):
+    """evaluate and predict on the segment run, its SavedModel and the multi-task run."""
+    from PIL import Image
+
+    from covidcxr import evaluate, predict
+    from covidcxr.data.imageio import read_mask
+    from covidcxr.segmetrics import dice
+
+    from covidcxr.data.manifest import build_manifest
+
+    full = tmp_path / "full.csv"  # every mask back, so every val image has one
+
+    man, _ = build_manifest(Path(df["path"][0]).parents[2], (0.7, 0.15, 0.15), progress=False)
+    man.to_csv(full, index=False)
+    assert evaluate.main(["--model", str(tmp_path / "seg"), "--data", str(full), "--split", "val",
+                          "--out", str(tmp_path / "ev-seg"), "--overlays", "3", "--bootstrap", "0"]) == 0
+    m = json.loads((tmp_path / "ev-seg" / "metrics.json").read_text())
+    seg = m["segmentation"]
+    n_val = int((man["split"] == "val").sum())
+    assert m["task"] == "segment" and seg["n"] == n_val and seg["target"] == "lung"
+    assert set(seg["per_class"]) == set(man[man["split"] == "val"]["label"])
+    assert sum(v["n"] for v in seg["per_class"].values()) == n_val
+    assert 0 <= seg["dice"] <= 1 and 0 <= seg["iou"] <= seg["dice"] + 1e-9  # IoU <= Dice per image
+    assert "accuracy" not in m
+    ov = list((tmp_path / "ev-seg" / "overlays").rglob("*.png"))
+    assert 3 <= len(ov) <= 3 + len(seg["per_class"]) and (tmp_path / "ev-seg" / "segmentation.png").exists()
+    assert Image.open(ov[0]).size == (64, 64)  # drawn at the X-ray's own size
+    assert "Segmentation: lung masks" in (tmp_path / "ev-seg" / "report.html").read_text()
+
+    # predict: one mask PNG per input at its own size; its Dice agrees with evaluate's.
+    val = man[man["split"] == "val"].reset_index(drop=True)
+    inputs = [str(p) for p in val["path"]]
+    assert predict.main(["--model", str(tmp_path / "seg"), *inputs, "--out", str(tmp_path / "p.csv")]) == 0
+    pr = pd.read_csv(tmp_path / "p.csv")
+    assert list(pr.columns) == ["path", "mask_path", "mask_fraction", "height", "width"] and len(pr) == len(val)
+    d = []
+    for path, mpath in zip(pr["path"], pr["mask_path"]):
+        got = np.asarray(Image.open(mpath))
+        assert got.shape == (64, 64) and set(np.unique(got)) <= {0, 255}
+        d.append(dice(read_mask(val.set_index("path")["lung_mask"][path]), got > 0))
+    assert abs(np.mean(d) - seg["dice"]) < 0.02
+    # the SavedModel gives the same masks
+    assert predict.main(["--model", str(tmp_path / "seg-export" / "serving" / "1"), *inputs[:2],
+                         "--out", str(tmp_path / "q.csv"), "--masks", str(tmp_path / "qm")]) == 0
+    for a, b in zip(pd.read_csv(tmp_path / "q.csv")["mask_path"], pr["mask_path"][:2]):
+        assert (np.asarray(Image.open(a)) != np.asarray(Image.open(b))).mean() < 0.01
+    assert predict.main(["--model", str(tmp_path / "seg"), *inputs[:1], "--out", str(tmp_path / "p.csv")]) == 2
+    assert predict.main(["--model", str(tmp_path / "seg"), *inputs[:1], "--out", str(tmp_path / "r.csv"),
+                         "--calibrated"]) == 2
+    # the SavedModel evaluates too
+    assert evaluate.main(["--model", str(tmp_path / "seg-export" / "serving" / "1"), "--data", str(full),
+                          "--split", "val", "--out", str(tmp_path / "ev-sm"), "--overlays", "0"]) == 0
+    m2 = json.loads((tmp_path / "ev-sm" / "metrics.json").read_text())
+    assert abs(m2["segmentation"]["dice"] - seg["dice"]) < 0.02
+
+    # multi-task: classification figures and mask figures in one evaluation; predict writes both.
+    assert evaluate.main(["--model", str(tmp_path / "mt"), "--data", str(full), "--split", "val",
+                          "--out", str(tmp_path / "ev-mt"), "--overlays", "2", "--bootstrap", "20"]) == 0
+    m = json.loads((tmp_path / "ev-mt" / "metrics.json").read_text())
+    assert {"accuracy", "macro_f1", "ece", "per_class", "segmentation"} <= set(m) and m["task"] == "multitask"
+    assert m["segmentation"]["n"] == n_val and m["gradcam"] is None
+    preds = pd.read_csv(tmp_path / "ev-mt" / "predictions.csv")
+    assert abs((preds["true_label"] == preds["pred_label"]).mean() - m["accuracy"]) < 1e-12
+    for f in ("confusion_matrix.png", "roc.png", "segmentation.png", "report.html"):
+        assert (tmp_path / "ev-mt" / f).exists(), f
+    assert predict.main(["--model", str(tmp_path / "mt"), *inputs[:3], "--out", str(tmp_path / "mt.csv")]) == 0
+    pr = pd.read_csv(tmp_path / "mt.csv")
+    assert {"label", "mask_path", "mask_fraction"} <= set(pr.columns) and len(pr) == 3
+    assert all(Path(x).exists() for x in pr["mask_path"])
 
 
 def test_segment_refuses_missing_targets(synth_dir, tmp_path, monkeypatch, capsys):

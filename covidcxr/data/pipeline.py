@@ -136,9 +136,10 @@ def affine_batch(images: tf.Tensor, angle_rad: float, zoom: float = 1.0, shift: 
         interpolation="BILINEAR", fill_mode="CONSTANT")
 
 
-def augment_batch(images: tf.Tensor, masks: tf.Tensor, cfg: AugmentConfig, seed: int | None = None):
+def augment_batch(images: tf.Tensor, masks: tf.Tensor | None, cfg: AugmentConfig, seed: int | None = None):
     """Random affine (rotation, zoom, shift, optional flip) applied identically to
-    images and masks, then brightness/contrast on the images. Inputs float [B, S, S, 1]."""
+    images and masks, then brightness/contrast on the images. Inputs float [B, S, S, 1];
+    ``masks`` None (classification without masks) transforms the images alone."""
     b = tf.shape(images)[0]
     size = tf.cast(tf.shape(images)[1], tf.float32)
     rnd = lambda lo, hi: tf.random.uniform([b], lo, hi, seed=seed)  # noqa: E731
@@ -152,11 +153,13 @@ def augment_batch(images: tf.Tensor, masks: tf.Tensor, cfg: AugmentConfig, seed:
     cx = cy = (size - 1.0) / 2.0
     transforms = tf.stack([a, bb, cx - a * cx - bb * cy + tx, c, d, cy - c * cx - d * cy + ty,
                            tf.zeros([b]), tf.zeros([b])], axis=1)
-    both = tf.concat([images, masks], axis=-1)
+    both = images if masks is None else tf.concat([images, masks], axis=-1)
     out = tf.raw_ops.ImageProjectiveTransformV3(
         images=both, transforms=transforms, output_shape=tf.shape(images)[1:3], fill_value=0.0,
         interpolation="BILINEAR", fill_mode="CONSTANT")
-    images, masks = out[..., :1], tf.cast(out[..., 1:] >= 0.5, tf.float32)
+    images = out[..., :1]
+    if masks is not None:
+        masks = tf.cast(out[..., 1:] >= 0.5, tf.float32)
     mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
     k = tf.reshape(1.0 + rnd(-1.0, 1.0) * cfg.contrast, [-1, 1, 1, 1])
     shift = tf.reshape(rnd(-1.0, 1.0) * cfg.brightness, [-1, 1, 1, 1])
@@ -185,23 +188,25 @@ def make_dataset(df: pd.DataFrame, class_names: list[str], *, image_size: int, n
     ds = ds.batch(batch_size, drop_remainder=False)
     n_classes = len(class_names)
     wvec = tf.constant([float((weights or {}).get(c, 1.0)) for c in class_names], tf.float32)
+    needs_mask = task != "classify" or bool(lung_crop)
 
     def finish(e):
         img = tf.cast(e["image"], tf.float32) / 255.0
-        mask = tf.cast(e["mask"], tf.float32)
+        # A plain classifier never looks at the mask: do not pay for moving it.
+        mask = tf.cast(e["mask"], tf.float32) if needs_mask else None
         if training and augment is not None:
             img, mask = augment_batch(img, mask, augment)
         # Static spatial shapes (the projective transform loses them): decoders need them to upsample.
         img = tf.ensure_shape(img, [None, image_size, image_size, 1])
-        mask = tf.ensure_shape(mask, [None, image_size, image_size, 1])
         if lung_crop:
             img = img * mask
         x = P.normalize(img, normalization)
         onehot = tf.one_hot(e["label"], n_classes)
         cls_w = tf.gather(wvec, e["label"])
-        mask_w = tf.cast(e["has_mask"], tf.float32)
         if task == "classify":
             return x, onehot, cls_w
+        mask = tf.ensure_shape(mask, [None, image_size, image_size, 1])
+        mask_w = tf.cast(e["has_mask"], tf.float32)
         if task == "segment":
             return x, mask, mask_w
         return x, {"label": onehot, "mask": mask}, {"label": cls_w, "mask": mask_w}

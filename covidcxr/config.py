@@ -36,7 +36,7 @@ class TrainConfig:
     mixed_precision: bool = False
     jit_compile: bool = False
     cache: str = "memory"
-    lung_crop: bool = False
+    lung_crop: str = ""                # '' | given | path of a lung segmenter (see covidcxr.lungcrop)
     target: str = "lung"               # segment/multitask: lung | infection masks
     seg_loss: str = "bce_dice"         # segment/multitask: bce_dice | dice | focal
     loss_weights: str = "label=1,mask=1"  # multitask
@@ -55,5 +55,7 @@ class TrainConfig:
     def load(cls, path: str | Path) -> "TrainConfig":
         d = json.loads(Path(path).read_text())
         d["augment"] = AugmentConfig(**d.get("augment", {}))
+        if isinstance(d.get("lung_crop"), bool):  # runs written before lung_crop took a source
+            d["lung_crop"] = "given" if d["lung_crop"] else ""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})

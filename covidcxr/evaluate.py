@@ -101,6 +101,27 @@ class LoadedModel:
         self.home = self.path if self.path.is_dir() else self.path.parent
         self.task = self.labels.get("task", "classify")
         self.target = self.labels.get("target", "lung")
+        from covidcxr import lungcrop
+
+        self.crop = lungcrop.mode(self.labels) if self.task == "classify" else ""
+        self.segmenter = lungcrop.find_segmenter(self.home) if self.crop == "model" and self.kind == "keras" else None
+        self._crop_masks: dict[str, str] = {}  # image path -> predicted crop mask file
+        self._crop_dir = None
+
+    def crop_masks(self, df: pd.DataFrame) -> list[str]:
+        """Predicted crop-mask files for the rows (computed once per image)."""
+        import tempfile
+
+        from covidcxr import lungcrop
+
+        todo = df[~df["path"].isin(self._crop_masks)].reset_index(drop=True)
+        if len(todo):
+            if self._crop_dir is None:
+                self._crop_dir = Path(tempfile.mkdtemp(prefix="covidcxr-crop-"))
+            sub = self._crop_dir / str(len(self._crop_masks))
+            files = lungcrop.predict_masks(todo, *self.segmenter, self.labels["image_size"], sub)
+            self._crop_masks.update(zip(todo["path"], files))
+        return [self._crop_masks.get(p, "") for p in df["path"]]
 
     @property
     def classes(self) -> list[str]:
@@ -164,6 +185,19 @@ def predict_outputs(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, vie
     from covidcxr.data.pipeline import affine_batch, load_examples
 
     task, k = lm.task, len(lm.classes)
+    mask_col, pre_skipped = "lung_mask", []
+    if lm.crop:
+        if mask_lungs:
+            raise ConfigError("--mask-lungs: this classifier was trained on lung-cropped images; it sees nothing "
+                              "but the lungs, so the shortcut probe does not apply.")
+        if lm.crop == "given":
+            has = (df["lung_mask"].astype(str) != "") if "lung_mask" in df else pd.Series(False, index=df.index)
+            pre_skipped = [f"{p}: no lung mask, and this classifier classifies lung-cropped images (given masks)"
+                           for p in df["path"][~has]]
+            df = df[has].reset_index(drop=True)
+        elif lm.kind == "keras":
+            df = df.assign(crop_mask=lm.crop_masks(df))
+            mask_col = "crop_mask"
     if lm.kind == "savedmodel":
         if view is not None or mask_lungs:
             raise ConfigError("test-time augmentation and --mask-lungs need the Keras model; pass the run or "
@@ -171,7 +205,10 @@ def predict_outputs(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, vie
         probs, masks, keep, skipped = [], [], [], []
         for i, path in enumerate(df["path"]):
             try:
-                res = lm.fn(image_bytes=tf.reshape(tf.io.read_file(path), [1]))
+                feed = {"image_bytes": tf.reshape(tf.io.read_file(path), [1])}
+                if lm.crop == "given":
+                    feed["lung_mask_bytes"] = tf.reshape(tf.io.read_file(df["lung_mask"][i]), [1])
+                res = lm.fn(**feed)
             except Exception as exc:  # one bad file never stops an evaluation
                 skipped.append(f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                 continue
@@ -182,15 +219,17 @@ def predict_outputs(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, vie
                 masks.append(res["mask"].numpy()[0])
         kept = df.iloc[keep].reset_index(drop=True)
         return (kept, np.asarray(probs, np.float64).reshape(-1, k) if task != "segment" else None,
-                np.asarray(masks, np.float32) if task != "classify" else None, skipped)
+                np.asarray(masks, np.float32) if task != "classify" else None, pre_skipped + skipped)
 
     L = lm.labels
     # A segmenter scores images of any class; the pipeline only needs each label to have an index.
     names = lm.classes if task != "segment" else sorted(set(df["label"]) | set(lm.classes))
-    ds = load_examples(df, names, L["image_size"], L.get("contrast", "none"), "lung_mask").batch(batch_size)
+    ds = load_examples(df, names, L["image_size"], L.get("contrast", "none"), mask_col).batch(batch_size)
 
     def finish(e):
         img = tf.cast(e["image"], tf.float32) / 255.0
+        if lm.crop:  # as in training: the image times its lung mask
+            img = img * tf.cast(e["mask"], tf.float32)
         if mask_lungs:
             img = img * (1.0 - tf.cast(e["mask"], tf.float32))
         if view is not None and (view[0] or view[1] != 1.0):
@@ -216,7 +255,7 @@ def predict_outputs(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, vie
     pos = {p: i for i, p in enumerate(df["path"])}
     kept = df.iloc[[pos[p] for p in paths]].reset_index(drop=True)
     skipped = [f"{p}: unreadable image (decode failed); left out" for p in sorted(set(df["path"]) - set(paths))]
-    return kept, probs, masks, skipped
+    return kept, probs, masks, pre_skipped + skipped
 
 
 def predict_frame(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, view=None,
@@ -326,6 +365,7 @@ def _gradcam(lm, df, y, probs, classes, n_per_class, layer, out: Path, seed: int
     from covidcxr.data.imageio import read_image
     from covidcxr.data import preprocess as P
     from covidcxr.gradcam import GradCAM, overlay
+    from covidcxr.lungcrop import crop_one
     from covidcxr.plots import plot_image_grid
 
     import tensorflow as tf
@@ -343,10 +383,11 @@ def _gradcam(lm, df, y, probs, classes, n_per_class, layer, out: Path, seed: int
         (out / "gradcam" / c).mkdir(parents=True, exist_ok=True)
         for j in pick:
             gray = read_image(df["path"][j])
-            cached = P.prepare(tf.constant(gray[..., None]), L["image_size"], L.get("contrast", "none"))
-            x = P.normalize(tf.cast(cached, tf.float32)[None] / 255.0, L.get("normalization", "unit"))
+            mask_path = df["crop_mask"][j] if "crop_mask" in df else (df["lung_mask"][j] if "lung_mask" in df else None)
+            img01 = crop_one(gray, L, lm.segmenter, mask_path if lm.crop == "given" else None)
+            x = P.normalize(tf.constant(img01)[None], L.get("normalization", "unit"))
             heat, _ = cam.heatmaps(x)
-            shown = np.asarray(cached, np.float32)[..., 0] / 255.0
+            shown = img01[..., 0]
             ov = overlay(shown, heat[0])
             k = int(probs[j].argmax())
             name = Path(df["path"][j]).stem + ".png"
@@ -423,6 +464,10 @@ def run(model_path: str, data: str, split: str = "auto", out: str | None = None,
     out = Path(out) if out else lm.home / f"eval-{split}"
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise RunExistsError(f"{out} already exists; pass --overwrite or another --out.")
+    if mask_lungs and lm.crop:
+        warnings.append("--mask-lungs skipped: this classifier was trained on lung-cropped images and sees only "
+                        "the lungs anyway.")
+        mask_lungs = False
     if gradcam and lm.task != "classify":
         if lm.task == "multitask":
             warnings.append("Grad-CAM is drawn for classifiers; the multi-task model's figures have no heatmaps.")

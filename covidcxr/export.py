@@ -22,26 +22,74 @@ from covidcxr.errors import CovidCXRError, DataError, RunExistsError
 TOLERANCE = 1e-5
 
 
-def make_serving_fn(model, labels_doc: dict):
+def make_serving_fn(model, labels_doc: dict, segmenter=None):
+    """The serving function. Lung-crop classifiers (see covidcxr.lungcrop) crop inside it: with
+    their embedded segmenter (``segmenter`` = (model, labels doc)), or, when trained on given
+    masks, with a second input ``lung_mask_bytes`` (one mask file per image)."""
     import tensorflow as tf
 
+    from covidcxr import lungcrop
+    from covidcxr.data import preprocess as P
     from covidcxr.data.preprocess import serve_image
 
     size, contrast, norm = labels_doc["image_size"], labels_doc["contrast"], labels_doc["normalization"]
     classes = tf.constant(labels_doc["classes"])
+    crop = lungcrop.mode(labels_doc)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    def serve(image_bytes):
-        x = tf.map_fn(lambda b: serve_image(b, size, contrast, norm), image_bytes,
-                      fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+    def result(x):
         probs = tf.cast(model(x, training=False), tf.float32)
         return {"probabilities": probs, "label": tf.gather(classes, tf.argmax(probs, axis=-1))}
 
-    return serve
+    if not crop:
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serve(image_bytes):
+            x = tf.map_fn(lambda b: serve_image(b, size, contrast, norm), image_bytes,
+                          fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+            return result(x)
+
+        return serve
+
+    def image01(b):
+        return tf.cast(P.prepare(P.decode_bytes(b), size, contrast), tf.float32) / 255.0
+
+    if crop == "given":
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"),
+                                      tf.TensorSpec([None], tf.string, name="lung_mask_bytes")])
+        def serve_given(image_bytes, lung_mask_bytes):
+            def one(args):
+                b, mb = args
+                m = tf.image.resize(P.decode_mask(mb), (size, size), method="nearest")
+                return image01(b) * m
+
+            img = tf.map_fn(one, (image_bytes, lung_mask_bytes),
+                            fn_output_signature=tf.TensorSpec([size, size, 1], tf.float32))
+            return result(P.normalize(img, norm))
+
+        return serve_given
+
+    if segmenter is None:
+        raise CovidCXRError("this classifier crops with a lung segmenter, and none was given to the export.")
+    seg, sl = segmenter
+    ss = sl["image_size"]
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_model(image_bytes):
+        def one(b):
+            img = P.decode_bytes(b)
+            seg_x = P.normalize(tf.cast(P.prepare(img, ss, sl.get("contrast", "none")), tf.float32) / 255.0,
+                                sl["normalization"])
+            return tf.cast(P.prepare(img, size, contrast), tf.float32) / 255.0, seg_x
+
+        img, seg_x = tf.map_fn(one, image_bytes, fn_output_signature=(
+            tf.TensorSpec([size, size, 1], tf.float32), tf.TensorSpec([ss, ss, 3], tf.float32)))
+        mask = lungcrop.mask_from_probs(lungcrop.seg_probs(seg, seg_x), size)
+        return result(P.normalize(img * mask, norm))
+
+    return serve_model
 
 
 def _write_export(model, labels_doc: dict, out_dir: str | Path, overwrite: bool, serving_fn, check_images,
-                  difference) -> Path:
+                  difference, home: Path | None = None, extra=None) -> Path:
     """Save model.keras, labels.json and the SavedModel into OUT.partial, reload the SavedModel,
     and keep it (rename to OUT) only if ``difference(signature, image_bytes)`` stays within
     TOLERANCE on every check image."""
@@ -58,15 +106,22 @@ def _write_export(model, labels_doc: dict, out_dir: str | Path, overwrite: bool,
     try:
         model.save(tmp / "model.keras")
         (tmp / "labels.json").write_text(json.dumps(labels_doc, indent=2))
+        if home is not None:
+            from covidcxr.lungcrop import copy_segmenter
+
+            copy_segmenter(Path(home), tmp)
         archive = keras.export.ExportArchive()
         archive.track(model)
+        if extra is not None:
+            archive.track(extra)
         archive.add_endpoint("serving_default", serving_fn)
         archive.write_out(str(tmp / "serving" / "1"), verbose=False)
         # Check: the reloaded SavedModel must reproduce the Keras model on real files.
         fn = tf.saved_model.load(str(tmp / "serving" / "1")).signatures["serving_default"]
         worst = 0.0
-        for path in [p for p in check_images if Path(p).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")]:
-            worst = max(worst, difference(fn, tf.io.read_file(path)))
+        for i, path in enumerate(check_images):
+            if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
+                worst = max(worst, difference(fn, tf.io.read_file(path), i))
         if worst > TOLERANCE:
             raise CovidCXRError(f"exported SavedModel differs from the Keras model by {worst:.2e} (> {TOLERANCE}); "
                                 f"export discarded.")
@@ -80,20 +135,46 @@ def _write_export(model, labels_doc: dict, out_dir: str | Path, overwrite: bool,
 
 
 def export_classifier(model, labels_doc: dict, out_dir: str | Path, overwrite: bool = False,
-                      check_images: list[str] = ()) -> Path:
+                      check_images: list[str] = (), home: str | Path | None = None,
+                      check_masks: list[str] | None = None) -> Path:
+    """``home``: the run (or export) directory, whence a lung-crop classifier's segmenter comes;
+    ``check_masks``: the lung mask of each check image (given-mask lung-crop classifiers)."""
     import keras
     import tensorflow as tf
 
-    from covidcxr.data.preprocess import serve_image
+    from covidcxr import lungcrop
+    from covidcxr.data.imageio import read_image
 
-    def difference(fn, data) -> float:
-        got = fn(image_bytes=tf.reshape(data, [1]))["probabilities"].numpy()
-        x = serve_image(data, labels_doc["image_size"], labels_doc["contrast"], labels_doc["normalization"])
+    crop = lungcrop.mode(labels_doc)
+    segmenter = lungcrop.find_segmenter(Path(home)) if crop == "model" and home is not None else None
+    if crop == "model" and segmenter is None:
+        raise CovidCXRError("a lung-crop classifier is exported from its run directory (it holds the segmenter).")
+    if crop == "given" and not check_masks:
+        check_images = []  # nothing to check against without masks; the signature still takes them
+    fn_serve = make_serving_fn(model, labels_doc, segmenter)
+
+    def difference(fn, data, i) -> float:
+        if crop == "given":
+            mpath = check_masks[i]
+            got = fn(image_bytes=tf.reshape(data, [1]),
+                     lung_mask_bytes=tf.reshape(tf.io.read_file(mpath), [1]))["probabilities"].numpy()
+        else:
+            got = fn(image_bytes=tf.reshape(data, [1]))["probabilities"].numpy()
+        if crop:
+            from covidcxr.data import preprocess as P
+
+            gray = P.decode_bytes(data).numpy()[..., 0]
+            x = P.normalize(lungcrop.crop_one(gray, labels_doc, segmenter, check_masks[i] if check_masks else None),
+                            labels_doc["normalization"])
+        else:
+            from covidcxr.data.preprocess import serve_image
+
+            x = serve_image(data, labels_doc["image_size"], labels_doc["contrast"], labels_doc["normalization"])
         ref = keras.ops.convert_to_numpy(model(x[None], training=False))
         return float(np.abs(got - ref).max())
 
-    return _write_export(model, labels_doc, out_dir, overwrite, make_serving_fn(model, labels_doc), check_images,
-                         difference)
+    return _write_export(model, labels_doc, out_dir, overwrite, fn_serve, check_images, difference,
+                         home=home if crop == "model" else None, extra=segmenter[0] if segmenter else None)
 
 
 def make_segment_serving_fn(model, labels_doc: dict):
@@ -135,7 +216,7 @@ def make_segment_serving_fn(model, labels_doc: dict):
 
 
 def export_segmenter(model, labels_doc: dict, out_dir: str | Path, overwrite: bool = False,
-                     check_images: list[str] = ()) -> Path:
+                     check_images: list[str] = (), home=None, check_masks=None) -> Path:
     """Like export_classifier, for segment and multitask models; the mask PNG must also come
     back at the input image's own size."""
     import keras
@@ -143,7 +224,7 @@ def export_segmenter(model, labels_doc: dict, out_dir: str | Path, overwrite: bo
 
     from covidcxr.data import preprocess as P
 
-    def difference(fn, data) -> float:
+    def difference(fn, data, i) -> float:
         got = fn(image_bytes=tf.reshape(data, [1]))
         x = P.serve_image(data, labels_doc["image_size"], labels_doc["contrast"], labels_doc["normalization"])
         ref = model(x[None], training=False)
@@ -200,7 +281,16 @@ def main(argv: list[str] | None = None) -> int:
 
             checks = pd.read_csv(Path(args.model) / "manifest.csv")["path"].tolist()[:4]
         export = export_classifier if labels.get("task", "classify") == "classify" else export_segmenter
-        out = export(model, labels, args.out, args.overwrite, checks)
+        home = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+        masks = None
+        if labels.get("lung_crop") == "given" and (home / "manifest.csv").exists():
+            import pandas as pd
+
+            man = pd.read_csv(home / "manifest.csv", dtype=str, keep_default_na=False).set_index("path")
+            masks = [man["lung_mask"].get(c, "") for c in checks]
+            checks = [c for c, m in zip(checks, masks) if m]
+            masks = [m for m in masks if m]
+        out = export(model, labels, args.out, args.overwrite, checks, home=home, check_masks=masks)
         print(f"exported {out} (SavedModel: {out / 'serving' / '1'})")
     except CovidCXRError as exc:
         print(f"error: {exc}", file=sys.stderr)

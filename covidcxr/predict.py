@@ -64,6 +64,11 @@ class Predictor:
 
             self.model, self.labels = find_model(path)
             self.kind = "keras"
+        self.segmenter = None
+        if self.labels is not None and self.kind == "keras" and self.labels.get("lung_crop") == "model":
+            from covidcxr.lungcrop import find_segmenter
+
+            self.segmenter = find_segmenter(path if path.is_dir() else path.parent)
 
     @property
     def classes(self) -> list[str]:
@@ -73,19 +78,30 @@ class Predictor:
     def task(self) -> str:
         return self.labels.get("task", "classify")
 
-    def outputs(self, gray01: np.ndarray) -> dict:
-        """One image [H, W] in [0, 1] -> {"probabilities": [K]} and/or {"mask": [h, w] at model resolution}."""
+    @property
+    def needs_lung_masks(self) -> bool:
+        return self.labels.get("lung_crop") == "given"
+
+    def outputs(self, gray01: np.ndarray, lung_mask: str | Path | None = None) -> dict:
+        """One image [H, W] in [0, 1] -> {"probabilities": [K]} and/or {"mask": [h, w] at model resolution}.
+        ``lung_mask``: the image's lung mask file, for classifiers trained on given lung crops."""
         import tensorflow as tf
 
         from covidcxr.data import preprocess as P
+        from covidcxr.lungcrop import crop_one
 
+        if self.needs_lung_masks and not lung_mask:
+            raise DataError("this classifier was trained on lung-cropped images (given masks): pass each image's "
+                            "lung mask with --lung-masks DIR.")
         if self.kind == "savedmodel":
-            res = self.fn(image_bytes=tf.constant([P.numpy_to_png_bytes(gray01)]))
+            feed = {"image_bytes": tf.constant([P.numpy_to_png_bytes(gray01)])}
+            if self.needs_lung_masks:
+                feed["lung_mask_bytes"] = tf.reshape(tf.io.read_file(str(lung_mask)), [1])
+            res = self.fn(**feed)
             out = {k: res[k].numpy()[0] for k in ("probabilities", "mask") if k in res}
         else:
             L = self.labels
-            x = P.normalize(tf.cast(P.prepare(tf.constant(gray01[..., None]), L["image_size"], L["contrast"]),
-                                    tf.float32) / 255.0, L["normalization"])
+            x = P.normalize(tf.constant(crop_one(gray01, L, self.segmenter, lung_mask)), L["normalization"])
             y = self.model(x[None], training=False)
             if isinstance(y, dict):
                 out = {"probabilities": np.asarray(y["label"])[0], "mask": np.asarray(y["mask"])[0, ..., 0]}
@@ -95,9 +111,9 @@ class Predictor:
                 out = {"probabilities": np.asarray(y)[0]}
         return out
 
-    def predict(self, gray01: np.ndarray) -> np.ndarray:
+    def predict(self, gray01: np.ndarray, lung_mask: str | Path | None = None) -> np.ndarray:
         """Class probabilities of one image [H, W] in [0, 1]."""
-        return self.outputs(gray01)["probabilities"]
+        return self.outputs(gray01, lung_mask)["probabilities"]
 
 
 def _temperature(args, pred) -> float:
@@ -120,16 +136,16 @@ def _temperature(args, pred) -> float:
     return t
 
 
-def _write_gradcam(cam, pred, gray: np.ndarray, src: Path, out_dir: Path) -> Path:
+def _write_gradcam(cam, pred, gray: np.ndarray, src: Path, out_dir: Path, lung_mask=None) -> Path:
     import tensorflow as tf
     from PIL import Image
 
     from covidcxr.data import preprocess as P
     from covidcxr.gradcam import overlay
+    from covidcxr.lungcrop import crop_one
 
     L = pred.labels
-    cached = P.prepare(tf.constant(gray[..., None]), L["image_size"], L.get("contrast", "none"))
-    x = P.normalize(tf.cast(cached, tf.float32)[None] / 255.0, L.get("normalization", "unit"))
+    x = P.normalize(tf.constant(crop_one(gray, L, pred.segmenter, lung_mask))[None], L.get("normalization", "unit"))
     heat, _ = cam.heatmaps(x)
     dest = _unique(out_dir / f"{src.stem}_gradcam.png")
     Image.fromarray(overlay(gray, heat[0])).save(dest)
@@ -158,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masks", default=None, metavar="DIR",
                    help="segmentation/multi-task models: folder for the mask PNGs, one per input at its own size "
                         "(default: <CSV name>_masks beside the CSV)")
+    p.add_argument("--lung-masks", default=None, metavar="DIR",
+                   help="classifiers trained with --lung-crop given: folder of lung masks, one per input with the "
+                        "same file name")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -194,11 +213,21 @@ def main(argv: list[str] | None = None) -> int:
             if gdir.exists() and any(gdir.iterdir()) and not args.overwrite:
                 raise CovidCXRError(f"--gradcam {gdir} already exists; pass --overwrite or another folder.")
             gdir.mkdir(parents=True, exist_ok=True)
+        if pred.needs_lung_masks and not args.lung_masks:
+            raise CovidCXRError("this classifier was trained on lung-cropped images (--lung-crop given): pass "
+                                "--lung-masks DIR with each input's lung mask under the same file name.")
         rows = []
         for f in files:
+            lung = None
+            if pred.needs_lung_masks:
+                lung = next((c for c in (Path(args.lung_masks) / f.name, Path(args.lung_masks) / (f.stem + ".png"))
+                             if c.exists()), None)
+                if lung is None:
+                    problems.append(f"{f}: no lung mask named {f.name} in {args.lung_masks}")
+                    continue
             try:
                 gray = read_image(f)
-                res = pred.outputs(gray)
+                res = pred.outputs(gray, lung)
             except ImageReadError as exc:
                 problems.append(str(exc))
                 continue
@@ -220,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(mask_path=str(dest), mask_fraction=float(mask.mean()), height=gray.shape[0],
                            width=gray.shape[1])
             if cam is not None:
-                _write_gradcam(cam, pred, gray, f, Path(args.gradcam))
+                _write_gradcam(cam, pred, gray, f, Path(args.gradcam), lung)
             rows.append(row)
         import pandas as pd
 

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--contrast", default="none", choices=["none", "stretch", "clahe", "gamma"], help="contrast enhancement")
     a("--hflip", action="store_true", help="random horizontal flips (off by default: flips the heart)")
     a("--no-augment", action="store_true", help="no augmentation")
-    a("--lung-crop", action="store_true", help="multiply images by their lung masks (segmented-lung study)")
+    a("--lung-crop", nargs="?", const="given", default="", metavar="given|SEGMENTER",
+      help="classify lung-cropped images (segmented-lung study): 'given' multiplies each image by its own lung mask "
+           "(every image needs one); SEGMENTER (a --task segment --target lung run or export) predicts the masks")
     a("--split", default="0.7,0.15,0.15", help="train,val[,test] fractions when the data has no split")
     a("--seed", type=int, default=42, help="seed for splits, shuffling, augmentation and initialisation")
     a("--monitor", default="auto", choices=["auto", "val_macro_f1", "val_macro_auc", "val_dice"],
@@ -89,10 +91,18 @@ def config_from_args(args, argv) -> TrainConfig:
         augment=aug if aug is not None else AugmentConfig(0, 0, 0, False, 0, 0), split=args.split,
         seed=args.seed, monitor=(("val_dice" if args.task == "segment" else "val_macro_f1")
                                  if args.monitor == "auto" else args.monitor), patience=args.patience, mixed_precision=args.mixed_precision,
-        jit_compile=args.jit_compile, cache=args.cache, lung_crop=args.lung_crop, demo=demo,
+        jit_compile=args.jit_compile, cache=args.cache, lung_crop=_crop_arg(args.lung_crop), demo=demo,
         target=args.target, seg_loss=args.seg_loss, loss_weights=args.loss_weights,
         command="python -m covidcxr.train " + " ".join(argv),
     )
+
+
+def _crop_arg(value: str) -> str:
+    if value in ("", "given"):
+        return value
+    if not Path(value).exists():
+        raise ConfigError(f"--lung-crop {value}: neither 'given' nor an existing segmentation run/model.")
+    return str(Path(value).absolute())
 
 
 def demo_data(cache_root: Path) -> Path:
@@ -278,6 +288,14 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
     else:
         df, classes = load_data(cfg, Path("experiments") / "cache")
     mask_col = f"{cfg.target}_mask"
+    if cfg.lung_crop:
+        from covidcxr import lungcrop
+
+        if cfg.task != "classify":
+            raise ConfigError("--lung-crop applies to classification (--task classify).")
+        mask_col = lungcrop.CROP_COLUMN
+        if not resume:
+            df = lungcrop.prepare(df, cfg.lung_crop, cfg.image_size, run_dir)
     if cfg.task != "classify" and not resume:
         has = df[mask_col].astype(str) != "" if mask_col in df else df["path"] == "\0"
         if not has[df["split"] == "train"].any():
@@ -297,7 +315,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
     train_df, val_df, test_df = (df[df["split"] == s] for s in ("train", "val", "test"))
     cw = class_weights(train_df["label"], classes) if cfg.class_weights and cfg.task != "segment" else None
     common = dict(image_size=cfg.image_size, normalization=spec.normalization, batch_size=cfg.batch_size,
-                  contrast=cfg.contrast, lung_crop=cfg.lung_crop, task=cfg.task, mask_column=mask_col)
+                  contrast=cfg.contrast, lung_crop=bool(cfg.lung_crop), task=cfg.task, mask_column=mask_col)
     cache = None if cfg.cache == "none" else cfg.cache
     train_ds = make_dataset(train_df, classes, training=True, augment=cfg.augment, weights=cw, seed=cfg.seed,
                             cache=cache if cache == "memory" or cache is None else f"{cache}-train", **common)
@@ -412,7 +430,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
 
         export = export_classifier if cfg.task == "classify" else export_segmenter
         export(best, _labels_doc(cfg, spec, classes), export_dir, overwrite=True,
-               check_images=val_df["path"].tolist()[:4])
+               check_images=val_df["path"].tolist()[:4], home=run_dir,
+               check_masks=val_df[mask_col].tolist()[:4] if mask_col in val_df else None)
         print(f"exported: {export_dir} (SavedModel in {export_dir / 'serving' / '1'})")
     (run_dir / "state.json").write_text(json.dumps({**json.loads((run_dir / "state.json").read_text()),
                                                     "finished": True}))
@@ -430,7 +449,8 @@ def _finetune_end(run_dir: Path, cfg: TrainConfig) -> int:
 
 def _labels_doc(cfg: TrainConfig, spec, classes) -> dict:
     doc = {"classes": list(classes), "arch": cfg.arch, "task": cfg.task, "image_size": cfg.image_size,
-           "normalization": spec.normalization, "contrast": cfg.contrast, "lung_crop": cfg.lung_crop}
+           "normalization": spec.normalization, "contrast": cfg.contrast,
+           "lung_crop": "" if not cfg.lung_crop else ("given" if cfg.lung_crop == "given" else "model")}
     if cfg.task != "classify":
         doc["target"] = cfg.target
     return doc

@@ -109,6 +109,7 @@ def test_segment_and_multitask_training_end_to_end(synth_dir, tmp_path, monkeypa
     assert {"label_accuracy", "mask_dice", "val_mask_dice", "val_macro_f1"} <= set(hist.columns)
 
     _evaluate_and_predict_segmenters(tmp_path, df)
+    _lung_crop_classifiers(tmp_path)
 
 
 def _evaluate_and_predict_segmenters(tmp_path, df):
@@ -194,3 +195,58 @@ def test_segment_refuses_missing_targets(synth_dir, tmp_path, monkeypatch, capsy
     assert rc == 2 and "--loss-weights" in capsys.readouterr().err
     rc = train.main(["--data", str(synth_dir), "--task", "segment", "--arch", "unet_nosuch", "--run-dir", "z"])
     assert rc == 2 and "unknown architecture" in capsys.readouterr().err
+
+
+def _lung_crop_classifiers(tmp_path):
+    """--lung-crop with the segment run's predicted masks and with the given masks: train, export
+    (the SavedModel crops by itself / takes the mask), predict and evaluate agree."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from covidcxr import evaluate, predict, train
+
+    tiny = ["--arch", "mobilenetv3small", "--image-size", "32", "--batch-size", "8", "--weights", "none",
+            "--epochs", "1", "--fine-tune-epochs", "0"]
+    full = tmp_path / "full.csv"
+    assert train.main(["--data", str(full), *tiny, "--lung-crop", str(tmp_path / "seg"), "--run-dir", "crop",
+                       "--export-dir", "crop-export"]) == 0
+    man = pd.read_csv(tmp_path / "crop" / "manifest.csv", keep_default_na=False)
+    assert (man["crop_mask"] != "").all() and (tmp_path / "crop" / "lung_segmenter" / "model.keras").exists()
+    m0 = np.asarray(Image.open(man["crop_mask"][0]))
+    assert m0.shape == (32, 32) and set(np.unique(m0)) <= {0, 255}
+    assert (tmp_path / "crop-export" / "lung_segmenter" / "model.keras").exists()
+    labels = json.loads((tmp_path / "crop" / "labels.json").read_text())
+    assert labels["lung_crop"] == "model"
+    val = man[man["split"] == "val"]["path"].tolist()
+    # Keras run and the SavedModel (which runs the segmenter inside) give the same probabilities.
+    assert predict.main(["--model", str(tmp_path / "crop"), *val, "--out", str(tmp_path / "c1.csv")]) == 0
+    assert predict.main(["--model", str(tmp_path / "crop-export" / "serving" / "1"), *val,
+                         "--out", str(tmp_path / "c2.csv")]) == 0
+    a, b = pd.read_csv(tmp_path / "c1.csv"), pd.read_csv(tmp_path / "c2.csv")
+    cols = [c for c in a.columns if c.startswith("prob_")]
+    assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 1e-4
+    # evaluate (pipeline path) agrees with predict (per-image path)
+    assert evaluate.main(["--model", str(tmp_path / "crop"), "--data", str(full), "--split", "val", "--out",
+                          str(tmp_path / "ev-crop"), "--bootstrap", "0", "--gradcam", "1", "--mask-lungs"]) == 0
+    ev = pd.read_csv(tmp_path / "ev-crop" / "predictions.csv").set_index("path").loc[a["path"]]
+    assert np.abs(ev[cols].to_numpy() - a[cols].to_numpy()).max() < 1e-4
+    assert any("lung-cropped" in w for w in json.loads((tmp_path / "ev-crop" / "metrics.json").read_text())["warnings"])
+
+    # Given masks: refused when some image has none; the export then takes the mask as a second input.
+    assert train.main(["--data", str(tmp_path / "half.csv"), *tiny, "--lung-crop", "--run-dir", "g0"]) == 2
+    assert train.main(["--data", str(full), *tiny, "--lung-crop", "given", "--run-dir", "given",
+                       "--export-dir", "given-export"]) == 0
+    fn = tf.saved_model.load(str(tmp_path / "given-export" / "serving" / "1")).signatures["serving_default"]
+    assert set(fn.structured_input_signature[1]) == {"image_bytes", "lung_mask_bytes"}
+    masks = tmp_path / "lungmasks"
+    masks.mkdir()
+    fm = pd.read_csv(full, keep_default_na=False).set_index("path")
+    for v in val:
+        (masks / Path(v).name).write_bytes(Path(fm["lung_mask"][v]).read_bytes())
+    assert predict.main(["--model", str(tmp_path / "given"), *val, "--out", str(tmp_path / "g.csv")]) == 2
+    assert predict.main(["--model", str(tmp_path / "given"), *val, "--out", str(tmp_path / "g.csv"),
+                         "--lung-masks", str(masks)]) == 0
+    assert predict.main(["--model", str(tmp_path / "given-export" / "serving" / "1"), *val,
+                         "--out", str(tmp_path / "g2.csv"), "--lung-masks", str(masks)]) == 0
+    a, b = pd.read_csv(tmp_path / "g.csv"), pd.read_csv(tmp_path / "g2.csv")
+    assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 1e-4

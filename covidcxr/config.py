@@ -36,6 +36,8 @@ class TrainConfig:
     mixed_precision: bool = False
     jit_compile: bool = False
     cache: str = "memory"
+    freeze_encoder: bool = False       # linear probe: the head only, throughout
+    label_fraction: float = 1.0        # stratified fraction of the training split used
     lung_crop: str = ""                # '' | given | path of a lung segmenter (see covidcxr.lungcrop)
     target: str = "lung"               # segment/multitask: lung | infection masks
     seg_loss: str = "bce_dice"         # segment/multitask: bce_dice | dice | focal

@@ -33,6 +33,20 @@ def mode(labels_doc: dict) -> str:
     return "given" if v is True else ("" if v is False else str(v))
 
 
+def check_segmenter(path: str | Path) -> None:
+    """Refuse, before any work, a --lung-crop path that is not a lung segmenter (reads labels.json only)."""
+    path = Path(path)
+    labels = (path if path.is_dir() else path.parent) / "labels.json"
+    if not labels.exists():
+        raise ConfigError(f"--lung-crop {path}: no labels.json there; pass 'given' or a lung segmentation run or "
+                          f"export directory (python -m covidcxr.train --task segment --target lung).")
+    doc = json.loads(labels.read_text())
+    task, target = doc.get("task", "classify"), doc.get("target", "lung")
+    if task == "classify" or target != "lung":
+        raise ConfigError(f"--lung-crop {path}: not a lung segmentation model (task {task}, target {target}); "
+                          f"train one with python -m covidcxr.train --task segment --target lung.")
+
+
 def load_segmenter(path: str | Path):
     """A lung segmentation (or multi-task) run/export/.keras -> (model, labels doc)."""
     from covidcxr.export import find_model

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss-weights", default="label=1,mask=1", help="multitask: weights of the label and mask losses")
     a("--weights", default="auto", help="imagenet | none | PATH (local weights file or keras-hub preset "
                                         "folder) | auto (imagenet if obtainable, else none, with a warning)")
+    a("--preset", default=None, help="keras-hub archs: a preset name (downloaded) or a local preset folder "
+                                     "(save_to_preset); same as --weights for a folder")
+    a("--freeze-encoder", action="store_true", help="train the head only, encoder frozen throughout (linear probe)")
+    a("--label-fraction", type=float, default=1.0,
+      help="train on a stratified, seeded fraction of the training split (label-efficiency studies)")
     a("--image-size", type=int, default=None, help="input side in pixels (default 224; demo 128)")
     a("--batch-size", type=int, default=None, help="global batch size (default 32)")
     a("--epochs", type=int, default=None, help="phase-1 epochs: head only on a frozen backbone "
@@ -81,7 +86,8 @@ def config_from_args(args, argv) -> TrainConfig:
     aug = None if args.no_augment else AugmentConfig(hflip=args.hflip)
     return TrainConfig(
         task=args.task, arch=args.arch, data=None if demo else str(Path(args.data).absolute()),
-        weights=args.weights, image_size=pick(args.image_size, DEMO["image_size"] if demo else 224),
+        weights=_weights_arg(args), freeze_encoder=args.freeze_encoder, label_fraction=args.label_fraction,
+        image_size=pick(args.image_size, DEMO["image_size"] if demo else 224),
         batch_size=pick(args.batch_size, 32),
         epochs=pick(args.epochs, DEMO["epochs"] if demo else 10),
         fine_tune_epochs=pick(args.fine_tune_epochs, DEMO["fine_tune_epochs"] if demo else 10),
@@ -95,6 +101,37 @@ def config_from_args(args, argv) -> TrainConfig:
         target=args.target, seg_loss=args.seg_loss, loss_weights=args.loss_weights,
         command="python -m covidcxr.train " + " ".join(argv),
     )
+
+
+def _weights_arg(args) -> str:
+    if args.preset is None:
+        return args.weights
+    if args.weights != "auto":
+        raise ConfigError("give either --preset or --weights, not both.")
+    if os.path.isdir(args.preset):
+        return str(Path(args.preset).absolute())
+    if os.sep in args.preset or args.preset.startswith("."):
+        raise ConfigError(f"--preset {args.preset}: no such folder (a preset name has no slashes).")
+    from covidcxr.models.registry import PRESET
+
+    return PRESET + args.preset
+
+
+def label_subset(df, fraction: float, seed: int):
+    """Keep a stratified, seeded ``fraction`` of the training rows (at least one per class);
+    the others get split 'unused' so the manifest still lists them."""
+    import numpy as np
+
+    if fraction >= 1.0:
+        return df
+    rng = np.random.default_rng(seed)
+    df = df.copy()
+    for label, idx in df[df["split"] == "train"].groupby("label").groups.items():
+        idx = np.array(sorted(idx))
+        keep = max(1, int(round(fraction * len(idx))))
+        drop = rng.permutation(idx)[keep:]
+        df.loc[drop, "split"] = "unused"
+    return df
 
 
 def _crop_arg(value: str) -> str:
@@ -287,6 +324,12 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
         classes = json.loads((run_dir / "labels.json").read_text())["classes"]
     else:
         df, classes = load_data(cfg, Path("experiments") / "cache")
+    if cfg.label_fraction < 1.0 and not resume:
+        before = int((df["split"] == "train").sum())
+        df = label_subset(df, cfg.label_fraction, cfg.seed)
+        kept = df[df["split"] == "train"]["label"].value_counts().sort_index()
+        print(f"label fraction {cfg.label_fraction:g}: {int(kept.sum())} of {before} training images "
+              f"({', '.join(f'{c} {n}' for c, n in kept.items())}); the rest are marked 'unused'")
     mask_col = f"{cfg.target}_mask"
     if cfg.lung_crop:
         from covidcxr import lungcrop
@@ -380,6 +423,10 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
             print(f"weights none: the whole network trains from epoch 1 ({total} epochs = --epochs + "
                   f"--fine-tune-epochs), BatchNormalization momentum {cfg.bn_momentum}")
             lr_now = cfg.lr
+            if cfg.freeze_encoder:
+                print("--freeze-encoder: the randomly initialised encoder stays frozen; only the head trains "
+                      "(a random-features baseline)")
+                freeze_backbone(model)
             if not resume:
                 _compile(model, cfg, cfg.lr)
             run_phase("scratch", done, total, warmup=not resume)
@@ -391,7 +438,9 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
                     freeze_backbone(model)
                     _compile(model, cfg, cfg.lr)
                 e1 = run_phase("head", done, cfg.epochs, warmup=not resume)
-            if cfg.fine_tune_epochs > 0:
+            if cfg.freeze_encoder:
+                print("--freeze-encoder: linear probe; no fine-tuning phase")
+            elif cfg.fine_tune_epochs > 0:
                 lr_now = cfg.lr / 10
                 if phase == "head":
                     if (run_dir / "best.keras").exists():
@@ -535,7 +584,16 @@ def main(argv: list[str] | None = None) -> int:
             seg_spec(args.arch)
         if args.data is not None and not Path(args.data).exists():
             raise DataError(f"--data {args.data}: no such file or folder.")
+        if not 0 < args.label_fraction <= 1:
+            raise ConfigError(f"--label-fraction {args.label_fraction}: use a fraction in (0, 1].")
         cfg = config_from_args(args, argv)
+        if cfg.lung_crop:
+            if cfg.task != "classify":
+                raise ConfigError("--lung-crop applies to classification (--task classify).")
+            if cfg.lung_crop != "given":
+                from covidcxr.lungcrop import check_segmenter
+
+                check_segmenter(cfg.lung_crop)
         cfg.run_dir = args.run_dir or ""
         cfg.export_dir = args.export_dir or ""
         if args.resume and not args.run_dir:

@@ -9,7 +9,8 @@ from covidcxr.models.registry import arch_names, build_backbone, check_image_siz
 
 
 def tiny_size(spec):
-    return max(spec.min_size, spec.size_multiple if spec.size_multiple > 32 else 32)
+    base = max(spec.min_size, 32)
+    return -(-base // spec.size_multiple) * spec.size_multiple  # smallest valid size >= 32
 
 
 @pytest.mark.parametrize("name", arch_names())

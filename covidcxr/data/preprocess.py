@@ -10,7 +10,9 @@ import numpy as np
 import tensorflow as tf
 
 CONTRAST_METHODS = ("none", "stretch", "clahe", "gamma")
-NORMALIZATIONS = ("caffe", "torch", "tf", "raw255", "unit")
+NORMALIZATIONS = ("caffe", "torch", "clip", "tf", "raw255", "unit")
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP image statistics
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -116,6 +118,8 @@ def normalize(img: tf.Tensor, mode: str) -> tf.Tensor:
         return img * 255.0 - tf.constant(_CAFFE_MEAN_BGR)
     if mode == "torch":
         return (img - tf.constant(_IMAGENET_MEAN)) / tf.constant(_IMAGENET_STD)
+    if mode == "clip":
+        return (img - tf.constant(_CLIP_MEAN)) / tf.constant(_CLIP_STD)
     if mode == "tf":
         return img * 2.0 - 1.0
     if mode == "raw255":

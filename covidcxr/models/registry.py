@@ -89,6 +89,17 @@ def _specs() -> dict[str, ArchSpec]:
         ArchSpec("vit_b16", "keras-hub", "tf", "ViTBackbone", hub_preset="vit_base_patch16_224_imagenet",
                  hub_config=dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
                  size_multiple=16),
+        # Self-supervised / language-supervised foundation encoders (issue 6). No BEiT: keras-hub has none.
+        ArchSpec("dinov2_small", "keras-hub", "torch", "DINOV2Backbone", hub_preset="dinov2_small",
+                 hub_config=dict(patch_size=14, num_layers=12, hidden_dim=384, num_heads=6, intermediate_dim=1536),
+                 size_multiple=14, min_size=28),
+        ArchSpec("dinov2_base", "keras-hub", "torch", "DINOV2Backbone", hub_preset="dinov2_base",
+                 hub_config=dict(patch_size=14, num_layers=12, hidden_dim=768, num_heads=12, intermediate_dim=3072),
+                 size_multiple=14, min_size=28),
+        ArchSpec("clip_vit_b16", "keras-hub", "clip", "CLIPVisionEncoder", hub_preset="clip_vit_base_patch16",
+                 hub_config=dict(patch_size=16, hidden_dim=768, num_layers=12, num_heads=12, intermediate_dim=3072,
+                                 intermediate_activation="quick_gelu"),
+                 size_multiple=16),
         ArchSpec("swin_tiny", "keras-hub", "torch", "SwinTransformerBackbone",
                  hub_preset="swin_tiny_patch4_window7_224",
                  hub_config=dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
@@ -158,7 +169,11 @@ def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
 
     check_image_size(spec, image_size)
     shape = (image_size, image_size, 3)
-    if weights not in (None, "imagenet"):
+    preset = str(weights)[len(PRESET):] if str(weights).startswith(PRESET) else None
+    if preset is not None and spec.source != "keras-hub":
+        raise ConfigError(f"--preset: {spec.name} comes from keras.applications, which has no presets; use "
+                          f"--weights imagenet|none|PATH.")
+    if weights not in (None, "imagenet") and preset is None:
         verify_weights_file(spec, weights)
     try:
         if spec.source == "keras.applications":
@@ -177,10 +192,9 @@ def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
 
         ctor = getattr(keras_hub.models, spec.constructor)
         if weights == "imagenet":
-            return keras_hub.models.Backbone.from_preset(spec.hub_preset, image_shape=shape) \
-                if spec.constructor != "ResNetBackbone" else keras_hub.models.Backbone.from_preset(spec.hub_preset)
-        if weights is not None and os.path.isdir(weights):
-            return keras_hub.models.Backbone.from_preset(str(weights))
+            return hub_from_preset(spec, spec.hub_preset, shape)
+        if preset is not None or (weights is not None and os.path.isdir(weights)):
+            return hub_from_preset(spec, preset if preset is not None else str(weights), shape)
         model = ctor(image_shape=shape, **spec.hub_config)
         if weights is not None:
             model.load_weights(weights)
@@ -189,6 +203,29 @@ def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
         raise
     except Exception as exc:
         raise _weights_error(spec, weights, exc) from exc
+
+
+PRESET = "preset:"  # weights value for a keras-hub preset *name* (a preset folder is passed as its path)
+
+
+def hub_from_preset(spec: ArchSpec, preset: str, shape):
+    """A keras-hub backbone from a preset name or a local preset folder (``save_to_preset``);
+    a CLIP preset gives its image tower. Refuses a preset of another architecture."""
+    import keras_hub
+
+    if os.path.isdir(preset):
+        missing = [f for f in ("config.json", "metadata.json") if not os.path.exists(os.path.join(preset, f))]
+        if missing:
+            raise ConfigError(f"preset folder {preset} lacks {', '.join(missing)}: not a keras-hub preset "
+                              f"(write one with backbone.save_to_preset(DIR)).")
+    kw = {} if spec.constructor in ("ResNetBackbone", "CLIPVisionEncoder") else {"image_shape": shape}
+    model = keras_hub.models.Backbone.from_preset(preset, **kw)
+    if hasattr(model, "vision_encoder"):  # CLIPBackbone: the image tower
+        model = model.vision_encoder
+    if type(model).__name__ != spec.constructor:
+        raise ConfigError(f"preset {preset} holds a {type(model).__name__}, but {spec.name} is a "
+                          f"{spec.constructor}; pick the --arch that matches the preset.")
+    return model
 
 
 def _weights_error(spec: ArchSpec, weights, exc: Exception) -> ConfigError:
@@ -201,6 +238,9 @@ def _weights_error(spec: ArchSpec, weights, exc: Exception) -> ConfigError:
                            f"Use --weights none to train from scratch, or {where}.")
     if weights is None:
         return ConfigError(f"could not build {spec.name}: {text}")
+    if str(weights).startswith(PRESET):
+        return ConfigError(f"--preset {str(weights)[len(PRESET):]}: cannot load it for {spec.name} ({text}). "
+                           f"Offline, pass a local preset folder written by save_to_preset.")
     return ConfigError(f"--weights {weights}: cannot load it into {spec.name} ({text}). Is it a Keras weights "
                        f"file for this architecture?")
 

@@ -88,3 +88,62 @@ def test_linear_probe_on_a_local_preset_with_a_label_fraction(synth_dir, tmp_pat
     assert train.main(args[:-4] + ["--label-fraction", "0", "--run-dir", "p2"]) == 2
     assert train.main(["--data", str(synth_dir), "--arch", "dinov2_small", "--preset", "x", "--weights", "none",
                        "--run-dir", "p3"]) == 2
+
+
+def _tiny_clip_preset(path):
+    """A randomly initialised tiny CLIP (both towers) and a character-level tokenizer, as a preset folder."""
+    import string
+
+    import keras_hub
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + "-,.()'":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    vocab["ab"], vocab["ab</w>"] = len(vocab), len(vocab) + 1
+    tok = keras_hub.models.CLIPTokenizer(vocabulary=vocab, merges=["a b"])
+    vision = keras_hub.models.CLIPVisionEncoder(patch_size=16, hidden_dim=16, num_layers=1, num_heads=2,
+                                                intermediate_dim=32, image_shape=(32, 32, 3))
+    text = keras_hub.models.CLIPTextEncoder(vocabulary_size=len(vocab), embedding_dim=16, hidden_dim=16, num_layers=1,
+                                            num_heads=2, intermediate_dim=32, max_sequence_length=24)
+    keras_hub.models.CLIPBackbone(vision, text, projection_dim=8).save_to_preset(str(path))
+    tok.save_to_preset(str(path))
+    return path
+
+
+def test_zero_shot_clip_end_to_end(synth_dir, tmp_path, capsys):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from covidcxr import zeroshot
+
+    preset = _tiny_clip_preset(tmp_path / "clip")
+    out = tmp_path / "zs"
+    assert zeroshot.main(["--preset", str(preset), "--data", str(synth_dir), "--split", "all", "--out", str(out),
+                          "--bootstrap", "20"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    pred = pd.read_csv(out / "predictions.csv")
+    assert m["n"] == len(pred) == 32 and len(m["prompts"]) == 4
+    probs = pred[[f"prob_{c}" for c in m["classes"]]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert m["accuracy"] == accuracy_score(pred["true_label"], pred["pred_label"])
+    assert abs(m["macro_f1"] - f1_score(pred["true_label"], pred["pred_label"], average="macro")) < 1e-12
+    for f in ("confusion_matrix.png", "roc.png", "reliability.png", "report.html"):
+        assert (out / f).exists()
+    # prompt-ensemble embeddings are unit vectors, one per class
+    backbone, tok = zeroshot.load_clip(str(preset))
+    txt = zeroshot.text_embeddings(backbone, tok, {"a": ["x ray one", "x ray two"], "b": ["normal"]})
+    assert txt.shape == (2, 8) and np.allclose(np.linalg.norm(txt, axis=1), 1)
+
+    # bad input: prompt file naming a class the data lacks; preset folder without a tokenizer; unknown preset
+    (tmp_path / "p.json").write_text(json.dumps({"COVID": ["a"], "Martian": ["b"]}))
+    assert zeroshot.main(["--preset", str(preset), "--data", str(synth_dir), "--prompts", str(tmp_path / "p.json"),
+                          "--out", str(tmp_path / "z2")]) == 2
+    assert "Martian" in capsys.readouterr().err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    assert zeroshot.main(["--preset", str(tmp_path / "half"), "--data", str(synth_dir), "--out",
+                          str(tmp_path / "z3")]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+    assert zeroshot.main(["--preset", "no_such_clip_preset", "--data", str(synth_dir), "--out",
+                          str(tmp_path / "z4")]) == 2
+    assert not (tmp_path / "z2").exists() and not (tmp_path / "z4").exists()

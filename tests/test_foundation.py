@@ -147,3 +147,42 @@ def test_zero_shot_clip_end_to_end(synth_dir, tmp_path, capsys):
     assert zeroshot.main(["--preset", "no_such_clip_preset", "--data", str(synth_dir), "--out",
                           str(tmp_path / "z4")]) == 2
     assert not (tmp_path / "z2").exists() and not (tmp_path / "z4").exists()
+
+
+def test_simclr_pretrain_then_fine_tune(synth_dir, tmp_path, monkeypatch, capsys):
+    from covidcxr import pretrain, train
+
+    monkeypatch.chdir(tmp_path)
+    w = tmp_path / "enc.weights.h5"
+    assert pretrain.main(["--arch", "mobilenetv3small", "--data", str(synth_dir), "--image-size", "32",
+                          "--epochs", "2", "--batch-size", "8", "--out", str(w)]) == 0
+    meta = json.loads((tmp_path / "enc.weights.h5.json").read_text())
+    assert meta["arch"] == "mobilenetv3small" and meta["images"] == 32 and len(meta["loss"]) == 2
+    assert all(np.isfinite(meta["loss"]))
+    assert pretrain.main(["--arch", "mobilenetv3small", "--data", str(synth_dir), "--image-size", "32",
+                          "--out", str(w)]) == 2  # never overwritten silently
+    capsys.readouterr()
+    tiny = ["--data", str(synth_dir), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+            "--fine-tune-epochs", "1", "--export-dir", "none"]
+    assert train.main(["--arch", "mobilenetv3small", "--weights", str(w), *tiny, "--run-dir", "ft"]) == 0
+    import keras
+
+    from covidcxr.models.registry import build_backbone, get_spec
+
+    enc = build_backbone(get_spec("mobilenetv3small"), 32, str(w))
+    ref = keras.saving.load_model(tmp_path / "ft" / "last.keras").get_layer("backbone")
+    # phase 1 froze the encoder, phase 2 fine-tuned it: it started from the pretrained weights
+    assert any(np.allclose(a.numpy(), b.numpy()) for a, b in zip(enc.weights, ref.weights))
+    assert train.main(["--arch", "resnet18", "--weights", str(w), *tiny, "--run-dir", "bad"]) == 2
+    assert "mobilenetv3small weights" in capsys.readouterr().err
+
+
+def test_nt_xent_prefers_matching_views():
+    from covidcxr.pretrain import nt_xent
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4, 8)).astype("float32")
+    loss = nt_xent(0.1)
+    matched = float(loss(np.zeros(8), np.concatenate([z, z + 0.01])))
+    shuffled = float(loss(np.zeros(8), np.concatenate([z, z[::-1] + 0.01])))
+    assert matched < 0.1 < shuffled  # identical partners: near-zero loss; wrong partners: large

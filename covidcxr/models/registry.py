@@ -147,6 +147,14 @@ def verify_weights_file(spec: ArchSpec, path: str | Path) -> str:
     if not path.exists():
         raise ConfigError(f"--weights {path}: no such file or folder. Use --weights none, imagenet, "
                           f"or the path of a weights file.")
+    meta = Path(str(path) + ".json")  # written by covidcxr.pretrain beside its weights
+    if meta.exists():
+        import json
+
+        arch = json.loads(meta.read_text()).get("arch")
+        if arch and arch != spec.name:
+            raise ConfigError(f"--weights {path}: these are {arch} weights (see {meta.name}); use --arch {arch} "
+                              f"or weights pretrained for {spec.name}.")
     expected = spec.published_weights.get(path.name)
     if expected and path.is_file():
         algo = "sha256" if len(expected) == 64 else "md5"

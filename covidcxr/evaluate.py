@@ -104,7 +104,7 @@ class LoadedModel:
         from covidcxr import lungcrop
 
         self.crop = lungcrop.mode(self.labels) if self.task == "classify" else ""
-        self.segmenter = lungcrop.find_segmenter(self.home) if self.crop == "model" and self.kind == "keras" else None
+        self.segmenter = p.segmenter if self.crop else None  # loaded once, by the Predictor
         self._crop_masks: dict[str, str] = {}  # image path -> predicted crop mask file
         self._crop_dir = None
 

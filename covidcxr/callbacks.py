@@ -55,12 +55,13 @@ class Warmup(keras.callbacks.Callback):
 
 class PhaseLog(keras.callbacks.Callback):
     """Adds phase and learning rate to the logs and measures training throughput
-    (images/s, training steps only)."""
+    (images/s, training steps only; overall, and after the first epoch, which pays for tracing)."""
 
     def __init__(self, phase: str, n_train: int):
         super().__init__()
         self.phase, self.n_train = phase, n_train
-        self.train_time, self.epochs, self._t = 0.0, 0, None
+        self.epoch_times: list[float] = []
+        self._t = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t = time.perf_counter()
@@ -70,14 +71,20 @@ class PhaseLog(keras.callbacks.Callback):
         self._last = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.train_time += self._last - self._t
-        self.epochs += 1
+        self.epoch_times.append(self._last - self._t)
         logs["phase"] = {"head": 1, "finetune": 2, "scratch": 0}[self.phase]
         logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     @property
     def images_per_second(self) -> float:
-        return self.epochs * self.n_train / self.train_time if self.train_time else 0.0
+        t = sum(self.epoch_times)
+        return len(self.epoch_times) * self.n_train / t if t else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float | None:
+        """Images/s over the epochs after the first (None with fewer than two epochs)."""
+        t = sum(self.epoch_times[1:])
+        return (len(self.epoch_times) - 1) * self.n_train / t if t else None
 
 
 class ResumeState(keras.callbacks.Callback):

@@ -6,7 +6,8 @@ must pick its partner out of the 2B-1 other views of the batch). Views use augme
 that make sense for grayscale chest X-rays: random resized crops (35-100% of the area),
 small rotations, brightness/contrast, Gaussian blur; no colour jitter and no flips.
 
-Labels are ignored: DIR is any folder of images (searched recursively) or a manifest CSV.
+Labels are ignored: DIR is any folder of images (searched recursively) or a manifest CSV (by default
+only its training rows, so validation and test images stay unseen: ``--split``).
 Writes ``OUT`` (encoder weights, ``.weights.h5``) and ``OUT.json`` (arch, image size, method,
 loss per epoch), which ``python -m covidcxr.train --arch ARCH --weights OUT`` accepts; a
 weights file from another architecture is refused with the two names.
@@ -102,7 +103,42 @@ def build_simclr(arch: str, image_size: int, projection_dim: int = 128, hidden: 
     return keras.Model(inp, z, name=f"simclr_{arch}"), encoder
 
 
-def image_paths(data: str | Path) -> list[str]:
+def recalibrate_batchnorm(model, batches, max_batches: int | None = None) -> int:
+    """Set every BatchNormalization layer's moving mean and variance to their average over
+    ``batches`` (precise BN, Wu & Johnson 2021). Returns the number of batches used.
+
+    Fine-tuning and inference run the pretrained encoder with BatchNormalization in inference
+    mode, on its moving statistics. After a short contrastive run these are mostly still their
+    initial values (0 and 1: MobileNetV3 and EfficientNet keep 99.9% of the old value per step),
+    so the encoder maps every X-ray to nearly the same features. Here each layer's statistics
+    become the cumulative mean over the batches (momentum k/(k+1) at the k-th batch), taken on
+    plain, unaugmented images, which is what the encoder sees downstream."""
+    import keras
+
+    from covidcxr.models.classifier import iter_layers
+
+    bns = [l for l in iter_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
+    if not bns:
+        return 0
+    momenta = [l.momentum for l in bns]
+    k = 0
+    try:
+        for x in batches:
+            if max_batches is not None and k >= max_batches:
+                break
+            for layer in bns:
+                layer.momentum = k / (k + 1)
+            model(x, training=True)  # eager: each call reads the momentum set above
+            k += 1
+    finally:
+        for layer, m in zip(bns, momenta):
+            layer.momentum = m
+    return k
+
+
+def image_paths(data: str | Path, split: str = "train") -> list[str]:
+    """Image files of ``data``. From a manifest with a ``split`` column only the rows of ``split``
+    (comma-separated names, or ``all``) are used, so that validation and test images stay unseen."""
     from covidcxr.predict import collect_inputs
 
     data = Path(data)
@@ -111,7 +147,19 @@ def image_paths(data: str | Path) -> list[str]:
     if data.is_file() and data.suffix.lower() == ".csv":
         import pandas as pd
 
-        return pd.read_csv(data, dtype=str, keep_default_na=False)["path"].tolist()
+        df = pd.read_csv(data, dtype=str, keep_default_na=False)
+        if "path" not in df.columns:
+            raise DataError(f"--data {data}: a manifest needs a 'path' column (python -m covidcxr.data index).")
+        if "split" in df.columns and split != "all":
+            wanted = [s.strip() for s in split.split(",") if s.strip()]
+            unknown = sorted(set(wanted) - set(df["split"]))
+            if unknown:
+                raise DataError(f"--split {split}: {data} has no rows in split(s) {unknown}; it has "
+                                f"{sorted(set(df['split']))} (or pass --split all).")
+            df = df[df["split"].isin(wanted)]
+        if df.empty:
+            raise DataError(f"--data {data}: no rows to pretrain on.")
+        return df["path"].tolist()
     files, _ = collect_inputs([str(data)])
     # Masks are images too: leave out the mask folders of the known layouts.
     files = [f for f in files if not any(p.lower() in ("masks", "lung masks", "infection masks") for p in f.parts)]
@@ -121,13 +169,14 @@ def image_paths(data: str | Path) -> list[str]:
 
 
 def pretrain(arch: str, data: str, out: str | Path, image_size: int = 224, epochs: int = 10, batch_size: int = 64,
-             lr: float = 1e-3, temperature: float = 0.1, seed: int = 0, overwrite: bool = False) -> Path:
+             lr: float = 1e-3, temperature: float = 0.1, seed: int = 0, overwrite: bool = False,
+             split: str = "train") -> Path:
     import keras
     import pandas as pd
     import tensorflow as tf
 
     from covidcxr.data import preprocess as P
-    from covidcxr.data.pipeline import load_examples
+    from covidcxr.data.pipeline import load_examples, make_dataset
     from covidcxr.models.registry import get_spec
 
     spec = get_spec(arch)
@@ -136,7 +185,7 @@ def pretrain(arch: str, data: str, out: str | Path, image_size: int = 224, epoch
         raise ConfigError(f"--out {out}: the encoder weights file must end in .weights.h5.")
     if out.exists() and not overwrite:
         raise RunExistsError(f"{out} already exists; pass --overwrite or another --out.")
-    paths = image_paths(data)
+    paths = image_paths(data, split)
     if len(paths) < 2:
         raise DataError(f"--data {data}: contrastive learning needs at least 2 images, found {len(paths)}.")
     batch_size = min(batch_size, len(paths))
@@ -162,13 +211,17 @@ def pretrain(arch: str, data: str, out: str | Path, image_size: int = 224, epoch
     losses = [float(v) for v in hist.history["loss"]]
     if not all(np.isfinite(losses)):
         raise CovidCXRError(f"pretraining diverged (loss {losses}); lower --lr.")
+    plain = make_dataset(df, ["x"], image_size=image_size, normalization=spec.normalization,
+                         batch_size=batch_size, cache=None)
+    n_bn = recalibrate_batchnorm(encoder, (x for x, _, _ in plain), max_batches=200)
+    print(f"BatchNormalization statistics recomputed on {min(len(df), n_bn * batch_size)} unaugmented images")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name.replace(".weights.h5", ".partial.weights.h5"))
     encoder.save_weights(tmp)
     tmp.replace(out)
     meta = {"arch": arch, "method": "simclr", "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
-            "temperature": temperature, "lr": lr, "images": len(paths), "data": str(data), "loss": losses,
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "temperature": temperature, "lr": lr, "images": len(paths), "data": str(data), "split": split, "loss": losses,
+            "seconds": round(time.perf_counter() - t0, 1), "batchnorm": "recomputed on unaugmented images"}
     Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (chance level {math.log(2 * batch_size - 1):.4f}); "
           f"encoder weights: {out}\nfine-tune: python -m covidcxr.train --arch {arch} --weights {out} --data DIR")
@@ -190,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="train",
+                   help="with a manifest CSV: the split(s) to pretrain on, comma-separated, or 'all' "
+                        "(default train, so validation and test images stay unseen); ignored for a folder")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     try:
@@ -199,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.epochs < 1 or a.batch_size < 2 or a.temperature <= 0:
             raise ConfigError("--epochs must be >= 1, --batch-size >= 2 and --temperature > 0.")
         out = a.out or f"saved_models/simclr-{a.arch}.weights.h5"
-        pretrain(a.arch, a.data, out, a.image_size, a.epochs, a.batch_size, a.lr, a.temperature, a.seed, a.overwrite)
+        pretrain(a.arch, a.data, out, a.image_size, a.epochs, a.batch_size, a.lr, a.temperature, a.seed, a.overwrite,
+                 a.split)
     except CovidCXRError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

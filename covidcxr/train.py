@@ -412,7 +412,9 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Pa
         n = len(hist.epoch)
         trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
         line = (f"phase {name}: {n} epochs, {trainable:,} trainable weights, "
-                f"{log.images_per_second:.1f} images/s (training steps)")
+                f"{log.images_per_second:.1f} images/s (training steps)"
+                + (f", {log.steady_images_per_second:.1f} after the first epoch"
+                   if log.steady_images_per_second else ""))
         print(line, flush=True)
         summaries.append(line)
         return first_epoch + n

@@ -5,7 +5,7 @@
 
 Runs ``python -m covidcxr.train --label-fraction F --seed S`` for every fraction and seed (each
 in its own run directory under --out), then writes ``results.csv`` (fraction, seed, training
-images, val macro-F1, val macro-AUC) and ``label_efficiency.png`` (mean and spread over seeds).
+images, val and test macro-F1 and macro-AUC, wall seconds) and ``label_efficiency.png`` (mean and spread over seeds).
 Arguments after ``--`` go to covidcxr.train unchanged (e.g. ``-- --image-size 128 --epochs 5``).
 A run directory that already holds a finished run is reused, so an interrupted curve resumes.
 """
@@ -15,6 +15,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -46,13 +47,20 @@ def main(argv=None) -> int:
                        "--overwrite"] + (["--preset", a.preset] if a.preset else ["--weights", a.weights]) \
                     + (["--freeze-encoder"] if a.freeze_encoder else []) + extra
                 print(" ".join(cmd), flush=True)
-                if subprocess.call(cmd):
+                t0 = time.perf_counter()
+                rc = subprocess.call(cmd)
+                (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+                if rc:
                     print(f"run {run} failed; stopping", file=sys.stderr)
                     return 1
-            m = json.loads((run / "metrics.json").read_text())["val"]
+            metrics = json.loads((run / "metrics.json").read_text())
+            m, t = metrics["val"], metrics.get("test", {})
             man = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
+            wall = run / "wall_seconds.txt"
             rows.append({"fraction": f, "seed": s, "train_images": int((man["split"] == "train").sum()),
-                         "val_macro_f1": m["macro_f1"], "val_macro_auc": m["macro_auc"]})
+                         "val_macro_f1": m["macro_f1"], "val_macro_auc": m["macro_auc"],
+                         "test_macro_f1": t.get("macro_f1"), "test_macro_auc": t.get("macro_auc"),
+                         "wall_seconds": float(wall.read_text()) if wall.exists() else None})
     df = pd.DataFrame(rows)
     df.to_csv(out / "results.csv", index=False)
     g = df.groupby("fraction").agg(n=("train_images", "mean"), f1=("val_macro_f1", "mean"),
@@ -72,6 +80,10 @@ def main(argv=None) -> int:
     fig.tight_layout()
     fig.savefig(out / "label_efficiency.png", dpi=110)
     print(g.to_string())
+    # Mean and sample standard deviation over seeds: validation picked the checkpoint, so the
+    # test split is the unbiased figure.
+    cols = ["val_macro_f1", "test_macro_f1", "wall_seconds"]
+    print(df.groupby("fraction")[cols].agg(["mean", "std"]).round(4).to_string())
     print(f"wrote {out / 'results.csv'} and {out / 'label_efficiency.png'}")
     return 0
 

@@ -161,6 +161,7 @@ def test_simclr_pretrain_then_fine_tune(synth_dir, tmp_path, monkeypatch, capsys
     assert all(np.isfinite(meta["loss"]))
     assert pretrain.main(["--arch", "mobilenetv3small", "--data", str(synth_dir), "--image-size", "32",
                           "--out", str(w)]) == 2  # never overwritten silently
+    assert "batchnorm" in meta
     capsys.readouterr()
     tiny = ["--data", str(synth_dir), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
             "--fine-tune-epochs", "1", "--export-dir", "none"]
@@ -175,6 +176,47 @@ def test_simclr_pretrain_then_fine_tune(synth_dir, tmp_path, monkeypatch, capsys
     assert any(np.allclose(a.numpy(), b.numpy()) for a, b in zip(enc.weights, ref.weights))
     assert train.main(["--arch", "resnet18", "--weights", str(w), *tiny, "--run-dir", "bad"]) == 2
     assert "mobilenetv3small weights" in capsys.readouterr().err
+
+
+def test_pretrain_manifest_uses_training_rows_only(synth_dir, tmp_path, capsys):
+    from covidcxr import pretrain
+    from covidcxr.predict import collect_inputs
+
+    files = [str(f) for f in collect_inputs([str(synth_dir)])[0] if "masks" not in f.parts]
+    split = (["train", "val", "test"] * len(files))[: len(files)]
+    man = tmp_path / "manifest.csv"
+    pd.DataFrame({"path": files, "label": "x", "split": split}).to_csv(man, index=False)
+    assert pretrain.image_paths(man) == [f for f, s in zip(files, split) if s == "train"]
+    assert len(pretrain.image_paths(man, "train,val")) == split.count("train") + split.count("val")
+    assert len(pretrain.image_paths(man, "all")) == len(files)
+    with pytest.raises(pretrain.DataError, match="holdout"):
+        pretrain.image_paths(man, "holdout")
+    assert pretrain.main(["--arch", "mobilenetv3small", "--data", str(man), "--split", "holdout",
+                          "--image-size", "32", "--out", str(tmp_path / "x.weights.h5")]) == 2
+    assert "holdout" in capsys.readouterr().err and not (tmp_path / "x.weights.h5").exists()
+
+
+def test_recalibrate_batchnorm_gives_population_statistics():
+    import keras
+
+    from covidcxr.pretrain import recalibrate_batchnorm
+
+    inp = keras.Input((3, 3, 2))
+    bn = keras.layers.BatchNormalization(momentum=0.999)
+    model = keras.Model(inp, bn(keras.layers.Dense(2, use_bias=False, kernel_initializer="identity")(inp)))
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc=[5.0, -2.0], scale=[1.0, 3.0], size=(4, 3, 3, 2)).astype("float32") for _ in range(5)]
+    assert recalibrate_batchnorm(model, iter(batches)) == 5
+    allx = np.concatenate(batches).reshape(-1, 2)
+    # the mean over batches of each batch's mean and (biased) variance: the population figures
+    np.testing.assert_allclose(bn.moving_mean.numpy(), allx.mean(0), rtol=1e-5)
+    want_var = np.mean([b.reshape(-1, 2).var(0) for b in batches], axis=0)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), want_var, rtol=1e-4)
+    assert bn.momentum == 0.999  # restored
+    # with the recalibrated statistics, inference-mode outputs are standardised
+    out = model(np.concatenate(batches), training=False).numpy().reshape(-1, 2)
+    np.testing.assert_allclose(out.mean(0), 0.0, atol=1e-3)
+    assert recalibrate_batchnorm(model, iter(batches), max_batches=2) == 2
 
 
 def test_nt_xent_prefers_matching_views():

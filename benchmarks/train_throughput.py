@@ -5,6 +5,8 @@ against a plain Keras `image_dataset_from_directory` + `fit` baseline.
     python benchmarks/train_throughput.py sweep [--archs resnet50,efficientnetb0] [--size 224] [--batch 32]
     # our `python -m covidcxr.train` against a plain fit of the same backbone, same images, same epochs
     python benchmarks/train_throughput.py baseline [--arch resnet50] [--data DIR] [--epochs 2]
+    # steady-state s/step of the plain model/compile against ours, one recipe difference at a time
+    python benchmarks/train_throughput.py factors [--arch efficientnetb0] [--steps 6]
 
 sweep: each architecture runs in its own process (so peak RSS is its own): build with
 weights none, compile as `covidcxr.train` does (AdamW, label smoothing, accuracy + AUC), then
@@ -120,6 +122,66 @@ def sweep(a) -> None:
             print(f"| {arch} | | | | | not measured ({why}) | |", flush=True)
 
 
+# ---------------------------------------------------------------- factors
+
+
+def factors(a) -> None:
+    """Steady-state s/step on one fixed in-memory batch (no input pipeline), so that only the
+    compiled training step differs: the plain script's model and compile against ours, then ours
+    with one difference removed at a time. Median of --steps steps after the first."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from covidcxr.models.classifier import build_classifier
+    from covidcxr.models.registry import get_spec
+
+    spec = get_spec(a.arch)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (a.batch, a.size, a.size, 3)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, a.batch)]
+    w = np.ones(a.batch, "float32")
+
+    def plain_model():
+        inp = keras.Input((a.size, a.size, 3))
+        f = getattr(keras.applications, spec.constructor)(include_top=False, weights=None,
+                                                          input_shape=(a.size, a.size, 3))(inp)
+        f = keras.layers.Dropout(0.3)(keras.layers.BatchNormalization()(keras.layers.GlobalAveragePooling2D()(f)))
+        return keras.Model(inp, keras.layers.Dense(3, activation="softmax")(f))
+
+    adamw = lambda: keras.optimizers.AdamW(5e-4, weight_decay=1e-6)  # noqa: E731
+    smooth = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)
+    runs = [("plain script: Adam, cross-entropy, no sample weights", plain_model, keras.optimizers.Adam, "cce", False),
+            ("ours: AdamW, label smoothing 0.1, class weights, BN momentum 0.9",
+             lambda: build_classifier(spec, 3, a.size, None, bn_momentum=0.9), adamw, smooth, True),
+            ("ours with Adam", lambda: build_classifier(spec, 3, a.size, None, bn_momentum=0.9),
+             keras.optimizers.Adam, smooth, True),
+            ("ours without sample weights", lambda: build_classifier(spec, 3, a.size, None, bn_momentum=0.9),
+             adamw, smooth, False),
+            ("ours without label smoothing", lambda: build_classifier(spec, 3, a.size, None, bn_momentum=0.9),
+             adamw, "cce", True)]
+    print(f"{a.arch}, {a.size} px, batch {a.batch}, weights none; median of {a.steps} steps after the first")
+    print("| training step | first step s | s/step | images/s |\n|---|---|---|---|", flush=True)
+    for name, build, opt, loss, sw in runs:
+        keras.utils.set_random_seed(0)
+        model = build()
+        model.compile(optimizer=opt(), loss="categorical_crossentropy" if loss == "cce" else loss,
+                      metrics=["accuracy", keras.metrics.AUC(name="auc")])
+        ds = tf.data.Dataset.from_tensors((x, y, w) if sw else (x, y)).repeat(a.steps + 1)
+        times = []
+
+        class Timer(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                self.t = time.perf_counter()
+
+            def on_train_batch_end(self, batch, logs=None):
+                times.append(time.perf_counter() - self.t)
+
+        model.fit(ds, epochs=1, verbose=0, callbacks=[Timer()])
+        step = float(np.median(times[1:]))
+        print(f"| {name} | {times[0]:.1f} | {step:.3f} | {a.batch / step:.2f} |", flush=True)
+
+
 # ---------------------------------------------------------------- baseline
 
 
@@ -218,19 +280,19 @@ def baseline(a) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["sweep", "baseline", "_sweep_worker", "_baseline_worker"])
+    p.add_argument("mode", choices=["sweep", "baseline", "factors", "_sweep_worker", "_baseline_worker"])
     p.add_argument("--archs", default=None, help="sweep: comma-separated names (default: all registered)")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--data", default=None, help="dataset folder (default: synthetic images)")
     p.add_argument("--folders", default=None, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="sweep: timed steps after the first")
+    p.add_argument("--steps", type=int, default=3, help="sweep/factors: timed steps after the first")
     p.add_argument("--epochs", type=int, default=2, help="baseline: epochs for both paths")
     p.add_argument("--per-class", type=int, default=40, help="baseline: synthetic images per class without --data")
     p.add_argument("--timeout", type=float, default=300, help="sweep: seconds per architecture")
     a = p.parse_args()
-    {"sweep": sweep, "baseline": baseline, "_sweep_worker": sweep_worker,
+    {"sweep": sweep, "baseline": baseline, "factors": factors, "_sweep_worker": sweep_worker,
      "_baseline_worker": baseline_worker}[a.mode](a)
 
 

@@ -159,7 +159,8 @@ def factors(a) -> None:
             ("ours without sample weights", lambda: build_classifier(spec, 3, a.size, None, bn_momentum=0.9),
              adamw, smooth, False),
             ("ours without label smoothing", lambda: build_classifier(spec, 3, a.size, None, bn_momentum=0.9),
-             adamw, "cce", True)]
+             adamw, "cce", True),
+            ("plain script again (order effects)", plain_model, keras.optimizers.Adam, "cce", False)]
     print(f"{a.arch}, {a.size} px, batch {a.batch}, weights none; median of {a.steps} steps after the first")
     print("| training step | first step s | s/step | images/s |\n|---|---|---|---|", flush=True)
     for name, build, opt, loss, sw in runs:

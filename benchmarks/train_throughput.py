@@ -57,12 +57,28 @@ def run_child(cmd: list[str], timeout: float | None = None) -> tuple[int, float,
     return rc, wall, usage.ru_maxrss / 1024, text
 
 
+def step_times(model, ds, **fit_kwargs) -> list[float]:
+    """Seconds of each training step of one epoch of ``model.fit(ds)`` (the first includes tracing)."""
+    import keras
+
+    times = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            times.append(time.perf_counter() - self.t)
+
+    model.fit(ds, epochs=1, verbose=0, callbacks=[Timer()], **fit_kwargs)
+    return times
+
+
 # ---------------------------------------------------------------- sweep
 
 
 def sweep_worker(a) -> None:
     """One architecture, in this process. Prints one JSON line."""
-    import keras
     import numpy as np
 
     from covidcxr.config import TrainConfig
@@ -85,16 +101,7 @@ def sweep_worker(a) -> None:
     model = build_classifier(spec, len(classes), a.size, None, bn_momentum=cfg.bn_momentum, dropout=cfg.dropout)
     _compile(model, cfg, cfg.lr)
     build_s = time.perf_counter() - t0
-    times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            self.t = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            times.append(time.perf_counter() - self.t)
-
-    model.fit(ds, epochs=1, steps_per_epoch=a.steps + 1, callbacks=[Timer()], verbose=0)
+    times = step_times(model, ds, steps_per_epoch=a.steps + 1)
     steady = float(np.mean(times[1:]))
     print("RESULT " + json.dumps({
         "arch": a.arch, "params_m": round(model.count_params() / 1e6, 1), "build_s": round(build_s, 1),
@@ -169,16 +176,7 @@ def factors(a) -> None:
         model.compile(optimizer=opt(), loss="categorical_crossentropy" if loss == "cce" else loss,
                       metrics=["accuracy", keras.metrics.AUC(name="auc")])
         ds = tf.data.Dataset.from_tensors((x, y, w) if sw else (x, y)).repeat(a.steps + 1)
-        times = []
-
-        class Timer(keras.callbacks.Callback):
-            def on_train_batch_begin(self, batch, logs=None):
-                self.t = time.perf_counter()
-
-            def on_train_batch_end(self, batch, logs=None):
-                times.append(time.perf_counter() - self.t)
-
-        model.fit(ds, epochs=1, verbose=0, callbacks=[Timer()])
+        times = step_times(model, ds)
         step = float(np.median(times[1:]))
         print(f"| {name} | {times[0]:.1f} | {step:.3f} | {a.batch / step:.2f} |", flush=True)
 

@@ -214,14 +214,16 @@ def pretrain(arch: str, data: str, out: str | Path, image_size: int = 224, epoch
     plain = make_dataset(df, ["x"], image_size=image_size, normalization=spec.normalization,
                          batch_size=batch_size, cache=None)
     n_bn = recalibrate_batchnorm(encoder, (x for x, _, _ in plain), max_batches=200)
-    print(f"BatchNormalization statistics recomputed on {min(len(df), n_bn * batch_size)} unaugmented images")
+    bn_note = (f"recomputed on {min(len(df), n_bn * batch_size)} unaugmented images" if n_bn
+               else "none in this encoder")
+    print(f"BatchNormalization statistics: {bn_note}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name.replace(".weights.h5", ".partial.weights.h5"))
     encoder.save_weights(tmp)
     tmp.replace(out)
     meta = {"arch": arch, "method": "simclr", "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
-            "temperature": temperature, "lr": lr, "images": len(paths), "data": str(data), "split": split, "loss": losses,
-            "seconds": round(time.perf_counter() - t0, 1), "batchnorm": "recomputed on unaugmented images"}
+            "temperature": temperature, "lr": lr, "images": len(paths), "data": str(data), "split": split,
+            "loss": losses, "seconds": round(time.perf_counter() - t0, 1), "batchnorm": bn_note}
     Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (chance level {math.log(2 * batch_size - 1):.4f}); "
           f"encoder weights: {out}\nfine-tune: python -m covidcxr.train --arch {arch} --weights {out} --data DIR")

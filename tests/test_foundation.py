@@ -161,7 +161,7 @@ def test_simclr_pretrain_then_fine_tune(synth_dir, tmp_path, monkeypatch, capsys
     assert all(np.isfinite(meta["loss"]))
     assert pretrain.main(["--arch", "mobilenetv3small", "--data", str(synth_dir), "--image-size", "32",
                           "--out", str(w)]) == 2  # never overwritten silently
-    assert "batchnorm" in meta
+    assert meta["batchnorm"] == "recomputed on 32 unaugmented images"
     capsys.readouterr()
     tiny = ["--data", str(synth_dir), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
             "--fine-tune-epochs", "1", "--export-dir", "none"]

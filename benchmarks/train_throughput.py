@@ -132,6 +132,17 @@ def sweep(a) -> None:
 # ---------------------------------------------------------------- factors
 
 
+def plain_classifier(app, size: int, n_classes: int, front=None):
+    """The textbook model: a keras.applications backbone ``app`` (random init), global pooling,
+    BatchNormalization, dropout, softmax; ``front`` maps the input tensor first (augmentation)."""
+    import keras
+
+    inp = keras.Input((size, size, 3))
+    x = app(include_top=False, weights=None, input_shape=(size, size, 3))(front(inp) if front else inp)
+    x = keras.layers.Dropout(0.3)(keras.layers.BatchNormalization()(keras.layers.GlobalAveragePooling2D()(x)))
+    return keras.Model(inp, keras.layers.Dense(n_classes, activation="softmax")(x))
+
+
 def factors(a) -> None:
     """Steady-state s/step on one fixed in-memory batch (no input pipeline), so that only the
     compiled training step differs: the plain script's model and compile against ours, then ours
@@ -149,24 +160,15 @@ def factors(a) -> None:
     y = np.eye(3, dtype="float32")[rng.integers(0, 3, a.batch)]
     w = np.ones(a.batch, "float32")
 
-    def plain_model():
-        inp = keras.Input((a.size, a.size, 3))
-        f = getattr(keras.applications, spec.constructor)(include_top=False, weights=None,
-                                                          input_shape=(a.size, a.size, 3))(inp)
-        f = keras.layers.Dropout(0.3)(keras.layers.BatchNormalization()(keras.layers.GlobalAveragePooling2D()(f)))
-        return keras.Model(inp, keras.layers.Dense(3, activation="softmax")(f))
-
+    plain_model = lambda: plain_classifier(getattr(keras.applications, spec.constructor), a.size, 3)  # noqa: E731
+    ours = lambda: build_classifier(spec, 3, a.size, None, bn_momentum=0.9)  # noqa: E731
     adamw = lambda: keras.optimizers.AdamW(5e-4, weight_decay=1e-6)  # noqa: E731
     smooth = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)
     runs = [("plain script: Adam, cross-entropy, no sample weights", plain_model, keras.optimizers.Adam, "cce", False),
-            ("ours: AdamW, label smoothing 0.1, class weights, BN momentum 0.9",
-             lambda: build_classifier(spec, 3, a.size, None, bn_momentum=0.9), adamw, smooth, True),
-            ("ours with Adam", lambda: build_classifier(spec, 3, a.size, None, bn_momentum=0.9),
-             keras.optimizers.Adam, smooth, True),
-            ("ours without sample weights", lambda: build_classifier(spec, 3, a.size, None, bn_momentum=0.9),
-             adamw, smooth, False),
-            ("ours without label smoothing", lambda: build_classifier(spec, 3, a.size, None, bn_momentum=0.9),
-             adamw, "cce", True),
+            ("ours: AdamW, label smoothing 0.1, class weights, BN momentum 0.9", ours, adamw, smooth, True),
+            ("ours with Adam", ours, keras.optimizers.Adam, smooth, True),
+            ("ours without sample weights", ours, adamw, smooth, False),
+            ("ours without label smoothing", ours, adamw, "cce", True),
             ("plain script again (order effects)", plain_model, keras.optimizers.Adam, "cce", False)]
     print(f"{a.arch}, {a.size} px, batch {a.batch}, weights none; median of {a.steps} steps after the first")
     print("| training step | first step s | s/step | images/s |\n|---|---|---|---|", flush=True)
@@ -188,6 +190,7 @@ def baseline_worker(a) -> None:
     """The textbook Keras script, on the class folders in a.folders."""
     import keras
 
+    from covidcxr.callbacks import PhaseLog
     from covidcxr.models.registry import get_spec
 
     spec = get_spec(a.arch)
@@ -203,33 +206,14 @@ def baseline_worker(a) -> None:
            "densenet121": keras.applications.densenet.preprocess_input}.get(a.arch, lambda x: x)
     aug = keras.Sequential([keras.layers.RandomRotation(0.02), keras.layers.RandomZoom(0.1),
                             keras.layers.RandomContrast(0.15)])
-    inp = keras.Input((a.size, a.size, 3))
-    x = aug(inp)
-    x = keras.layers.Lambda(pre)(x)
-    x = app(include_top=False, weights=None, input_shape=(a.size, a.size, 3))(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.Dropout(0.3)(x)
-    out = keras.layers.Dense(n_classes, activation="softmax")(x)
-    model = keras.Model(inp, out)
+    model = plain_classifier(app, a.size, n_classes, front=lambda x: keras.layers.Lambda(pre)(aug(x)))
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy",
                   metrics=["accuracy", keras.metrics.AUC(name="auc")])
     n = sum(1 for _ in (Path(a.folders) / "train").glob("*/*"))
-    spent = []
-
-    class Timer(keras.callbacks.Callback):  # same measure as covidcxr.callbacks.PhaseLog
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t = self.last = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.last = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            spent.append(self.last - self.t)
-
-    model.fit(train, validation_data=val, epochs=a.epochs, callbacks=[Timer()], verbose=2)
-    steady = (len(spent) - 1) * n / sum(spent[1:]) if len(spent) > 1 else float("nan")
-    print(f"RESULT {len(spent) * n / sum(spent):.2f} images/s (training steps), {steady:.2f} after the first epoch",
+    log = PhaseLog("scratch", n)  # the same measure covidcxr.train prints
+    model.fit(train, validation_data=val, epochs=a.epochs, callbacks=[log], verbose=2)
+    steady = log.steady_images_per_second or float("nan")
+    print(f"RESULT {log.images_per_second:.2f} images/s (training steps), {steady:.2f} after the first epoch",
           flush=True)
 
 

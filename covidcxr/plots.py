@@ -1,31 +1,89 @@
-"""Plots written into run directories (matplotlib, Agg backend, no display needed)."""
+"""Plots written into run directories (matplotlib ``Figure`` on the Agg canvas: no display, no pyplot state).
+
+Every plot can name what it shows (``context``, e.g. "test split, n=135", added to its
+title). Titles, legend entries and captions are wrapped to the width they have
+(``wrap_text``) rather than clipped, the figure grows by the lines added, and
+constrained layout keeps the (sup)titles inside the figure.
+"""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+_EM = 0.62   # average character width of the default font (DejaVu Sans), in font sizes
+_DPI = 110
+SELECTION_METRICS = ("val_macro_f1", "val_dice", "val_mask_dice")  # plot_history's default best-epoch monitor
 
 
-def plot_history(history_csv: str | Path, out: str | Path) -> Path | None:
-    """Accuracy, loss and validation macro-F1 per epoch; the phase change marked."""
+def wrap_text(text: str, width_in: float, fontsize: float = 10.0) -> str:
+    """``text`` with each of its lines wrapped to fit ``width_in`` inches at ``fontsize`` points
+    (long words such as file names are broken too)."""
+    chars = max(8, int(width_in * 72 / (fontsize * _EM)))
+    return "\n".join(textwrap.fill(line, chars) if line.strip() else line for line in str(text).split("\n"))
+
+
+def _n_lines(text: str) -> int:
+    return text.count("\n") + 1 if text else 0
+
+
+def _titled(title: str, context: str) -> str:
+    return " \u2014 ".join(part for part in (title, context) if part)
+
+
+def titled_figure(width: float, height: float, title: str = "", fontsize: float = 11.0):
+    """A constrained-layout Figure on an Agg canvas at the saving dpi, ``width`` inches wide and
+    ``height`` inches plus room for the wrapped ``title`` (drawn as the suptitle)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    text = wrap_text(title, width - 0.4, fontsize) if title else ""
+    fig = Figure(figsize=(width, height + _n_lines(text) * fontsize * 1.4 / 72), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    if text:
+        fig.suptitle(text, fontsize=fontsize)
+    return fig
+
+
+def _save(fig, out: str | Path) -> Path:
+    fig.savefig(out, dpi="figure")
+    return Path(out)
+
+
+def _legend(ax, width_in: float, fontsize: float = 8, **kwargs) -> None:
+    """A legend whose labels wrap to ``width_in`` inches; none when nothing is labelled."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, [wrap_text(label, width_in, fontsize) for label in labels], fontsize=fontsize, **kwargs)
+
+
+def _history_x(h):
+    """1-based epoch numbers (the ``epoch`` column is 0-based; row order when it is missing)."""
     import pandas as pd
 
-    history_csv = Path(history_csv)
-    if not history_csv.exists():
+    epoch = pd.to_numeric(h["epoch"], errors="coerce") if "epoch" in h else None
+    if epoch is not None and epoch.notna().all():
+        return epoch.astype(int) + 1
+    return pd.Series(range(1, len(h) + 1), index=h.index)
+
+
+def best_epoch(h, monitor: str | None = None, mode: str = "max") -> tuple[str, int, float] | None:
+    """(monitor, 1-based epoch, value) of the best row of a history table, or None when the
+    monitor column is missing or empty. Default monitor: the first of ``SELECTION_METRICS`` present."""
+    import pandas as pd
+
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
+    key = monitor or next((k for k in SELECTION_METRICS if k in h), None)
+    if key is None or key not in h:
         return None
-    h = pd.read_csv(history_csv)
-    if h.empty:
+    values = pd.to_numeric(h[key], errors="coerce")
+    if values.isna().all():
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    x = h["epoch"] + 1
+    i = values.idxmax() if mode == "max" else values.idxmin()
+    return key, int(_history_x(h)[i]), float(values[i])
+
+
+def _history_panels(axes, h, x) -> None:
     first = next((k for k in ("accuracy", "label_accuracy", "dice", "mask_dice") if k in h), "accuracy")
     for ax, key, title in ((axes[0], first, first.replace("_", " ").capitalize()), (axes[1], "loss", "Loss")):
         if key in h:
@@ -39,19 +97,42 @@ def plot_history(history_csv: str | Path, out: str | Path) -> Path | None:
             axes[2].plot(x, h[key], "o-", label=label)
     axes[2].set_title("Validation selection metrics")
     axes[2].set_ylim(0, 1.02)
+
+
+def plot_history(history_csv: str | Path, out: str | Path, monitor: str | None = None,
+                 mode: str = "max") -> Path | None:
+    """Accuracy, loss and validation metrics per epoch (integer ticks, 1-based), the fine-tune phase
+    marked, and the best epoch by ``monitor`` (``mode`` max or min; see ``best_epoch``) drawn as a
+    vertical line labelled "best epoch N (<monitor> <value>)". None when there is no history."""
+    import pandas as pd
+    from matplotlib.ticker import MaxNLocator
+
+    history_csv = Path(history_csv)
+    if not history_csv.exists():
+        return None
+    h = pd.read_csv(history_csv)
+    if h.empty:
+        return None
+    fig = titled_figure(15, 4.2)
+    axes = fig.subplots(1, 3)
+    x = _history_x(h)
+    _history_panels(axes, h, x)
+    best = best_epoch(h, monitor, mode)
     if "phase" in h and (h["phase"] == 2).any():
         start = x[h["phase"] == 2].iloc[0] - 0.5
         for ax in axes:
             ax.axvline(start, color="grey", ls="--", lw=1)
             ax.text(start, ax.get_ylim()[1], " fine-tune", va="top", fontsize=8, color="grey")
     for ax in axes:
+        if best is not None:
+            ax.axvline(best[1], color="tab:green", ls=":", lw=1.5,
+                       label=f"best epoch {best[1]} ({best[0]} {best[2]:.3f})" if ax is axes[2] else None)
+        ax.set_xlim(x.min() - 0.5, x.max() + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+        _legend(ax, 4.0, fontsize=9)
+    return _save(fig, out)
 
 
 def class_colors(class_names: list[str]) -> dict[str, tuple]:
@@ -62,45 +143,42 @@ def class_colors(class_names: list[str]) -> dict[str, tuple]:
     return {c: cmap(i % 10) for i, c in enumerate(class_names)}
 
 
-def plot_confusion(cm, class_names: list[str], out: str | Path, title: str = "") -> Path:
-    """Counts and row-normalised (recall) confusion matrices side by side."""
+def plot_confusion(cm, class_names: list[str], out: str | Path, title: str = "", context: str = "") -> Path:
+    """Counts and row-normalised (recall) confusion matrices side by side; ``title`` and ``context``
+    (e.g. "test split, n=135") as the suptitle."""
     import numpy as np
 
-    plt = _plt()
     cm = np.asarray(cm, dtype=float)
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     k = len(class_names)
-    fig, axes = plt.subplots(1, 2, figsize=(5.2 * 2 + 1, 4.6 + 0.15 * k))
-    for ax, mat, fmt, sub in ((axes[0], cm, "{:.0f}", "counts"), (axes[1], norm, "{:.2f}", "row-normalised (recall)")):
+    names = [wrap_text(c, 1.4, 10) for c in class_names]
+    fig = titled_figure(5.2 * 2 + 1, 4.6 + 0.15 * k, _titled(title, context))
+    for ax, mat, fmt, sub in zip(fig.subplots(1, 2), (cm, norm), ("{:.0f}", "{:.2f}"),
+                                 ("counts", "row-normalised (recall)")):
         im = ax.imshow(mat, cmap="Blues", vmin=0, vmax=mat.max() if mat.max() > 0 else 1)
         for i in range(k):
             for j in range(k):
                 ax.text(j, i, fmt.format(mat[i, j]), ha="center", va="center",
                         color="white" if mat[i, j] > 0.6 * (mat.max() or 1) else "black", fontsize=10)
-        ax.set_xticks(range(k), class_names, rotation=30, ha="right")
-        ax.set_yticks(range(k), class_names)
+        ax.set_xticks(range(k), names, rotation=30, ha="right")
+        ax.set_yticks(range(k), names)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"Confusion matrix, {sub}")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
 
 
-def plot_roc(y, probs, class_names: list[str], out: str | Path) -> Path:
+def plot_roc(y, probs, class_names: list[str], out: str | Path, context: str = "") -> Path:
     """One-vs-rest ROC per class (AUC in the legend) plus micro and macro averages."""
     import numpy as np
     from sklearn.metrics import auc, roc_curve
 
-    plt = _plt()
     colors = class_colors(class_names)
     y = np.asarray(y, int)
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    fig = titled_figure(6.4, 5.6, _titled("ROC curves, one class vs rest", context))
+    ax = fig.subplots()
     grid = np.linspace(0, 1, 201)
     tprs = []
     for i, c in enumerate(class_names):
@@ -120,24 +198,20 @@ def plot_roc(y, probs, class_names: list[str], out: str | Path) -> Path:
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title("ROC curves, one class vs rest")
-    ax.legend(loc="lower right", fontsize=8)
+    _legend(ax, 2.6, loc="lower right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
 
 
-def plot_pr(y, probs, class_names: list[str], out: str | Path) -> Path:
+def plot_pr(y, probs, class_names: list[str], out: str | Path, context: str = "") -> Path:
     """Precision-recall curve per class with average precision and the class prevalence."""
     import numpy as np
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    plt = _plt()
     colors = class_colors(class_names)
     y = np.asarray(y, int)
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    fig = titled_figure(6.4, 5.6, _titled("Precision-recall curves (dotted: chance = prevalence)", context))
+    ax = fig.subplots()
     for i, c in enumerate(class_names):
         yb = (y == i).astype(int)
         if not yb.any():
@@ -150,26 +224,21 @@ def plot_pr(y, probs, class_names: list[str], out: str | Path) -> Path:
     ax.set_ylabel("precision (PPV)")
     ax.set_xlim(0, 1.01)
     ax.set_ylim(0, 1.02)
-    ax.set_title("Precision-recall curves (dotted: chance = prevalence)")
-    ax.legend(loc="lower left", fontsize=8)
+    _legend(ax, 2.6, loc="lower left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
 
 
 def plot_reliability(bins_before: dict, bins_after: dict | None, ece_before: float, ece_after: float | None,
-                     temperature: float | None, out: str | Path) -> Path:
+                     temperature: float | None, out: str | Path, context: str = "") -> Path:
     """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling."""
     import numpy as np
 
-    plt = _plt()
     panels = [("uncalibrated", bins_before, ece_before)]
     if bins_after is not None:
         panels.append((f"temperature T={temperature:.3f}", bins_after, ece_after))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5), squeeze=False)
-    for ax, (name, b, e) in zip(axes[0], panels):
+    fig = titled_figure(5.2 * len(panels), 5, _titled("Reliability diagram", context))
+    for ax, (name, b, e) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         edges = np.asarray(b["edges"])
         width = edges[1] - edges[0]
         acc = [a if a is not None else 0 for a in b["accuracy"]]
@@ -180,39 +249,44 @@ def plot_reliability(bins_before: dict, bins_after: dict | None, ece_before: flo
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.set_xlabel("confidence (top-1 probability)")
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{name}: ECE {e:.3f} ({len(edges) - 1} bins)")
+        ax.set_title(wrap_text(f"{name}: ECE {e:.3f} ({len(edges) - 1} bins)", 4.2, 10), fontsize=10)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.legend(loc="upper left", fontsize=8)
+        _legend(ax, 2.0, loc="upper left")
         ax2 = ax.twinx()
         ax2.plot(edges[:-1] + width / 2, b["count"], "o-", color="grey", ms=3, lw=0.8)
         ax2.set_ylabel("images per bin", color="grey")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return Path(out)
+    return _save(fig, out)
 
 
-def plot_image_grid(rows: list[tuple[str, list[tuple]]], out: str | Path, title: str = "") -> Path:
-    """rows: (row title, [(image HxW or HxWx3, caption, colour)]) -> one figure, one row each."""
+def plot_image_grid(rows: list[tuple[str, list[tuple]]], out: str | Path, title: str = "", context: str = "",
+                    colorbar: str | None = None) -> Path:
+    """rows: (row title, [(image HxW or HxWx3, caption, colour)]) -> one figure, one row each.
+    Captions wrap within their panel; ``colorbar``: a label for one shared jet 0-1 colour bar
+    (Grad-CAM grids)."""
     import numpy as np
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
-    plt = _plt()
+    panel, size = 2.1, 7
     ncol = max([len(items) for _, items in rows] + [1])
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.1 * ncol + 0.8, 2.4 * len(rows) + 0.4), squeeze=False)
+    captions = [[wrap_text(item[1], panel - 0.15, size) for item in items] for _, items in rows]
+    cap_lines = max([_n_lines(c) for row in captions for c in row] + [1])
+    width = panel * ncol + 0.8 + (0.9 if colorbar else 0)
+    row_height = panel + cap_lines * size * 1.4 / 72 + 0.1
+    fig = titled_figure(width, row_height * len(rows) + 0.2, _titled(title, context), 10)
+    axes = fig.subplots(len(rows), ncol, squeeze=False)
     for r, (name, items) in enumerate(rows):
-        for c in range(ncol):
-            ax = axes[r][c]
+        for c, ax in enumerate(axes[r]):
             ax.axis("off")
             if c < len(items):
-                img, caption, color = items[c]
-                ax.imshow(img, cmap="gray" if np.ndim(img) == 2 else None, vmin=0, vmax=1 if np.ndim(img) == 2 else None)
-                ax.set_title(caption, fontsize=7, color=color)
-        axes[r][0].text(-0.08, 0.5, name, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right",
-                        fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return Path(out)
+                img, _, color = items[c]
+                gray = np.ndim(img) == 2
+                ax.imshow(img, cmap="gray" if gray else None, vmin=0, vmax=1 if gray else None)
+                ax.set_title(captions[r][c], fontsize=size, color=color)
+        axes[r][0].text(-0.08, 0.5, wrap_text(name, panel, 9), transform=axes[r][0].transAxes, rotation=90,
+                        va="center", ha="right", fontsize=9)
+    if colorbar:
+        bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="jet"), ax=axes.ravel().tolist(), fraction=0.03)
+        bar.set_label(wrap_text(colorbar, panel * len(rows), 9), fontsize=9)
+    return _save(fig, out)

@@ -22,7 +22,7 @@ DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 IMAGE_EXTENSIONS = RASTER_EXTENSIONS | DICOM_EXTENSIONS
 # Formats tf.io.decode_image reads inside the graph; others go through Python.
 TF_DECODABLE = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
-SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I", "F"})
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I"})
 
 THUMB_SIZE = 32
 
@@ -71,19 +71,22 @@ def _stretch(arr: np.ndarray) -> np.ndarray:
 
 
 def _pil_to_gray(img: Image.Image) -> np.ndarray:
-    """PIL image of any mode -> float32 HxW in [0, 1]."""
+    """PIL image of any mode -> float32 HxW in [0, 1], the values the SavedModel's in-graph
+    decoder gives for the same file (covidcxr/data/tfgraph.py): 8-bit / 255; 16-bit by its real
+    bit depth (a 12-bit film in a 16-bit PNG is / 4095, so 8- and 16-bit copies agree); RGB by
+    TensorFlow's luma weights; alpha ignored."""
+    from covidcxr.data.preprocess import scale_by_bit_depth, to_gray
+
     mode = img.mode
-    if mode in SIXTEEN_BIT_MODES:
-        # Bit depth of 16-bit radiographs varies (10-16 bits used): stretch.
+    if mode == "F":  # float TIFF: no defined range
         return _stretch(np.asarray(img, dtype=np.float32))
-    if mode == "L":
-        return np.asarray(img, dtype=np.float32) / 255.0
-    if mode in ("LA", "RGBA", "PA"):
-        img = img.convert("RGBA" if mode != "LA" else "LA")
-        img = img.convert("L")
-    elif mode != "L":
-        img = img.convert("L")
-    return np.asarray(img, dtype=np.float32) / 255.0
+    if mode in SIXTEEN_BIT_MODES:
+        return scale_by_bit_depth(np.asarray(img))
+    if mode == "1":
+        return np.asarray(img, dtype=np.float32)
+    if mode not in ("L", "LA", "RGB", "RGBA"):
+        img = img.convert("RGB")
+    return to_gray(np.asarray(img, dtype=np.float32) / np.float32(255.0))
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -146,6 +149,7 @@ class FileInfo:
     phash: int = 0
     phash_mirror: int = 0
     thumb: np.ndarray | None = None  # THUMB_SIZE x THUMB_SIZE uint8
+    gray: np.ndarray | None = None   # the decoded image (inspect_file(keep_gray=True))
 
 
 def _thumbnail(gray: np.ndarray) -> np.ndarray:
@@ -162,14 +166,17 @@ def perceptual_hash(thumb: np.ndarray) -> int:
     return int(np.packbits(bits).view(">u8")[0])
 
 
-def inspect_file(path: str | Path) -> FileInfo:
-    """Fully decode one image: size, mode, sha256, perceptual hashes, thumbnail.
+def inspect_file(path: str | Path, keep_gray: bool = False) -> FileInfo:
+    """Fully decode one image: size, mode, sha256, perceptual hashes, thumbnail (and, with
+    ``keep_gray``, the decoded float image itself, so one read serves both checks and pixels).
 
     Never raises: a bad file comes back with ok=False and the reason.
     """
     path = Path(path)
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        return FileInfo(str(path), False, "file not found")
     except OSError as exc:
         return FileInfo(str(path), False, f"cannot read file ({exc.strerror or exc})")
     if not data:
@@ -195,7 +202,7 @@ def inspect_file(path: str | Path) -> FileInfo:
     thumb = _thumbnail(gray)
     return FileInfo(
         str(path), True, "", w, h, mode, sha,
-        perceptual_hash(thumb), perceptual_hash(thumb[:, ::-1]), thumb,
+        perceptual_hash(thumb), perceptual_hash(thumb[:, ::-1]), thumb, gray if keep_gray else None,
     )
 
 

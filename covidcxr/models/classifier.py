@@ -1,6 +1,7 @@
 """Classifier = registry backbone + head (global pooling, BN, dropout, softmax).
 
-``build_classifier`` returns an uncompiled model. The backbone is a nested
+``build_classifier`` returns an uncompiled model that takes uint8-range grayscale
+``[B, S, S, 1]`` (see ``covidcxr.models.layers``). The backbone is a nested
 sub-model named ``backbone``: with pretrained weights it is called with
 ``training=False`` so its BatchNormalization layers stay in inference mode
 during fine-tuning; trained from scratch it is called normally and its BN
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import keras
 
+from covidcxr.models.layers import BackboneInput, gray_input
 from covidcxr.models.registry import ArchSpec, build_backbone
 
 
@@ -29,9 +31,10 @@ def build_classifier(spec: ArchSpec, num_classes: int, image_size: int, weights:
                      dropout: float = 0.3, bn_momentum: float | None = None) -> keras.Model:
     backbone = build_backbone(spec, image_size, weights)
     backbone.name = "backbone"
-    inputs = keras.Input((image_size, image_size, 3), name="image")
+    inputs = gray_input(image_size)
+    x = BackboneInput(spec.normalization, name="preprocess")(inputs)
     pretrained = weights is not None
-    features = backbone(inputs, training=False) if pretrained else backbone(inputs)
+    features = backbone(x, training=False) if pretrained else backbone(x)
     pool = keras.layers.GlobalAveragePooling1D if len(features.shape) == 3 else keras.layers.GlobalAveragePooling2D
     x = pool(name="gap")(features)
     x = keras.layers.BatchNormalization(name="head_bn")(x)

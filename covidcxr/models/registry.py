@@ -9,6 +9,29 @@ decoder taps, from high to low resolution (as in segmentation_models).
   checked when the file name matches a published one) or a ``.weights.h5``;
 - keras-hub: a preset directory (what ``save_to_preset`` writes) or a
   ``.weights.h5`` file.
+
+keras-hub presets by name or handle are passed as ``PRESET + NAME`` (``--preset NAME``);
+``hf://`` and ``kaggle://`` handles are also accepted as ``weights`` directly. A local
+folder may also hold a Hugging Face checkpoint (``config.json`` with ``model_type`` +
+``model.safetensors``), read by keras-hub's transformers converter exactly as ``hf://``
+is (see ``covidcxr.foundation.presets``, which checks every preset before loading).
+
+Chest-X-ray foundation encoders:
+
+- ``rad_dino``: RAD-DINO (Microsoft; a DINOv2 ViT-B/14 trained on chest X-rays), from its
+  Hugging Face checkpoint. ``--weights imagenet`` (the entry's default pretrained weights)
+  or ``--preset hf://microsoft/rad-dino`` downloads it; offline, download ``config.json``
+  and ``model.safetensors`` (and ``preprocessor_config.json``, checked against the
+  normalisation below) from https://huggingface.co/microsoft/rad-dino into a folder and
+  pass ``--preset /models/rad-dino`` (or ``--weights /models/rad-dino``). Its own
+  normalisation ``rad_dino`` (mean 0.5307, std 0.2583); native size 518 px, any multiple of
+  14 works (position embeddings are interpolated).
+- ``medsiglip``: MedSigLIP's image tower (Google; SigLIP so400m, 448 px), from the keras-hub
+  preset ``medsiglip_900m_448`` (``--weights imagenet`` or ``--preset medsiglip_900m_448``)
+  or a local copy of it (``--preset /models/medsiglip``: ``save_to_preset`` folder of the
+  full ``SigLIPBackbone``; its image tower is taken). Normalisation ``siglip`` ([-1, 1]);
+  the image size must be the preset's (448). As a classifier backbone it returns the pooled
+  SigLIP image embedding as ``[B, 1, D]`` (see ``covidcxr.foundation.tokens``).
 """
 from __future__ import annotations
 
@@ -50,6 +73,19 @@ def _published(module: str, key, pattern_top: str, pattern_notop: str, table: st
     except Exception:  # pragma: no cover - Keras moved its constants: skip the check
         return {}
     return {pattern_top: hashes[0], pattern_notop: hashes[1]}
+
+
+def _foundation_specs() -> list[ArchSpec]:
+    """Chest-X-ray foundation encoders (issue "Chest-X-ray foundation models"); see the module docstring."""
+    return [
+        ArchSpec("rad_dino", "keras-hub", "rad_dino", "DINOV2Backbone", hub_preset="hf://microsoft/rad-dino",
+                 hub_config=dict(patch_size=14, num_layers=12, hidden_dim=768, num_heads=12, intermediate_dim=3072,
+                                 position_embedding_shape=(518, 518, 3)),
+                 size_multiple=14, min_size=28),
+        ArchSpec("medsiglip", "keras-hub", "siglip", "SigLIPVisionEncoder", hub_preset="medsiglip_900m_448",
+                 hub_config=dict(patch_size=16, hidden_dim=1152, num_layers=27, num_heads=16, intermediate_dim=4304),
+                 size_multiple=16, min_size=32),
+    ]
 
 
 def _specs() -> dict[str, ArchSpec]:
@@ -100,6 +136,9 @@ def _specs() -> dict[str, ArchSpec]:
                  hub_config=dict(patch_size=16, hidden_dim=768, num_layers=12, num_heads=12, intermediate_dim=3072,
                                  intermediate_activation="quick_gelu"),
                  size_multiple=16),
+    ]
+    specs += _foundation_specs()
+    specs += [
         ArchSpec("swin_tiny", "keras-hub", "torch", "SwinTransformerBackbone",
                  hub_preset="swin_tiny_patch4_window7_224",
                  hub_config=dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
@@ -111,8 +150,13 @@ def _specs() -> dict[str, ArchSpec]:
 
 @functools.lru_cache(maxsize=1)
 def registry() -> dict[str, ArchSpec]:
-    """All registered architectures (built lazily: reads Keras' published hashes)."""
-    return _specs()
+    """All registered architectures (built lazily: reads Keras' published hashes, so Keras is imported here
+    anyway; the foundation normalisations such as ``rad_dino`` are registered at the same time)."""
+    from covidcxr.foundation.presets import register_foundation_normalizations
+
+    specs = _specs()
+    register_foundation_normalizations()
+    return specs
 
 
 def arch_names() -> list[str]:
@@ -171,13 +215,21 @@ def _keras_weights_filename(spec: ArchSpec) -> str:
     return notop[0] if notop else ""
 
 
+def _preset_of(weights) -> str | None:
+    """The preset a ``weights`` value names: ``PRESET + NAME``, or an ``hf://`` / ``kaggle://`` handle."""
+    w = str(weights)
+    if w.startswith(PRESET):
+        return w[len(PRESET):]
+    return w if w.startswith(HUB_SCHEMES) else None
+
+
 def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
-    """Feature extractor for ``spec`` at ``image_size``; ``weights`` imagenet/None/path."""
+    """Feature extractor for ``spec`` at ``image_size``; ``weights`` imagenet/None/path/PRESET+name/handle."""
     import keras
 
     check_image_size(spec, image_size)
     shape = (image_size, image_size, 3)
-    preset = str(weights)[len(PRESET):] if str(weights).startswith(PRESET) else None
+    preset = _preset_of(weights)
     if preset is not None and spec.source != "keras-hub":
         raise ConfigError(f"--preset: {spec.name} comes from keras.applications, which has no presets; use "
                           f"--weights imagenet|none|PATH.")
@@ -198,12 +250,15 @@ def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
             return ctor(weights=str(weights), **kw)
         import keras_hub
 
-        ctor = getattr(keras_hub.models, spec.constructor)
+        from covidcxr.foundation.tokens import as_registry_backbone  # also registers foundation normalisations
+
         if weights == "imagenet":
-            return hub_from_preset(spec, spec.hub_preset, shape)
+            return as_registry_backbone(spec, hub_from_preset(spec, spec.hub_preset, shape), image_size, True)
         if preset is not None or (weights is not None and os.path.isdir(weights)):
-            return hub_from_preset(spec, preset if preset is not None else str(weights), shape)
-        model = ctor(image_shape=shape, **spec.hub_config)
+            found = hub_from_preset(spec, preset if preset is not None else str(weights), shape)
+            return as_registry_backbone(spec, found, image_size, True)
+        ctor = getattr(keras_hub.models, spec.constructor)
+        model = as_registry_backbone(spec, ctor(image_shape=shape, **spec.hub_config), image_size)
         if weights is not None:
             model.load_weights(weights)
         return model
@@ -214,41 +269,56 @@ def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
 
 
 PRESET = "preset:"  # weights value for a keras-hub preset *name* (a preset folder is passed as its path)
+HUB_SCHEMES = ("hf://", "kaggle://")  # handles accepted as weights values without the PRESET prefix
+_FIXED_SIZE = ("ResNetBackbone", "CLIPVisionEncoder", "SigLIPVisionEncoder")  # presets built without image_shape
 
 
 def hub_from_preset(spec: ArchSpec, preset: str, shape):
-    """A keras-hub backbone from a preset name or a local preset folder (``save_to_preset``);
-    a CLIP preset gives its image tower. Refuses a preset of another architecture."""
+    """A keras-hub backbone from a preset name, an ``hf://``/``kaggle://`` handle, a local preset folder
+    (``save_to_preset``) or a local Hugging Face model folder; a CLIP/SigLIP preset gives its image tower.
+    Refuses a preset of another architecture before loading weights (``covidcxr.foundation.presets``)."""
     import keras_hub
 
-    if os.path.isdir(preset):
-        missing = [f for f in ("config.json", "metadata.json") if not os.path.exists(os.path.join(preset, f))]
-        if missing:
-            raise ConfigError(f"preset folder {preset} lacks {', '.join(missing)}: not a keras-hub preset "
-                              f"(write one with backbone.save_to_preset(DIR)).")
-    kw = {} if spec.constructor in ("ResNetBackbone", "CLIPVisionEncoder") else {"image_shape": shape}
+    from covidcxr.foundation.presets import check_hf_preprocessing, check_native_size, check_preset
+
+    info = check_preset(spec, preset)
+    check_hf_preprocessing(spec, info)
+    kw = {} if spec.constructor in _FIXED_SIZE else {"image_shape": shape}
     model = keras_hub.models.Backbone.from_preset(preset, **kw)
-    if hasattr(model, "vision_encoder"):  # CLIPBackbone: the image tower
+    if hasattr(model, "vision_encoder"):  # CLIPBackbone / SigLIPBackbone: the image tower
         model = model.vision_encoder
     if type(model).__name__ != spec.constructor:
         raise ConfigError(f"preset {preset} holds a {type(model).__name__}, but {spec.name} is a "
                           f"{spec.constructor}; pick the --arch that matches the preset.")
+    if spec.constructor in ("CLIPVisionEncoder", "SigLIPVisionEncoder"):
+        check_native_size(spec, model, shape[0], preset)
     return model
 
 
+def _offline_hint(spec: ArchSpec) -> str:
+    if spec.source == "keras.applications":
+        return (f"download {_keras_weights_filename(spec)} elsewhere and pass --weights /path/to/it "
+                f"(or put it in ~/.keras/models/)")
+    if spec.hub_preset.startswith("hf://"):
+        repo = spec.hub_preset[len("hf://"):]
+        return (f"download config.json, model.safetensors and preprocessor_config.json from "
+                f"https://huggingface.co/{repo} into a folder and pass it with --preset")
+    return f"save the keras-hub preset '{spec.hub_preset}' elsewhere and pass its folder with --weights"
+
+
 def _weights_error(spec: ArchSpec, weights, exc: Exception) -> ConfigError:
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300].rstrip(".")
     if weights == "imagenet":
-        where = (f"download {_keras_weights_filename(spec)} elsewhere and pass --weights /path/to/it "
-                 f"(or put it in ~/.keras/models/)" if spec.source == "keras.applications"
-                 else f"save the keras-hub preset '{spec.hub_preset}' elsewhere and pass its folder with --weights")
-        return ConfigError(f"could not get ImageNet weights for {spec.name} (no internet access?): {text}. "
-                           f"Use --weights none to train from scratch, or {where}.")
+        what = ("ImageNet weights" if spec.source == "keras.applications"
+                else f"the pretrained weights ({spec.hub_preset})")
+        return ConfigError(f"could not get {what} for {spec.name} (no internet access?): {text}. "
+                           f"Use --weights none to train from scratch, or {_offline_hint(spec)}.")
     if weights is None:
         return ConfigError(f"could not build {spec.name}: {text}")
-    if str(weights).startswith(PRESET):
-        return ConfigError(f"--preset {str(weights)[len(PRESET):]}: cannot load it for {spec.name} ({text}). "
-                           f"Offline, pass a local preset folder written by save_to_preset.")
+    preset = _preset_of(weights)
+    if preset is not None:
+        return ConfigError(f"--preset {preset}: cannot load it for {spec.name} ({text}). "
+                           f"Offline, pass a local folder: {_offline_hint(spec)}.")
     return ConfigError(f"--weights {weights}: cannot load it into {spec.name} ({text}). Is it a Keras weights "
                        f"file for this architecture?")
 

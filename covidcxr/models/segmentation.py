@@ -4,7 +4,12 @@ Names, all resolved by ``seg_spec``:
 
 - ``unet``: the classic encoder-decoder from scratch (``depth``, ``base_filters``);
 - ``unet_<backbone>``, ``unetpp_<backbone>``, ``deeplabv3plus_<backbone>``: a registry
-  backbone as encoder, tapped at the registry's skip layers (high to low resolution).
+  backbone as encoder, tapped at the registry's skip layers (high to low resolution);
+- ``setr_<backbone>``: a ViT token encoder (``dinov2_*``, ``rad_dino``, ``medsiglip``,
+  ``vit_b16``, ``clip_vit_b16``): the patch tokens, reshaped to a ``g x g`` map, feed a light
+  SETR-PUP decoder (Zheng et al. 2021: progressive bilinear 2x up-sampling + conv-BN-ReLU).
+  ViTs have one resolution and no skip layers, so they cannot be U-Net encoders; the image
+  size must be a multiple of the patch size (14 or 16).
 
 Every builder returns an uncompiled model whose ``mask`` output is a one-channel
 sigmoid at the input resolution; with ``num_classes`` the encoder bottleneck also
@@ -25,11 +30,14 @@ import keras
 from keras import layers
 
 from covidcxr.errors import ConfigError
+from covidcxr.models.layers import BackboneInput, gray_input
 from covidcxr.models.registry import ArchSpec, build_backbone, get_spec, registry
 
 SEG_KINDS = ("unet", "unetpp", "deeplabv3plus")
 SEG_BACKBONES = ("resnet50", "resnet101", "efficientnetb0", "efficientnetb1", "efficientnetb2", "densenet121",
                  "mobilenetv3small", "resnet18")
+TOKEN_KIND = "setr"  # decoder for ViT token encoders (no skips)
+TOKEN_BACKBONES = ("dinov2_small", "dinov2_base", "rad_dino", "medsiglip", "vit_b16", "clip_vit_b16")
 
 
 @dataclass(frozen=True)
@@ -50,16 +58,32 @@ class SegSpec:
 
 
 def seg_arch_names() -> list[str]:
-    return ["unet"] + [f"{k}_{b}" for k in SEG_KINDS for b in SEG_BACKBONES if b in registry()]
+    return (["unet"] + [f"{k}_{b}" for k in SEG_KINDS for b in SEG_BACKBONES if b in registry()]
+            + [f"{TOKEN_KIND}_{b}" for b in TOKEN_BACKBONES if b in registry()])
+
+
+def _token_seg_spec(name: str, kind: str, bb: str) -> SegSpec:
+    """``setr_<vit>``; a ViT named with a skip-based decoder is refused with the name to use."""
+    if kind != TOKEN_KIND:
+        raise ConfigError(f"{bb} is a ViT token encoder: it has one resolution and no skip layers, so it cannot be "
+                          f"a {kind} encoder. Use {TOKEN_KIND}_{bb} (patch tokens + progressive up-sampling decoder).")
+    if bb not in TOKEN_BACKBONES:
+        raise ConfigError(f"{name}: {TOKEN_KIND}_ needs a ViT token encoder; choose from {', '.join(TOKEN_BACKBONES)} "
+                          f"(CNN encoders go with unet_/unetpp_/deeplabv3plus_).")
+    spec = get_spec(bb)
+    return SegSpec(name, TOKEN_KIND, spec, spec.normalization, int(spec.hub_config.get("patch_size", 16)))
 
 
 def seg_spec(name: str) -> SegSpec:
     if name == "unet":
         return SegSpec("unet", "unet", None, "unit", 16)
     kind, _, bb = name.partition("_")
-    if kind not in SEG_KINDS or not bb:
+    if kind not in SEG_KINDS + (TOKEN_KIND,) or not bb:
         raise ConfigError(f"unknown segmentation architecture '{name}'. Use unet, or unet_/unetpp_/"
-                          f"deeplabv3plus_ + a backbone, e.g. {', '.join(seg_arch_names()[1:5])}...")
+                          f"deeplabv3plus_ + a backbone, e.g. {', '.join(seg_arch_names()[1:5])}..., or "
+                          f"{TOKEN_KIND}_ + a ViT ({', '.join(TOKEN_BACKBONES)})")
+    if kind == TOKEN_KIND or bb in TOKEN_BACKBONES:
+        return _token_seg_spec(name, kind, bb)
     spec = get_spec(bb)
     if len(spec.skips) < 3:
         raise ConfigError(f"{bb} has no skip layers in the registry, so it cannot be a {kind} encoder; "
@@ -99,8 +123,8 @@ def build_unet(image_size: int, depth: int = 4, base_filters: int = 32, num_clas
     """Classic U-Net (Ronneberger et al. 2015) with BN, from scratch."""
     if image_size % (2 ** depth):
         raise ConfigError(f"--image-size {image_size} must be a multiple of {2 ** depth} for a depth-{depth} U-Net.")
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x, skips = inputs, []
+    inputs = gray_input(image_size)
+    x, skips = BackboneInput("unit", channels=1, name="preprocess")(inputs), []
     for d in range(depth):
         x = conv_block(x, base_filters * 2 ** d, f"enc{d}")
         skips.append(x)
@@ -125,11 +149,17 @@ def _encoder(spec: ArchSpec, image_size: int, weights):
     return keras.Model(bb.inputs, outs, name="backbone")
 
 
+def _encode(spec: ArchSpec, image_size: int, weights):
+    """(gray model input, encoder features [skips..., bottleneck]) for a registry backbone."""
+    inputs = gray_input(image_size)
+    x = BackboneInput(spec.normalization, name="preprocess")(inputs)
+    enc = _encoder(spec, image_size, weights)
+    return inputs, (enc(x, training=False) if weights is not None else enc(x))
+
+
 def build_unet_backbone(spec: ArchSpec, image_size: int, weights=None, decoder_filters=(256, 128, 64, 32, 16),
                         num_classes: int | None = None, dropout: float = 0.3) -> keras.Model:
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    enc = _encoder(spec, image_size, weights)
-    feats = enc(inputs, training=False) if weights is not None else enc(inputs)
+    inputs, feats = _encode(spec, image_size, weights)
     *skips, x = feats
     bottleneck = x
     for i, skip in enumerate(reversed(skips)):
@@ -145,9 +175,7 @@ def build_unetpp(spec: ArchSpec, image_size: int, weights=None, filters=(32, 64,
                  deep_supervision: bool = False, num_classes: int | None = None, dropout: float = 0.3) -> keras.Model:
     """U-Net++ (Zhou et al. 2018): nested dense skip paths X[i][j] = conv(X[i][0..j-1], up(X[i+1][j-1])).
     ``deep_supervision``: the mask is the mean of the 1x1 heads on X[0][1..n]."""
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    enc = _encoder(spec, image_size, weights)
-    feats = enc(inputs, training=False) if weights is not None else enc(inputs)
+    inputs, feats = _encode(spec, image_size, weights)
     n = len(feats) - 1
     X = [[f] for f in feats]  # X[i][0]: encoder level i (high to low resolution)
     for j in range(1, n + 1):
@@ -183,9 +211,7 @@ def _conv_bn(x, filters, kernel, name, rate=1):
 def build_deeplabv3plus(spec: ArchSpec, image_size: int, weights=None, aspp_filters: int = 256,
                         rates=(6, 12, 18), num_classes: int | None = None, dropout: float = 0.3) -> keras.Model:
     """DeepLabV3+ (Chen et al. 2018): ASPP on the stride-16 feature, decoder with the stride-4 skip."""
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    enc = _encoder(spec, image_size, weights)
-    feats = enc(inputs, training=False) if weights is not None else enc(inputs)
+    inputs, feats = _encode(spec, image_size, weights)
     *skips, bottleneck = feats
     high = skips[-1]          # stride 16
     low = skips[1] if len(skips) > 2 else skips[0]  # stride 4
@@ -207,6 +233,25 @@ def build_deeplabv3plus(spec: ArchSpec, image_size: int, weights=None, aspp_filt
     return _heads(inputs, x, bottleneck, num_classes, dropout, f"deeplabv3plus_{spec.name}")
 
 
+def build_setr(spec: ArchSpec, image_size: int, weights=None, decoder_filters=(256, 128, 64, 32),
+               num_classes: int | None = None, dropout: float = 0.3) -> keras.Model:
+    """SETR-PUP on a ViT token encoder: tokens (class/register tokens dropped) -> ``[g, g, D]`` map ->
+    one (bilinear 2x up + conv-BN-ReLU) stage per ``decoder_filters`` entry -> resize to the input."""
+    from covidcxr.foundation.tokens import PatchTokensToMap, call_encoder, token_encoder  # registers rad_dino
+
+    inputs = gray_input(image_size)
+    x = BackboneInput(spec.normalization, name="preprocess")(inputs)
+    enc, grid = token_encoder(spec, image_size, weights)
+    tokens = call_encoder(enc, x, pretrained=weights is not None)
+    x = bottleneck = PatchTokensToMap(grid, name="token_map")(tokens)
+    for i, filters in enumerate(decoder_filters):
+        x = layers.UpSampling2D(2, interpolation="bilinear", name=f"pup{i}_up")(x)
+        x = _conv_bn(x, filters, 3, f"pup{i}")
+    if x.shape[1] != image_size:
+        x = layers.Resizing(image_size, image_size, interpolation="bilinear", name="pup_resize")(x)
+    return _heads(inputs, x, bottleneck, num_classes, dropout, f"{TOKEN_KIND}_{spec.name}")
+
+
 def build_segmenter(name: str, image_size: int, weights=None, num_classes: int | None = None,
                     dropout: float = 0.3, bn_momentum: float | None = None, **kw) -> keras.Model:
     """Any segmentation name -> uncompiled model (``num_classes``: multi-task)."""
@@ -218,7 +263,8 @@ def build_segmenter(name: str, image_size: int, weights=None, num_classes: int |
             raise ConfigError("the plain unet trains from scratch; --weights applies to unet_<backbone> models.")
         model = build_unet(image_size, num_classes=num_classes, dropout=dropout, **kw)
     else:
-        builder = {"unet": build_unet_backbone, "unetpp": build_unetpp, "deeplabv3plus": build_deeplabv3plus}[s.kind]
+        builder = {"unet": build_unet_backbone, "unetpp": build_unetpp, "deeplabv3plus": build_deeplabv3plus,
+                   TOKEN_KIND: build_setr}[s.kind]
         model = builder(s.backbone, image_size, weights, num_classes=num_classes, dropout=dropout, **kw)
     if bn_momentum is not None:
         from covidcxr.models.classifier import _is_bn, iter_layers

@@ -1,0 +1,168 @@
+"""Run and export folders: their file names, the model card, and ``locate(path)``.
+
+A **run** (``experiments/runs/<name>/``, written by ``covidcxr.train``)::
+
+    config.json  manifest.csv  model_card.json  history.csv  best.keras  metrics.json  curves.png
+    state.json + resume.npz (continue with --resume)  skipped.csv  train_fingerprints.npz
+    tensorboard/  lung_segmenter/ + crop_masks/ (lung-cropped classifiers)
+
+An **export** (``saved_models/<name>/``, written by ``covidcxr.export``)::
+
+    model.keras  model_card.json  train_fingerprints.npz  serving/1/ (TF SavedModel)  [lung_segmenter/]
+
+``locate`` accepts either folder, a ``.keras`` file beside a model card, or a bare SavedModel
+folder (``serving/1`` or its parent's ``serving``), and says which it found.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from covidcxr.errors import DataError
+
+CONFIG = "config.json"
+MANIFEST = "manifest.csv"
+CARD = "model_card.json"
+LEGACY_LABELS = "labels.json"
+HISTORY = "history.csv"
+BEST = "best.keras"
+STATE = "state.json"
+RESUME = "resume.npz"
+METRICS = "metrics.json"
+CURVES = "curves.png"
+SKIPPED = "skipped.csv"
+FINGERPRINTS = "train_fingerprints.npz"
+TENSORBOARD = "tensorboard"
+SEGMENTER_DIR = "lung_segmenter"
+CROP_MASKS = "crop_masks"
+EXPORT_MODEL = "model.keras"
+SERVING = Path("serving") / "1"
+CALIBRATION = "calibration.json"
+INPUT_FORMAT = "gray255"  # models take uint8-range grayscale [B, S, S, 1]
+
+
+@dataclass
+class ModelCard:
+    """What a model is: enough to preprocess its inputs and read its outputs anywhere."""
+
+    classes: list[str]
+    arch: str
+    task: str = "classify"              # classify | segment | multitask
+    image_size: int = 224
+    normalization: str = "unit"         # applied inside the model (BackboneInput)
+    contrast: str = "none"
+    lung_crop: str = ""                 # '' | given | model
+    target: str | None = None           # segment/multitask: lung | infection
+    input_format: str = INPUT_FORMAT
+    backend: str = ""                   # Keras backend it was trained on
+    extra: dict = field(default_factory=dict)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CARD
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ModelCard":
+        folder = Path(folder)
+        path = folder / CARD
+        if not path.exists():
+            if (folder / LEGACY_LABELS).exists():
+                raise DataError(f"{folder}: made by an older covidcxr (labels.json, models that take normalised RGB); "
+                                f"retrain it with this version.")
+            raise DataError(f"{folder}: no {CARD}; not a covidcxr run or export folder.")
+        doc = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+@dataclass
+class Located:
+    """A model found on disk. ``kind``: run | export | keras | savedmodel."""
+
+    kind: str
+    root: Path                     # the folder holding the card
+    card: ModelCard
+    keras_path: Path | None = None
+    savedmodel_path: Path | None = None
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.root if self.kind == "run" else None
+
+    @property
+    def fingerprints_path(self) -> Path | None:
+        p = self.root / FINGERPRINTS
+        return p if p.exists() else None
+
+    @property
+    def config(self) -> dict | None:
+        p = self.root / CONFIG
+        return json.loads(p.read_text()) if p.exists() else None
+
+    @property
+    def manifest_path(self) -> Path | None:
+        p = self.root / MANIFEST
+        return p if p.exists() else None
+
+    @property
+    def segmenter_dir(self) -> Path | None:
+        p = self.root / SEGMENTER_DIR
+        return p if (p / EXPORT_MODEL).exists() else None
+
+
+def _is_savedmodel(p: Path) -> bool:
+    return (p / "saved_model.pb").exists()
+
+
+def locate(path: str | Path) -> Located:
+    """Find the model at ``path`` (run dir, export dir, .keras file or SavedModel dir)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"--model {p}: no such file or folder.")
+    if p.is_file():
+        if p.suffix != ".keras":
+            raise DataError(f"--model {p}: not a .keras file, run folder or export folder.")
+        card = ModelCard.load(p.parent)
+        kind = "run" if (p.parent / CONFIG).exists() else "keras"
+        return Located(kind, p.parent, card, keras_path=p)
+    if _is_savedmodel(p):  # serving/1 (or any version folder) of an export
+        home = next((h for h in (p, p.parent, p.parent.parent) if (h / CARD).exists() or (h / LEGACY_LABELS).exists()),
+                    None)
+        if home is None:
+            raise DataError(f"--model {p}: a SavedModel without a {CARD} beside it (or two folders up); "
+                            f"cannot tell its classes.")
+        return Located("savedmodel", home, ModelCard.load(home), savedmodel_path=p)
+    if (p / BEST).exists() or (p / CONFIG).exists():
+        card = ModelCard.load(p)
+        if not (p / BEST).exists():
+            raise DataError(f"--model {p}: this run has no {BEST} yet (it saved no checkpoint).")
+        return Located("run", p, card, keras_path=p / BEST, savedmodel_path=_serving(p))
+    if (p / EXPORT_MODEL).exists():
+        return Located("export", p, ModelCard.load(p), keras_path=p / EXPORT_MODEL, savedmodel_path=_serving(p))
+    if (p / "serving").is_dir():
+        sm = _serving(p)
+        if sm is not None:
+            return Located("savedmodel", p, ModelCard.load(p), savedmodel_path=sm)
+    raise DataError(f"--model {p}: not a run folder ({BEST}), an export folder ({EXPORT_MODEL}) or a SavedModel.")
+
+
+def _serving(folder: Path) -> Path | None:
+    """The newest numbered SavedModel under ``folder/serving``."""
+    base = folder / "serving"
+    if not base.is_dir():
+        return None
+    versions = sorted((d for d in base.iterdir() if d.is_dir() and d.name.isdigit() and _is_savedmodel(d)),
+                      key=lambda d: int(d.name))
+    return versions[-1] if versions else None
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary name, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

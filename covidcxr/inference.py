@@ -1,0 +1,237 @@
+"""One predictor for ``.keras`` models and SavedModels, batched and pipelined; used by
+``predict``, ``evaluate``, ``zeroshot`` and lung-cropped training.
+
+Files are read and decoded by a pool of threads with exactly the preprocessing of training
+(covidcxr/data/preprocess.py: 8/16-bit, DICOM, contrast, lung crop), a bounded window ahead
+of the model, so decoding overlaps the model call and memory does not grow with the number of
+files. The model runs once per batch: the backend's compiled ``predict_on_batch`` for a Keras
+model (batches padded to one shape: one compilation), the ``serving_default`` signature with a
+batch of image bytes for a SavedModel. A file that cannot be read is reported with its reason
+and the batch goes on without it.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from covidcxr.artifacts import Located, ModelCard, locate
+from covidcxr.errors import DataError
+
+TF_DECODABLE = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
+
+
+@dataclass
+class Item:
+    """One input: the image file and, where the task needs them, its mask files."""
+
+    path: str
+    lung_mask: str = ""       # for classifiers trained on given lung crops, and the lungs-out probe
+    key: object = None        # caller's row id
+
+
+@dataclass
+class Decoded:
+    item: Item
+    image: np.ndarray | None = None          # uint8 [S, S] at the model's size (cropped as in training)
+    height: int = 0
+    width: int = 0
+    reason: str = ""
+    gray: np.ndarray | None = None           # full-resolution float image (keep_gray)
+    seg_image: np.ndarray | None = None      # uint8 at the lung segmenter's size (crop 'model')
+    lungs: np.ndarray | None = None          # uint8 {0,1} [S, S] lung mask (given crop, lungs-out probe)
+    fingerprint: tuple | None = None         # (sha256 bytes, phash, phash_mirror, thumb 32x32)
+    raw: bytes | None = None                 # bytes for a SavedModel
+
+
+@dataclass
+class Batch:
+    """A finished batch: the decoded inputs that ran, their outputs, and the inputs that failed."""
+
+    done: list[Decoded]
+    x: np.ndarray | None                     # uint8 [n, S, S, 1] as fed to the model
+    probs: np.ndarray | None = None          # [n, K]
+    masks: np.ndarray | None = None          # [n, h, w] mask probabilities at model resolution
+    failed: list[Decoded] = field(default_factory=list)
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class Predictor:
+    """``Predictor(path).run(items)`` -> an iterator of ``Batch``.
+
+    ``path``: run or export folder, ``.keras`` file, or SavedModel folder. ``prefer``:
+    'keras' (default, needed for Grad-CAM, TTA and the lungs-out probe) or 'savedmodel'."""
+
+    def __init__(self, path: str | Path | Located, batch_size: int = 32, workers: int | None = None,
+                 prefer: str = "keras"):
+        from covidcxr.training.tasks import get_task
+
+        self.located = path if isinstance(path, Located) else locate(path)
+        self.card: ModelCard = self.located.card
+        self.task = get_task(self.card.task)
+        self.batch_size, self.workers = int(batch_size), workers or default_workers()
+        use_sm = self.located.keras_path is None or (prefer == "savedmodel" and self.located.savedmodel_path)
+        self.kind = "savedmodel" if use_sm else "keras"
+        self.model = self.fn = self.segmenter = None
+        if self.kind == "savedmodel":
+            self.fn = _load_savedmodel(self.located.savedmodel_path)
+        else:
+            self.model = load_keras(self.located.keras_path)
+            if self.card.lung_crop == "model":
+                seg = self.located.segmenter_dir
+                if seg is None:
+                    raise DataError(f"{self.located.root}: this classifier crops with a lung segmenter, but its "
+                                    f"lung_segmenter/ folder is missing; copy it from the run folder.")
+                self.segmenter = Predictor(seg, batch_size, self.workers)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card.classes)
+
+    @property
+    def needs_lung_masks(self) -> bool:
+        return self.card.lung_crop == "given"
+
+    # ---------------------------------------------------------------- decoding (threads)
+
+    def decode(self, item: Item, keep_gray=False, fingerprint=False, lungs=False) -> Decoded:
+        from covidcxr.data import preprocess as P
+        from covidcxr.data.imageio import inspect_file, read_mask
+
+        info = inspect_file(item.path, keep_gray=True)
+        if not info.ok:
+            return Decoded(item, reason=info.reason)
+        c = self.card
+        d = Decoded(item, height=info.gray.shape[0], width=info.gray.shape[1])
+        try:
+            d.image = P.prepare(info.gray, c.image_size, c.contrast)
+            if self.segmenter is not None:
+                sc = self.segmenter.card
+                d.seg_image = P.prepare(info.gray, sc.image_size, sc.contrast)
+            if self.needs_lung_masks or lungs:
+                if not item.lung_mask:
+                    return Decoded(item, reason="no lung mask for this image")
+                d.lungs = P.resize_mask(read_mask(item.lung_mask), c.image_size)
+            if self.kind == "savedmodel":
+                native = Path(item.path).suffix.lower() in TF_DECODABLE
+                d.raw = Path(item.path).read_bytes() if native else P.numpy_to_png_bytes(info.gray)
+        except Exception as exc:  # a bad mask or an odd file: this input only
+            return Decoded(item, reason=str(exc).splitlines()[0][:200])
+        if fingerprint:
+            d.fingerprint = (bytes.fromhex(info.sha256), info.phash, info.phash_mirror, info.thumb)
+        if keep_gray:
+            d.gray = info.gray
+        return d
+
+    def _decoded(self, items: Iterable[Item], **kw) -> Iterator[Decoded]:
+        """Decoded inputs in order, at most ~3 batches ahead of the consumer."""
+        window = 3 * self.batch_size
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending: deque = deque()
+            for item in items:
+                pending.append(pool.submit(self.decode, item, **kw))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    # ---------------------------------------------------------------- the model (main thread)
+
+    def run(self, items: Iterable[Item], *, keep_gray=False, fingerprint=False, view=None,
+            lungs_out=False) -> Iterator[Batch]:
+        """Batches of outputs. ``view``: (degrees, zoom) fixed transform (test-time augmentation);
+        ``lungs_out``: black out each image's lung mask (the shortcut probe). Both need a Keras model."""
+        if (view is not None or lungs_out) and self.kind != "keras":
+            raise DataError("test-time augmentation and the lungs-out probe need the Keras model (model.keras): "
+                            "pass the run or export folder instead of the bare SavedModel.")
+        batch, failed = [], []
+        for d in self._decoded(items, keep_gray=keep_gray, fingerprint=fingerprint, lungs=lungs_out):
+            (failed if d.reason else batch).append(d)
+            if len(batch) == self.batch_size:
+                yield self._run_batch(batch, failed, view, lungs_out)
+                batch, failed = [], []
+        if batch or failed:
+            yield self._run_batch(batch, failed, view, lungs_out)
+
+    def _run_batch(self, done: list[Decoded], failed: list[Decoded], view, lungs_out) -> Batch:
+        if not done:
+            return Batch([], None, failed=failed)
+        if self.kind == "savedmodel":
+            return self._run_savedmodel(done, failed)
+        x = np.stack([d.image for d in done])[..., None]
+        if self.card.lung_crop == "given":
+            x = x * np.stack([d.lungs for d in done])[..., None]
+        elif self.segmenter is not None:
+            x = x * self._predicted_lungs(done)[..., None]
+        if lungs_out:
+            x = x * (1 - np.stack([d.lungs for d in done]))[..., None]
+        feed = x
+        if view is not None and (view[0] or view[1] != 1.0):
+            import keras
+
+            from covidcxr.training.augment import fixed_view
+
+            feed = np.round(keras.ops.convert_to_numpy(fixed_view(x, *view))).astype(np.uint8)
+        out = self.task.unpack(self._call(feed))
+        n = len(done)
+        return Batch(done, x.astype(np.uint8), None if out.probs is None else out.probs[:n],
+                     None if out.masks is None else out.masks[:n], failed)
+
+    def _call(self, x: np.ndarray):
+        """The Keras model on a batch padded to ``batch_size`` (one compiled shape)."""
+        n = len(x)
+        if n < self.batch_size:
+            x = np.concatenate([x, np.repeat(x[-1:], self.batch_size - n, axis=0)])
+        out = self.model.predict_on_batch(x)
+        if isinstance(out, dict):
+            return {k: v[:n] for k, v in out.items()}
+        return out[:n]
+
+    def _predicted_lungs(self, done: list[Decoded]) -> np.ndarray:
+        """The segmenter's lung masks at this model's size: uint8 {0, 1} [n, S, S]."""
+        from covidcxr.data import preprocess as P
+
+        seg = self.segmenter
+        probs = seg.task.unpack(seg._call(np.stack([d.seg_image for d in done])[..., None])).masks
+        return np.stack([P.mask_from_probs(p, self.card.image_size) for p in probs]).astype(np.uint8)
+
+    def _run_savedmodel(self, done: list[Decoded], failed: list[Decoded]) -> Batch:
+        import tensorflow as tf
+
+        feed = {"image_bytes": tf.constant([d.raw for d in done])}
+        if self.needs_lung_masks:
+            feed["lung_mask_bytes"] = tf.constant([Path(d.item.lung_mask).read_bytes() for d in done])
+        res = self.fn(**feed)
+        probs = res["probabilities"].numpy().astype(np.float64) if "probabilities" in res else None
+        masks = res["mask"].numpy().astype(np.float32) if "mask" in res else None
+        return Batch(done, None, probs, masks, failed)
+
+
+def load_keras(path: str | Path):
+    import keras
+
+    from covidcxr.models.layers import register_all
+
+    register_all()
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot load this Keras model ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]})") from exc
+
+
+def _load_savedmodel(path: Path):
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise DataError(f"{path} is a TensorFlow SavedModel and TensorFlow is not installed; pass the run or "
+                        f"export folder (model.keras) instead, or pip install tensorflow.") from exc
+    return tf.saved_model.load(str(path)).signatures["serving_default"]

@@ -1,0 +1,213 @@
+"""From a manifest to batches: the run's rows, label subsets, mask columns, the input cache,
+and a backend-neutral loader that slices shuffled uint8 batches out of it.
+
+No tf.data: batches are NumPy arrays gathered from the memory-mapped cache by a
+``keras.utils.PyDataset``, with the next batches prepared by a background thread while the
+accelerator runs the current one. Epoch ``e`` of a run with seed ``s`` always visits the
+images in the order ``default_rng([s, e]).permutation(n)``, so a resumed run sees exactly the
+batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+
+from covidcxr.data.cache import CacheSpec, InputCache, open_cache
+from covidcxr.errors import DataError
+
+
+def class_weights(labels, class_names: list[str]) -> dict[str, float]:
+    """Balanced weights n / (k * n_c) from the training labels (missing classes -> 0)."""
+    counts = pd.Series(list(labels)).value_counts()
+    n, k = len(labels), len(class_names)
+    return {c: (n / (k * counts[c]) if counts.get(c, 0) else 0.0) for c in class_names}
+
+
+def label_subset(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """Keep a stratified, seeded ``fraction`` of the training rows (at least one per class);
+    the others get split 'unused' so the manifest still lists them."""
+    if fraction >= 1.0:
+        return df
+    rng = np.random.default_rng(seed)
+    df = df.copy()
+    for _, idx in df[df["split"] == "train"].groupby("label").groups.items():
+        idx = np.array(sorted(idx))
+        keep = max(1, int(round(fraction * len(idx))))
+        df.loc[rng.permutation(idx)[keep:], "split"] = "unused"
+    return df
+
+
+@dataclass
+class RunData:
+    """A run's manifest rows, opened against the input cache."""
+
+    df: pd.DataFrame
+    classes: list[str]
+    cache: InputCache
+    mask_column: str | None = None      # the target mask carried by batches (segment, multitask)
+    needs_mask: bool = False            # rows without that mask are left out (segment)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def rows(self, split: str) -> np.ndarray:
+        """Cache row indices of ``split`` that decoded (and, for a segmenter, have a mask)."""
+        sel = (self.df["split"].to_numpy() == split) & self.cache.ok
+        if self.needs_mask and self.mask_column:
+            sel &= self.cache.has_mask[self.mask_column]
+        return np.flatnonzero(sel)
+
+    def labels(self) -> np.ndarray:
+        look = {c: i for i, c in enumerate(self.classes)}
+        return np.array([look.get(c, -1) for c in self.df["label"]], np.int64)
+
+
+def open_run_data(df: pd.DataFrame, classes: list[str], image_size: int, contrast: str, *,
+                  mask_column: str | None = None, needs_mask: bool = False, crop_column: str = "",
+                  cache_dir=None, workers=None, progress: bool = True) -> RunData:
+    """Open (building if needed) the cache for every row of ``df`` and list the rows that failed."""
+    cols = [c for c in ("path", mask_column, crop_column) if c]
+    rows = [{c: (str(v) if isinstance(v, str) else "") for c, v in zip(cols, vals)}
+            for vals in df[cols].itertuples(index=False, name=None)]
+    spec = CacheSpec(image_size, contrast, (mask_column,) if mask_column else (), crop_column)
+    cache = open_cache(rows, spec, cache_dir, workers, progress)
+    skipped = [(df["path"].iloc[i], reason) for i, reason in cache.failed]
+    return RunData(df, classes, cache, mask_column, needs_mask, skipped)
+
+
+class Batches(keras.utils.PyDataset):
+    """uint8 batches of ``rows`` (cache indices) for ``fit`` or for a plain pass.
+
+    Training: shuffled per epoch (``set_epoch``), last partial batch dropped (fixed shapes: one
+    compiled step). Evaluation (``shuffle=False``): every row once, the last batch padded with
+    repeats of its last row; ``valid(i)`` says how many rows of batch i are real."""
+
+    def __init__(self, data: RunData, rows: np.ndarray, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                 class_weight: dict[str, float] | None = None, prefetch: int = 3):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.data, self.rows, self.bs, self.shuffle, self.seed = data, np.asarray(rows), int(batch_size), shuffle, seed
+        self.labels = data.labels()
+        self.onehot = np.eye(len(data.classes), dtype=np.float32)
+        cw = class_weight or {}
+        self.cw = np.array([float(cw.get(c, 1.0)) for c in data.classes] + [0.0], np.float32)
+        self.drop = shuffle and len(self.rows) >= self.bs
+        self.order = self.rows
+        self.epoch = None
+        self._depth = prefetch
+        self._pool = ThreadPoolExecutor(1) if prefetch else None
+        self._futures: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        n = len(self.rows)
+        return n // self.bs if self.drop else math.ceil(n / self.bs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the order for ``epoch`` (a pure function of seed and epoch) and start prefetching."""
+        self.epoch = epoch
+        self.order = (self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))]
+                      if self.shuffle else self.rows)
+        self._futures.clear()
+        for i in range(min(self._depth, len(self))):
+            self._submit(i)
+
+    def _submit(self, i: int) -> None:
+        if self._pool is not None and i < len(self) and i not in self._futures:
+            self._futures[i] = self._pool.submit(self.batch, i)
+
+    def valid(self, i: int) -> int:
+        return min(self.bs, len(self.order) - i * self.bs)
+
+    def batch(self, i: int):
+        idx = self.order[i * self.bs:(i + 1) * self.bs]
+        if len(idx) < self.bs and not self.drop:
+            idx = np.concatenate([idx, np.repeat(idx[-1:], self.bs - len(idx))])
+        srt = np.argsort(idx, kind="stable")           # read the memory map in file order
+        inv = np.empty_like(srt)
+        inv[srt] = np.arange(len(srt))
+        cache = self.data.cache
+        x = {"image": cache.images[idx[srt]][inv][..., None]}
+        lab = self.labels[idx]
+        x["class_weight"] = self.cw[np.where(lab >= 0, lab, len(self.cw) - 1)]
+        col = self.data.mask_column
+        if col:
+            x["mask"] = cache.masks[col][idx[srt]][inv][..., None]
+            x["mask_weight"] = cache.has_mask[col][idx].astype(np.float32)
+        else:
+            x["mask_weight"] = np.zeros(len(idx), np.float32)
+        y = self.onehot[np.clip(lab, 0, None)]
+        return x, y
+
+    def __getitem__(self, i: int):
+        if self.epoch is None:
+            self.set_epoch(0)
+        fut = self._futures.pop(i, None)
+        self._submit(i + self._depth)
+        return fut.result() if fut is not None else self.batch(i)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def check_split_sizes(data: RunData) -> None:
+    """Refuse a run whose training or validation split is empty after bad files are left out."""
+    for split in ("train", "val"):
+        if not len(data.rows(split)):
+            what = f" with a {data.mask_column.replace('_', ' ')}" if data.needs_mask and data.mask_column else ""
+            raise DataError(f"no usable '{split}' image{what} (after leaving out unreadable files); use --split with "
+                            f"a non-zero {split} fraction or a manifest that has such {split} rows.")
+
+
+DEMO = dict(per_class=100, synth_size=128, image_size=128, epochs=4, fine_tune_epochs=4, batch_size=32)
+
+
+def demo_data(cache_root: Path) -> Path:
+    """Build (once) and reuse the synthetic demo set."""
+    import shutil
+
+    from covidcxr.data.synth import write_synthetic_dataset
+
+    d = cache_root / f"demo-{DEMO['per_class']}x{DEMO['synth_size']}px-seed0"
+    if not (d / ".complete").exists():
+        if d.exists():
+            shutil.rmtree(d)
+        write_synthetic_dataset(d, DEMO["per_class"], DEMO["synth_size"], seed=0)
+        (d / ".complete").write_text("ok\n")
+    return d
+
+
+def load_manifest(data: str | None, split: str, seed: int, demo_root: Path, log=print):
+    """(manifest DataFrame, class names, [(path, reason)] left out by indexing) for a run."""
+    from covidcxr.data.manifest import build_manifest, read_manifest
+    from covidcxr.data.splits import parse_fractions
+
+    src = Path(data) if data else demo_data(demo_root)
+    problems: list[tuple[str, str]] = []
+    if src.is_file():
+        df = read_manifest(src)
+        log(f"manifest: {src} ({len(df)} images)")
+    else:
+        df, report = build_manifest(src, parse_fractions(split), seed, progress=sys.stderr.isatty())
+        log(f"indexed {report.root}: {report.layout} layout, {len(df)} images; split: {report.split_source}")
+        problems = [(p.path, p.reason) for p in report.problems]
+        groups = report.dedup.duplicate_groups
+        log(f"duplicate groups: {len(groups)} ({sum(map(len, groups.values()))} images), kept within one split")
+        if report.crossing_groups:
+            log(f"WARNING: {len(report.crossing_groups)} duplicate groups cross the dataset's own split "
+                f"(see python -m covidcxr.data audit {src})")
+    classes = sorted(df["label"].unique())
+    counts = df[df["split"] == "train"]["label"].value_counts()
+    empty = [c for c in classes if counts.get(c, 0) == 0]
+    if empty:
+        raise DataError(f"class(es) {empty} have no training images; add images or remove the class.")
+    for s in ("train", "val"):
+        if not (df["split"] == s).any():
+            raise DataError(f"the '{s}' split is empty; use --split with a non-zero {s} fraction or a manifest "
+                            f"that has {s} rows.")
+    return df.reset_index(drop=True), classes, problems

@@ -1,0 +1,327 @@
+"""One training run, start to finish: folders, data, model, the loop, figures, export.
+
+``train(cfg)`` is what ``python -m covidcxr.train`` calls after checking its arguments. Every
+value was validated before this runs; here the data are indexed and checked before the run
+folder is created, and a start that fails before its first epoch removes the folder again.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr import artifacts as A
+from covidcxr.cli import Interrupted
+from covidcxr.config import TrainConfig
+from covidcxr.errors import ConfigError, DataError, RunExistsError
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("experiments") / "runs" / f"{cfg.arch}-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_dirs(cfg: TrainConfig, overwrite: bool, resume: bool) -> tuple[Path, Path | None]:
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    export_dir = None if cfg.export_dir == "none" else Path(cfg.export_dir or Path("saved_models") / run_dir.name)
+    if resume:
+        if not (run_dir / A.STATE).exists() or not (run_dir / A.CONFIG).exists():
+            raise ConfigError(f"--resume: {run_dir} holds no interrupted run (no {A.STATE}/{A.CONFIG}); pass the "
+                              f"--run-dir of the run to continue.")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RunExistsError(f"run directory {run_dir} already exists; pass --overwrite to replace it, --resume to "
+                             f"continue it, or another --run-dir.")
+    if export_dir is not None and export_dir.exists() and any(export_dir.iterdir()) and not overwrite:
+        raise RunExistsError(f"export directory {export_dir} already exists; pass --overwrite or another "
+                             f"--export-dir (or --export-dir none).")
+    return run_dir, export_dir
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_rows(cfg: TrainConfig, task, log) -> tuple[pd.DataFrame, list[str], list]:
+    from covidcxr.training.data import label_subset, load_manifest
+
+    df, classes, problems = load_manifest(cfg.data, cfg.split, cfg.seed, Path("experiments") / "cache", log)
+    if cfg.label_fraction < 1.0:
+        before = int((df["split"] == "train").sum())
+        df = label_subset(df, cfg.label_fraction, cfg.seed)
+        kept = df[df["split"] == "train"]["label"].value_counts().sort_index()
+        log(f"label fraction {cfg.label_fraction:g}: {int(kept.sum())} of {before} training images "
+            f"({', '.join(f'{c} {n}' for c, n in kept.items())}); the rest are marked 'unused'")
+    if cfg.lung_crop == "given":
+        from covidcxr.lungcrop import given_masks
+
+        df = given_masks(df)
+    if task.segments:
+        col = task.mask_column(cfg.target)
+        has = df[col].astype(str) != "" if col in df else pd.Series(False, index=df.index)
+        if not has[df["split"] == "train"].any():
+            raise DataError(f"--task {cfg.task} --target {cfg.target}: the training split has no {cfg.target} masks "
+                            f"({col} is empty for every image). Use data with {cfg.target} masks (COVID-QU-Ex has lung "
+                            f"and infection masks; the Kaggle set has lung masks for some classes).")
+        log(f"{cfg.target} masks: {int(has.sum())} of {len(has)} images"
+            + ("" if cfg.task == "segment" else " (images without one train the classifier only: mask loss weight 0)"))
+    return df, classes, problems
+
+
+def report_skipped(run_dir: Path, skipped: list[tuple[str, str]], log) -> None:
+    """Every file left out: count and the first few on the console, all of them in skipped.csv."""
+    if not skipped:
+        return
+    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(run_dir / A.SKIPPED, index=False)
+    log(f"WARNING: {len(skipped)} file(s) left out (all listed in {run_dir / A.SKIPPED}), e.g.:")
+    for path, reason in skipped[:5]:
+        log(f"  - {path}: {reason.split(': ', 1)[-1] if reason.startswith(path) else reason}")
+
+
+def write_fingerprints(run_dir: Path, data) -> None:
+    """sha256, perceptual hashes and 16 x 16 thumbnails of the training (role 0) and validation
+    (role 1) images: what ``evaluate`` compares new data against (the training-overlap guard)."""
+    from covidcxr.data.cache import fingerprints
+
+    fp = fingerprints(data.cache)
+    rows = np.concatenate([data.rows("train"), data.rows("val")])
+    role = np.concatenate([np.zeros(len(data.rows("train")), np.uint8), np.ones(len(data.rows("val")), np.uint8)])
+    sub = fp.subset(rows)
+    thumbs16 = sub.thumbs.reshape(len(rows), 16, 2, 16, 2).mean(axis=(2, 4)).round().astype(np.uint8)
+    np.savez_compressed(run_dir / A.FINGERPRINTS, sha=sub.sha, phash=sub.phash, phash_mirror=sub.phash_mirror,
+                        thumbs16=thumbs16, role=role, known=sub.known)
+
+
+# ---------------------------------------------------------------- model
+
+
+def build_network(cfg: TrainConfig, task, n_classes: int, log):
+    """(network, resolved weights string) from --weights auto | imagenet | none | PATH | preset."""
+    from covidcxr.models.registry import imagenet_available
+
+    spec = task.spec(cfg.arch, cfg.image_size)
+    backbone = getattr(spec, "backbone", spec)  # segmentation specs wrap a registry backbone (or none)
+
+    def build(weights, bn):
+        return task.build(cfg.arch, cfg.image_size, n_classes, weights, cfg.dropout, bn)
+
+    w = cfg.weights
+    if w == "none" or backbone is None:
+        if w not in ("none", "auto"):
+            raise ConfigError(f"--weights {w}: {cfg.arch} has no pretrained encoder; use --weights none.")
+        return build(None, cfg.bn_momentum), "none"
+    if w == "auto":
+        try:
+            if backbone.source == "keras-hub" and not imagenet_available(backbone):
+                raise ConfigError("keras-hub presets are not fetched automatically")
+            return build("imagenet", None), "imagenet"
+        except ConfigError as exc:
+            log(f"WARNING: --weights auto: ImageNet weights unavailable ({str(exc)[:160]}...). Training FROM "
+                f"SCRATCH instead (--weights none). Pass --weights imagenet to make this an error, or --weights "
+                f"PATH for a local file.")
+            return build(None, cfg.bn_momentum), "none"
+    return build(w, None), w
+
+
+def _card(cfg: TrainConfig, task, classes, backend: str) -> A.ModelCard:
+    spec = task.spec(cfg.arch, cfg.image_size)
+    norm = spec.normalization
+    crop = "" if not cfg.lung_crop else ("given" if cfg.lung_crop == "given" else "model")
+    return A.ModelCard(list(classes), cfg.arch, cfg.task, cfg.image_size, norm if isinstance(norm, str) else "custom",
+                       cfg.contrast, crop, cfg.target if task.segments else None, backend=backend)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False, log=print) -> Path:
+    """Train as ``cfg`` says; returns the run folder. ``resume``: ``cfg`` is the saved config
+    (with any extended epoch budget applied by the caller)."""
+    from covidcxr.training.tasks import get_task
+
+    cfg.validate()
+    task = get_task(cfg.task)
+    run_dir, export_dir = resolve_dirs(cfg, overwrite, resume)
+    cfg = replace(cfg, run_dir=str(run_dir), export_dir=str(export_dir) if export_dir else "none",
+                  monitor=cfg.monitor or task.default_monitor)
+    if cfg.demo and not resume:
+        log("=" * 78 + "\nDEMO RUN on built-in SYNTHETIC CXR-like images (not real X-rays).\nTrain on real data "
+            "with --data DIR (see README). Small sizes so it ends in minutes.\n" + "=" * 78)
+    created = False
+    try:
+        if resume:
+            df = pd.read_csv(run_dir / A.MANIFEST, dtype=str, keep_default_na=False)
+            classes, problems = A.ModelCard.load(run_dir).classes, []
+        else:
+            df, classes, problems = prepare_rows(cfg, task, log)
+            if run_dir.exists() and overwrite:
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            created = True
+            df = _lung_crop_masks(cfg, df, run_dir, log)
+            df.to_csv(run_dir / A.MANIFEST, index=False)
+            cfg.save(run_dir / A.CONFIG)
+        return _train(cfg, task, df, classes, problems, run_dir, export_dir, resume, log)
+    except KeyboardInterrupt:
+        if (run_dir / A.STATE).exists():
+            raise Interrupted(f"continue with: python -m covidcxr.train --resume --run-dir {run_dir}") from None
+        _remove_stub(run_dir, created, log)
+        raise
+    except BaseException:
+        if not (run_dir / A.STATE).exists():
+            _remove_stub(run_dir, created, log)
+        raise
+
+
+def _remove_stub(run_dir: Path, created: bool, log) -> None:
+    if created and run_dir.exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log(f"(removed {run_dir}: the run never finished an epoch)", file=sys.stderr)
+
+
+def _lung_crop_masks(cfg: TrainConfig, df: pd.DataFrame, run_dir: Path, log) -> pd.DataFrame:
+    if not cfg.lung_crop or cfg.lung_crop == "given":
+        return df
+    from covidcxr.lungcrop import check_segmenter, copy_segmenter, predicted_masks
+
+    seg_dir = copy_segmenter(check_segmenter(cfg.lung_crop), run_dir)
+    return predicted_masks(df, seg_dir, cfg.image_size, run_dir / A.CROP_MASKS, log=log)
+
+
+def _train(cfg, task, df, classes, problems, run_dir, export_dir, resume, log) -> Path:
+    from covidcxr.training.data import check_split_sizes, open_run_data
+
+    data = open_run_data(df, classes, cfg.image_size, cfg.contrast,
+                         mask_column=task.mask_column(cfg.target) if task.segments else None,
+                         needs_mask=cfg.task == "segment", crop_column="crop_mask" if cfg.lung_crop else "",
+                         cache_dir=cfg.cache_dir or None, workers=cfg.workers, progress=sys.stderr.isatty())
+    c = data.cache
+    log(f"input cache: {c.path} ({'built in %.1f s' % c.built_seconds if c.built_seconds else 'reused'}, "
+        f"{int(c.ok.sum())} of {len(c.ok)} images)")
+    if not resume:
+        report_skipped(run_dir, problems + data.skipped, log)
+    check_split_sizes(data)
+    loop = _fit(cfg, task, data, run_dir, resume, log)
+    _finish(cfg, task, data, run_dir, export_dir, loop, log)
+    return run_dir
+
+
+def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
+    import keras
+
+    from covidcxr.training import devices as D
+    from covidcxr.training.augment import Augment
+    from covidcxr.training.data import Batches, class_weights
+    from covidcxr.training.loop import Loop, LoopState
+    from covidcxr.training.phases import plan
+    from covidcxr.training.trainee import Trainee
+
+    device = D.detect()
+    policy = D.precision_policy(device, cfg.mixed_precision)
+    keras.mixed_precision.set_global_policy(policy)
+    jit = device.backend == "jax" or D.use_jit(device, cfg.jit_compile)
+    D.make_deterministic(cfg.seed, device)
+    scope, how = D.distribution_scope(device, cfg.batch_size)
+    with scope:
+        if resume:
+            from covidcxr.models.layers import register_all
+
+            register_all()
+            net = keras.models.model_from_json((run_dir / "architecture.json").read_text())
+            weights = cfg.weights
+        else:
+            net, weights = build_network(cfg, task, len(data.classes), log)
+            cfg = replace(cfg, weights=weights)
+            cfg.save(run_dir / A.CONFIG)
+            (run_dir / "architecture.json").write_text(net.to_json())
+            _card(cfg, task, data.classes, device.backend).save(run_dir)
+        trainee = Trainee(net, Augment.from_config_object(cfg.augment, seed=cfg.seed), task)
+    cw = class_weights(data.df["label"].iloc[data.rows("train")], data.classes) \
+        if cfg.class_weights and task.classifies else None
+    train = Batches(data, data.rows("train"), cfg.batch_size, shuffle=True, seed=cfg.seed, class_weight=cw)
+    val = Batches(data, data.rows("val"), cfg.batch_size)
+    log(f"arch {cfg.arch}, weights {weights}, {device.describe()}, precision {policy}, XLA {'on' if jit else 'off'}"
+        + (f", {how}" if how else "") + f"; {len(data.rows('train'))} train / {len(data.rows('val'))} val / "
+        f"{len(data.rows('test'))} test images, classes {data.classes}")
+    phases = plan(cfg, pretrained=weights != "none")
+    state = LoopState.load(run_dir) if resume else LoopState()
+    if resume:
+        _extend(state, phases)
+    loop = Loop(trainee, task, cfg, phases, train, val, run_dir, jit_compile=jit, log=log)
+    loop.run(state)
+    return loop
+
+
+def _extend(state, phases) -> None:
+    """After --resume with a longer budget, reopen a phase that ran out of epochs (not one that stopped early);
+    a budget shorter than what already ran is refused."""
+    if state.phase_index < len(phases) and state.epoch_in_phase > phases[state.phase_index].epochs:
+        raise ConfigError(f"--resume: phase {phases[state.phase_index].name} already ran {state.epoch_in_phase} "
+                          f"epochs, more than the {phases[state.phase_index].epochs} now asked for.")
+    if state.phase_index < len(phases) and not state.stopped:
+        if state.phase_finished and state.epoch_in_phase < phases[state.phase_index].epochs:
+            state.phase_finished = False
+    state.finished = False
+
+
+def split_metrics(net, data, split: str, task, batch_size: int) -> dict | None:
+    """Classification figures and/or Dice/IoU/HD95 (model resolution) of ``net`` on a split."""
+    from covidcxr.metrics import classification_metrics
+    from covidcxr.segmetrics import segmentation_metrics
+    from covidcxr.training.data import Batches
+    from covidcxr.training.loop import predict_batches
+
+    rows = data.rows(split)
+    if not len(rows):
+        return None
+    batches = Batches(data, rows, batch_size, prefetch=0)
+    out = predict_batches(net, batches, task)
+    m = {}
+    if out.probs is not None:
+        m = classification_metrics(data.labels()[rows], out.probs, data.classes)
+    if out.masks is not None:
+        has = data.cache.has_mask[data.mask_column][rows]
+        if has.any():
+            truth = np.asarray(data.cache.masks[data.mask_column][rows[has]])
+            seg = segmentation_metrics(truth, out.masks[has])
+            seg.pop("per_image")
+            m["segmentation"] = seg
+    return m
+
+
+def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) -> None:
+    from covidcxr.inference import load_keras
+    from covidcxr.plots import plot_history
+
+    best = load_keras(run_dir / A.BEST)
+    metrics = {"summary": loop.summaries, "best_epoch": loop_state_best(run_dir)}
+    for split in ("val", "test"):
+        m = split_metrics(best, data, split, task, cfg.batch_size)
+        if m is None:
+            continue
+        metrics[split] = m
+        if "accuracy" in m:
+            auc = "n/a" if m["macro_auc"] is None else f"{m['macro_auc']:.4f}"
+            log(f"{split}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, macro-AUC {auc} (n={m['n']})")
+        if "segmentation" in m:
+            s = m["segmentation"]
+            hd = "n/a" if s["hd95"] is None else f"{s['hd95']:.2f}"
+            log(f"{split}: {cfg.target} Dice {s['dice']:.4f}, IoU {s['iou']:.4f}, HD95 {hd} px (n={s['n']} masks)")
+    A.atomic_write_text(run_dir / A.METRICS, json.dumps(metrics, indent=2))
+    write_fingerprints(run_dir, data)
+    plot_history(run_dir / A.HISTORY, run_dir / A.CURVES)
+    if export_dir is not None:
+        from covidcxr.exporting import export_run
+
+        export_run(run_dir, export_dir, overwrite=True, log=log)
+    log(f"run directory: {run_dir}")
+
+
+def loop_state_best(run_dir: Path) -> dict:
+    from covidcxr.training.loop import LoopState
+
+    s = LoopState.load(run_dir)
+    return {"epoch": s.best_epoch, "value": s.best}

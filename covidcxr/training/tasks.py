@@ -1,0 +1,179 @@
+"""One small object per task: which architecture names it takes, how its model is built,
+its losses and metrics, what its batches carry, and how its outputs are read.
+
+Everything that used to be ``if task == "..."`` lives here, behind ``get_task(name)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from covidcxr.errors import ConfigError
+
+
+def parse_loss_weights(text: str) -> dict[str, float]:
+    try:
+        parts = dict(kv.split("=") for kv in text.split(",")) if "=" in text else \
+            dict(zip(("label", "mask"), text.split(",")))
+        w = {k.strip(): float(v) for k, v in parts.items()}
+    except ValueError:
+        w = {}
+    if set(w) != {"label", "mask"} or min(w.values()) < 0:
+        raise ConfigError(f"--loss-weights {text!r}: write label=W1,mask=W2 (non-negative numbers).")
+    return w
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """A model's outputs as NumPy: class probabilities [n, K] and/or mask probabilities [n, h, w]."""
+
+    probs: np.ndarray | None = None
+    masks: np.ndarray | None = None
+
+
+class Task:
+    name = ""
+    classifies = False          # has class probabilities (a ``label`` output)
+    segments = False            # has a ``mask`` output
+    default_monitor = "val_macro_f1"
+
+    # ---- architecture
+    def spec(self, arch: str, image_size: int):
+        raise NotImplementedError
+
+    def build(self, arch: str, image_size: int, n_classes: int, weights, dropout: float, bn_momentum):
+        raise NotImplementedError
+
+    # ---- data
+    @property
+    def needs_mask(self) -> bool:
+        """Batches carry the target mask (augmented with the image)."""
+        return self.segments
+
+    def mask_column(self, target: str) -> str:
+        return f"{target}_mask"
+
+    # ---- losses and metrics (Keras compile arguments)
+    def compile_args(self, cfg) -> dict:
+        raise NotImplementedError
+
+    def loss_inputs(self, x, y, out, aug_mask):
+        """(y_true, y_pred, sample_weight) in the structure ``compile_args`` expects."""
+        raise NotImplementedError
+
+    # ---- outputs
+    def unpack(self, out) -> Outputs:
+        """Model outputs (backend tensors or NumPy) -> Outputs in NumPy."""
+        import keras
+
+        def np_(t):
+            return keras.ops.convert_to_numpy(t)
+
+        if isinstance(out, dict):
+            return Outputs(np_(out["label"]).astype(np.float64), np_(out["mask"])[..., 0].astype(np.float32))
+        if self.segments:
+            return Outputs(masks=np_(out)[..., 0].astype(np.float32))
+        return Outputs(probs=np_(out).astype(np.float64))
+
+
+def _cce(cfg):
+    import keras
+
+    return keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+
+
+def _mask_metrics():
+    from covidcxr.losses import MaskScore
+
+    return [MaskScore("dice"), MaskScore("iou")]
+
+
+class Classify(Task):
+    name = "classify"
+    classifies = True
+
+    def spec(self, arch, image_size):
+        from covidcxr.models.registry import check_image_size, get_spec
+
+        spec = get_spec(arch)
+        check_image_size(spec, image_size)
+        return spec
+
+    def build(self, arch, image_size, n_classes, weights, dropout, bn_momentum):
+        from covidcxr.models.classifier import build_classifier
+
+        return build_classifier(self.spec(arch, image_size), n_classes, image_size, weights, dropout=dropout,
+                                bn_momentum=bn_momentum)
+
+    def compile_args(self, cfg):
+        return {"loss": _cce(cfg), "metrics": ["accuracy"]}
+
+    def loss_inputs(self, x, y, out, aug_mask):
+        return y, out, x["class_weight"]
+
+
+class Segment(Task):
+    name = "segment"
+    segments = True
+    default_monitor = "val_dice"
+
+    def spec(self, arch, image_size):
+        from covidcxr.models.segmentation import seg_spec
+
+        spec = seg_spec(arch)
+        if image_size % spec.size_multiple or image_size < spec.size_multiple:
+            raise ConfigError(f"--image-size {image_size} does not suit {arch}: use a multiple of "
+                              f"{spec.size_multiple}.")
+        return spec
+
+    def build(self, arch, image_size, n_classes, weights, dropout, bn_momentum):
+        from covidcxr.models.segmentation import build_segmenter
+
+        return build_segmenter(arch, image_size, weights, num_classes=self._heads(n_classes), dropout=dropout,
+                               bn_momentum=bn_momentum)
+
+    def _heads(self, n_classes):
+        return None
+
+    def compile_args(self, cfg):
+        from covidcxr.losses import get_loss
+
+        # weighted_metrics: Keras passes sample weights (0 = no mask) to these, not to `metrics`.
+        return {"loss": get_loss(cfg.seg_loss), "weighted_metrics": _mask_metrics()}
+
+    def loss_inputs(self, x, y, out, aug_mask):
+        from keras import ops
+
+        return ops.cast(aug_mask, "float32"), out, x["mask_weight"]
+
+
+class Multitask(Segment):
+    name = "multitask"
+    classifies = True
+    default_monitor = "val_macro_f1"
+
+    def _heads(self, n_classes):
+        return n_classes
+
+    def compile_args(self, cfg):
+        from covidcxr.losses import get_loss
+
+        return {"loss": {"label": _cce(cfg), "mask": get_loss(cfg.seg_loss)},
+                "loss_weights": parse_loss_weights(cfg.loss_weights), "metrics": {"label": ["accuracy"]},
+                "weighted_metrics": {"mask": _mask_metrics()}}
+
+    def loss_inputs(self, x, y, out, aug_mask):
+        from keras import ops
+
+        return ({"label": y, "mask": ops.cast(aug_mask, "float32")}, out,
+                {"label": x["class_weight"], "mask": x["mask_weight"]})
+
+
+TASKS = {t.name: t for t in (Classify(), Segment(), Multitask())}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return TASKS[name]

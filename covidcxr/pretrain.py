@@ -11,6 +11,10 @@ only its training rows, so validation and test images stay unseen: ``--split``).
 Writes ``OUT`` (encoder weights, ``.weights.h5``) and ``OUT.json`` (arch, image size, method,
 loss per epoch), which ``python -m covidcxr.train --arch ARCH --weights OUT`` accepts; a
 weights file from another architecture is refused with the two names.
+
+Runs on the TensorFlow, JAX and PyTorch backends: images come from the decoded-input cache
+(``--cache-dir``) as uint8 batches, and the views are made in ``keras.ops`` inside the compiled
+training step.
 """
 from __future__ import annotations
 
@@ -23,7 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from covidcxr import cli
 from covidcxr.errors import ConfigError, CovidCXRError, DataError, RunExistsError
+
+LOAD_SCALE = 1.15     # images are cached this much larger than the views, so crops keep detail
+BLUR_RADIUS = 4       # Gaussian taps each side: 2.7 sigma at the largest sigma
+VIEW = dict(min_area=0.35, max_ratio=4 / 3, rotation_deg=10.0, brightness=0.2, contrast=0.3,
+            blur_p=0.5, sigma=(0.1, 1.5))
+N_PARAMS = 9          # uniform numbers drawn per view (see render_views)
 
 
 def nt_xent(temperature: float = 0.1):
@@ -45,62 +56,124 @@ def nt_xent(temperature: float = 0.1):
     return loss
 
 
-def blur(images, sigma):
-    """Per-image Gaussian blur of [B, S, S, 1] with per-image sigma [B] (separable, 7 taps)."""
-    import tensorflow as tf
-
-    x = tf.range(-3, 4, dtype=tf.float32)
-    k = tf.exp(-(x[None, :] ** 2) / (2.0 * tf.maximum(sigma[:, None], 1e-3) ** 2))
-    k = k / tf.reduce_sum(k, axis=1, keepdims=True)  # [B, 7]
-
-    def one(args):
-        img, kk = args
-        out = tf.nn.conv2d(img[None], tf.reshape(kk, [7, 1, 1, 1]), 1, "SAME")
-        return tf.nn.conv2d(out, tf.reshape(kk, [1, 7, 1, 1]), 1, "SAME")[0]
-
-    return tf.map_fn(one, (images, k), fn_output_signature=tf.TensorSpec(images.shape[1:], tf.float32))
+def load_size(image_size: int) -> int:
+    """Side of the cached images for views of ``image_size`` pixels."""
+    return int(round(image_size * LOAD_SCALE))
 
 
-def views(images, size: int, seed=None):
-    """One random SimCLR view of each image in a [B, S, S, 1] float batch in [0, 1]."""
-    import tensorflow as tf
+def blur(images, sigma, radius: int = BLUR_RADIUS):
+    """Per-image Gaussian blur of float [B, S, S, 1] with per-image sigma [B] (pixels; 0: none).
 
-    from covidcxr.data.pipeline import AugmentConfig, augment_batch
+    Separable, and written as a per-image weighted sum of 2*radius+1 shifted copies of the
+    (mirror-padded) image, so each image gets its own kernel with plain elementwise ops: any
+    backend, any batch size, nothing but the batch dimension dynamic."""
+    from keras import ops
 
-    b = tf.shape(images)[0]
-    area = tf.random.uniform([b], 0.35, 1.0, seed=seed)
-    ratio = tf.exp(tf.random.uniform([b], math.log(3 / 4), math.log(4 / 3), seed=seed))
-    h = tf.minimum(tf.sqrt(area / ratio), 1.0)
-    w = tf.minimum(tf.sqrt(area * ratio), 1.0)
-    y0 = tf.random.uniform([b], 0, 1, seed=seed) * (1.0 - h)
-    x0 = tf.random.uniform([b], 0, 1, seed=seed) * (1.0 - w)
-    boxes = tf.stack([y0, x0, y0 + h, x0 + w], axis=1)
-    crops = tf.image.crop_and_resize(images, boxes, tf.range(b), (size, size))
-    crops, _ = augment_batch(crops, None, AugmentConfig(rotation_deg=10, zoom=0.0, shift=0.0, hflip=False,
-                                                        brightness=0.2, contrast=0.3), seed)
-    sigma = tf.where(tf.random.uniform([b], seed=seed) < 0.5, tf.random.uniform([b], 0.1, 1.5, seed=seed), 0.0)
-    crops = blur(crops, sigma)
-    return tf.ensure_shape(crops, [None, size, size, 1])
+    size = images.shape[1]
+    taps = ops.cast(ops.arange(-radius, radius + 1), "float32")
+    s = ops.maximum(ops.cast(sigma, "float32"), 1e-3)[:, None]
+    k = ops.exp(-ops.square(taps)[None, :] / (2.0 * ops.square(s)))
+    k = k / ops.sum(k, axis=1, keepdims=True)                        # [B, 2r+1]; sigma 0: a delta
+    x = ops.pad(images, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="symmetric")
+    rows = sum(x[:, :, t:t + size, :] * ops.reshape(k[:, t], (-1, 1, 1, 1)) for t in range(2 * radius + 1))
+    return sum(rows[:, t:t + size, :, :] * ops.reshape(k[:, t], (-1, 1, 1, 1)) for t in range(2 * radius + 1))
 
 
-def build_simclr(arch: str, image_size: int, projection_dim: int = 128, hidden: int = 512):
-    """(model mapping images to projections, its encoder)."""
+def crop_matrices(u, load: int, size: int, rotation_deg: float, min_area: float, max_ratio: float):
+    """Affine maps [B, 6] (see ``affine_matrices``) from the pixels of a ``size`` view to those of a
+    ``load`` image: a random box of ``min_area``..100% of the area, aspect 1/max_ratio..max_ratio,
+    rotated by up to ``rotation_deg`` about its centre. ``u``: uniform [B, >=5] in [0, 1)."""
+    from keras import ops
+
+    from covidcxr.training.augment import affine_matrices
+
+    area = min_area + (1.0 - min_area) * u[:, 0]
+    ratio = ops.exp((2.0 * u[:, 1] - 1.0) * math.log(max_ratio))
+    w = ops.minimum(ops.sqrt(area * ratio), 1.0)                   # box sides as fractions of the image
+    h = ops.minimum(ops.sqrt(area / ratio), 1.0)
+    cx = (u[:, 2] * (1.0 - w) + w / 2.0) * load - 0.5              # box centre in input pixels
+    cy = (u[:, 3] * (1.0 - h) + h / 2.0) * load - 0.5
+    angle = (2.0 * u[:, 4] - 1.0) * (rotation_deg * math.pi / 180.0)
+    ctr = (size - 1.0) / 2.0
+    return affine_matrices(size, angle, size / (w * load), size / (h * load), cx - ctr, cy - ctr, ops.ones_like(w))
+
+
+def render_views(images, size: int, u, cfg: dict = VIEW):
+    """Views of ``size`` pixels of float [B, L, L, 1] 0..255 images, one per image, from the uniform
+    numbers ``u`` [B, N_PARAMS]: crop + rotation in one bilinear resampling (outside the image: 0),
+    then contrast about the view's mean, brightness, clipping to 0..255, and a Gaussian blur on
+    ``blur_p`` of the views. ``sample_affine`` writes an L x L grid; the view is its top-left corner."""
+    from keras import ops
+
+    from covidcxr.training.augment import sample_affine
+
+    images = ops.cast(images, "float32")
+    mats = crop_matrices(u, images.shape[1], size, cfg["rotation_deg"], cfg["min_area"], cfg["max_ratio"])
+    x = sample_affine(images, mats)[:, :size, :size, :]
+    mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+    k = ops.reshape(1.0 + (2.0 * u[:, 5] - 1.0) * cfg["contrast"], (-1, 1, 1, 1))
+    shift = ops.reshape((2.0 * u[:, 6] - 1.0) * cfg["brightness"] * 255.0, (-1, 1, 1, 1))
+    x = ops.clip((x - mean) * k + mean + shift, 0.0, 255.0)
+    lo, hi = cfg["sigma"]
+    sigma = ops.where(u[:, 7] < cfg["blur_p"], lo + (hi - lo) * u[:, 8], 0.0)
+    return blur(x, sigma)
+
+
+def plain_views(images, size: int):
+    """The whole image resampled to ``size`` pixels, unaugmented (what fine-tuning will see)."""
+    from keras import ops
+
+    bsz = ops.shape(images)[0]
+    u = ops.concatenate([ops.ones((bsz, 4)), ops.full((bsz, 3), 0.5), ops.ones((bsz, 2))], axis=1)
+    return render_views(images, size, u, {**VIEW, "blur_p": 0.0})
+
+
+def _simclr_class():
     import keras
+    from keras import ops
 
+    from covidcxr.models.layers import BackboneInput
+
+    class SimCLR(keras.Model):
+        """uint8-range images [B, L, L, 1] (or a batch dict with "image") -> projections. Training:
+        two random views per image, z [2B, d] ordered (views 1, views 2); else the plain view, z [B, d]."""
+
+        def __init__(self, encoder, normalization, image_size: int, projection_dim=128, hidden=512, seed=None,
+                     **kwargs):
+            super().__init__(**kwargs)
+            self.encoder, self.image_size = encoder, image_size
+            self.backbone_input = BackboneInput(normalization)
+            self.proj_1 = keras.layers.Dense(hidden, name="proj_1")
+            self.proj_bn = keras.layers.BatchNormalization(name="proj_bn")
+            self.proj_2 = keras.layers.Dense(projection_dim, dtype="float32", name="proj_2")
+            self.seed_generator = keras.random.SeedGenerator(seed)
+
+        def views(self, images):
+            """Two random views of every image, [2B, S, S, 1]."""
+            images = ops.cast(images, "float32")
+            two = ops.concatenate([images, images], axis=0)
+            u = keras.random.uniform((ops.shape(two)[0], N_PARAMS), 0.0, 1.0, seed=self.seed_generator)
+            return render_views(two, self.image_size, u)
+
+        def call(self, inputs, training=False):
+            images = inputs["image"] if isinstance(inputs, dict) else inputs
+            x = self.views(images) if training else plain_views(ops.cast(images, "float32"), self.image_size)
+            f = self.encoder(self.backbone_input(x), training=training)
+            f = ops.mean(f, axis=tuple(range(1, len(f.shape) - 1)))  # global average pool, maps or tokens
+            x = ops.relu(self.proj_bn(self.proj_1(f), training=training))
+            return self.proj_2(x)
+
+    return SimCLR
+
+
+def build_simclr(arch: str, image_size: int, projection_dim: int = 128, hidden: int = 512, seed=None):
+    """(SimCLR model mapping uint8-range images to projections, its bare registry encoder)."""
     from covidcxr.models.registry import build_backbone, get_spec
 
     spec = get_spec(arch)
     encoder = build_backbone(spec, image_size, None)
-    encoder.name = "backbone"
-    inp = keras.Input((image_size, image_size, 3), name="image")
-    f = encoder(inp)
-    pool = keras.layers.GlobalAveragePooling1D if len(f.shape) == 3 else keras.layers.GlobalAveragePooling2D
-    x = pool(name="gap")(f)
-    x = keras.layers.Dense(hidden, name="proj_1")(x)
-    x = keras.layers.BatchNormalization(name="proj_bn")(x)
-    x = keras.layers.ReLU(name="proj_relu")(x)
-    z = keras.layers.Dense(projection_dim, dtype="float32", name="proj_2")(x)
-    return keras.Model(inp, z, name=f"simclr_{arch}"), encoder
+    return _simclr_class()(encoder, spec.normalization, image_size, projection_dim, hidden, seed,
+                           name=f"simclr_{arch}"), encoder
 
 
 def recalibrate_batchnorm(model, batches, max_batches: int | None = None) -> int:
@@ -136,93 +209,145 @@ def recalibrate_batchnorm(model, batches, max_batches: int | None = None) -> int
     return k
 
 
+def _manifest_paths(data: Path, split: str) -> list[str]:
+    import os
+
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(data, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise DataError(f"--data {data}: not a readable CSV manifest ({exc}).") from exc
+    if "path" not in df.columns:
+        raise DataError(f"--data {data}: a manifest needs a 'path' column (python -m covidcxr.data index).")
+    if "split" in df.columns and split != "all":
+        wanted = [s.strip() for s in split.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - set(df["split"]))
+        if unknown:
+            raise DataError(f"--split {split}: {data} has no rows in split(s) {unknown}; it has "
+                            f"{sorted(set(df['split']))} (or pass --split all).")
+        df = df[df["split"].isin(wanted)]
+    base = data.resolve().parent  # relative paths are relative to the manifest, as covidcxr.data writes them
+    return [p if os.path.isabs(p) else str(base / p) for p in df["path"] if p]
+
+
 def image_paths(data: str | Path, split: str = "train") -> list[str]:
     """Image files of ``data``. From a manifest with a ``split`` column only the rows of ``split``
-    (comma-separated names, or ``all``) are used, so that validation and test images stay unseen."""
-    from covidcxr.predict import collect_inputs
+    (comma-separated names, or ``all``) are used, so that validation and test images stay unseen.
+    A folder is searched recursively; the mask folders of the known layouts are left out (masks
+    are images too)."""
+    from covidcxr.data.imageio import is_image_file
+    from covidcxr.data.layouts import INFECTION_MASK_DIRS, LUNG_MASK_DIRS
 
     data = Path(data)
     if not data.exists():
         raise DataError(f"--data {data}: no such file or folder.")
     if data.is_file() and data.suffix.lower() == ".csv":
-        import pandas as pd
-
-        df = pd.read_csv(data, dtype=str, keep_default_na=False)
-        if "path" not in df.columns:
-            raise DataError(f"--data {data}: a manifest needs a 'path' column (python -m covidcxr.data index).")
-        if "split" in df.columns and split != "all":
-            wanted = [s.strip() for s in split.split(",") if s.strip()]
-            unknown = sorted(set(wanted) - set(df["split"]))
-            if unknown:
-                raise DataError(f"--split {split}: {data} has no rows in split(s) {unknown}; it has "
-                                f"{sorted(set(df['split']))} (or pass --split all).")
-            df = df[df["split"].isin(wanted)]
-        if df.empty:
+        paths = _manifest_paths(data, split)
+        if not paths:
             raise DataError(f"--data {data}: no rows to pretrain on.")
-        return df["path"].tolist()
-    files, _ = collect_inputs([str(data)])
-    # Masks are images too: leave out the mask folders of the known layouts.
-    files = [f for f in files if not any(p.lower() in ("masks", "lung masks", "infection masks") for p in f.parts)]
+        return paths
+    if data.is_file():
+        return [str(data)]
+    masks = {d.lower() for d in LUNG_MASK_DIRS + INFECTION_MASK_DIRS}
+    files = [f for f in sorted(data.rglob("*")) if f.is_file() and is_image_file(f)
+             and not any(p.lower() in masks for p in f.relative_to(data).parts[:-1])]
     if not files:
         raise DataError(f"--data {data}: no image files found.")
     return [str(f) for f in files]
 
 
+def _open_images(paths: list[str], image_size: int, cache_dir, workers):
+    """(RunData of the decoded images at the load size, usable cache rows); unreadable files are
+    reported and left out."""
+    import pandas as pd
+
+    from covidcxr.training.data import open_run_data
+
+    df = pd.DataFrame({"path": paths, "label": "x", "split": "train"})
+    data = open_run_data(df, ["x"], load_size(image_size), "none", cache_dir=cache_dir, workers=workers,
+                         progress=sys.stderr.isatty())
+    c = data.cache
+    print(f"input cache: {c.path} ({'built in %.1f s' % c.built_seconds if c.built_seconds else 'reused'}, "
+          f"{int(c.ok.sum())} of {len(c.ok)} images)")
+    for path, reason in data.skipped[:5]:
+        print(f"skipped {reason}", file=sys.stderr)
+    if len(data.skipped) > 5:
+        print(f"... and {len(data.skipped) - 5} more unreadable files", file=sys.stderr)
+    rows = data.rows("train")
+    if len(rows) < 2:
+        raise DataError(f"contrastive learning needs at least 2 images, found {len(rows)} readable ones.")
+    return data, rows
+
+
+def _fit(model, batches, epochs: int) -> list[float]:
+    """One ``fit`` per epoch with the batch order fixed beforehand (``set_epoch``), as the
+    training loop does: the same seed gives the same batches and views on every backend."""
+    losses = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        batches.set_epoch(epoch)
+        hist = model.fit(batches, epochs=1, verbose=1 if sys.stdout.isatty() else 0, shuffle=False)
+        losses.append(float(hist.history["loss"][-1]))
+        print(f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        if not np.isfinite(losses[-1]):
+            raise CovidCXRError(f"pretraining diverged (loss {losses}); lower --lr.")
+    return losses
+
+
+def _recalibrate(model, data, rows, batch_size: int) -> str:
+    """Precise BN statistics of the encoder on plain views of the training images."""
+    from covidcxr.training.data import Batches
+
+    plain = Batches(data, rows, batch_size, prefetch=0)
+    feed = (model.backbone_input(plain_views(plain[i][0]["image"][:plain.valid(i)], model.image_size))
+            for i in range(len(plain)))
+    n_bn = recalibrate_batchnorm(model.encoder, feed, max_batches=200)
+    return f"recomputed on {min(len(rows), n_bn * batch_size)} unaugmented images" if n_bn else "none in this encoder"
+
+
 def pretrain(arch: str, data: str, out: str | Path, image_size: int = 224, epochs: int = 10, batch_size: int = 64,
              lr: float = 1e-3, temperature: float = 0.1, seed: int = 0, overwrite: bool = False,
-             split: str = "train") -> Path:
+             split: str = "train", cache_dir=None, workers=None) -> Path:
+    """Pretrain ``arch`` with SimCLR on the images of ``data``; write ``out`` and ``out.json``."""
     import keras
-    import pandas as pd
-    import tensorflow as tf
 
-    from covidcxr.data import preprocess as P
-    from covidcxr.data.pipeline import load_examples, make_dataset
     from covidcxr.models.registry import get_spec
+    from covidcxr.training import devices as D
+    from covidcxr.training.data import Batches
 
-    spec = get_spec(arch)
+    get_spec(arch)
     out = Path(out)
     if not out.name.endswith(".weights.h5"):
         raise ConfigError(f"--out {out}: the encoder weights file must end in .weights.h5.")
     if out.exists() and not overwrite:
         raise RunExistsError(f"{out} already exists; pass --overwrite or another --out.")
-    paths = image_paths(data, split)
-    if len(paths) < 2:
-        raise DataError(f"--data {data}: contrastive learning needs at least 2 images, found {len(paths)}.")
-    batch_size = min(batch_size, len(paths))
-    keras.utils.set_random_seed(seed)
-    df = pd.DataFrame({"path": paths, "label": "x"})
-    load = int(round(image_size * 1.15))  # a little larger than the views, for the crops
-    ds = load_examples(df, ["x"], load).cache().shuffle(len(df), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=len(df) >= 2 * batch_size)
-
-    def two_views(e):
-        img = tf.cast(e["image"], tf.float32) / 255.0
-        x = tf.concat([views(img, image_size), views(img, image_size)], axis=0)
-        x = P.normalize(x, spec.normalization)
-        return x, tf.zeros([tf.shape(x)[0]])
-
-    ds = ds.map(two_views, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-    model, encoder = build_simclr(arch, image_size)
-    model.compile(optimizer=keras.optimizers.AdamW(lr, weight_decay=1e-4), loss=nt_xent(temperature))
-    print(f"SimCLR pretraining of {arch} on {len(paths)} unlabelled images at {image_size} px, batch {batch_size} "
-          f"({2 * batch_size} views), {epochs} epochs, temperature {temperature}")
+    images, rows = _open_images(image_paths(data, split), image_size, cache_dir, workers)
+    batch_size = min(batch_size, len(rows))
+    device = D.detect()
+    policy = D.precision_policy(device, None)
+    keras.mixed_precision.set_global_policy(policy)
+    D.make_deterministic(seed, device)
+    model, encoder = build_simclr(arch, image_size, seed=seed)
+    batches = Batches(images, rows, batch_size, shuffle=True, seed=seed)
+    model(batches.batch(0)[0]["image"][:2])  # build the variables eagerly
+    model.compile(optimizer=keras.optimizers.AdamW(lr, weight_decay=1e-4), loss=nt_xent(temperature),
+                  jit_compile=device.backend == "jax" or D.use_jit(device, None))
+    print(f"SimCLR pretraining of {arch} on {len(rows)} unlabelled images at {image_size} px, batch {batch_size} "
+          f"({2 * batch_size} views), {epochs} epochs, temperature {temperature}; {device.describe()}, {policy}")
     t0 = time.perf_counter()
-    hist = model.fit(ds, epochs=epochs, verbose=1 if sys.stdout.isatty() else 2)
-    losses = [float(v) for v in hist.history["loss"]]
-    if not all(np.isfinite(losses)):
-        raise CovidCXRError(f"pretraining diverged (loss {losses}); lower --lr.")
-    plain = make_dataset(df, ["x"], image_size=image_size, normalization=spec.normalization,
-                         batch_size=batch_size, cache=None)
-    n_bn = recalibrate_batchnorm(encoder, (x for x, _, _ in plain), max_batches=200)
-    bn_note = (f"recomputed on {min(len(df), n_bn * batch_size)} unaugmented images" if n_bn
-               else "none in this encoder")
+    try:
+        losses = _fit(model, batches, epochs)
+    finally:
+        batches.close()
+    bn_note = _recalibrate(model, images, rows, batch_size)
     print(f"BatchNormalization statistics: {bn_note}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name.replace(".weights.h5", ".partial.weights.h5"))
     encoder.save_weights(tmp)
     tmp.replace(out)
     meta = {"arch": arch, "method": "simclr", "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
-            "temperature": temperature, "lr": lr, "images": len(paths), "data": str(data), "split": split,
+            "temperature": temperature, "lr": lr, "images": len(rows), "data": str(data), "split": split,
             "loss": losses, "seconds": round(time.perf_counter() - t0, 1), "batchnorm": bn_note}
     Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (chance level {math.log(2 * batch_size - 1):.4f}); "
@@ -230,16 +355,14 @@ def pretrain(arch: str, data: str, out: str | Path, image_size: int = 224, epoch
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from covidcxr.models.registry import arch_names
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m covidcxr.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="simclr", choices=["simclr"])
-    p.add_argument("--arch", default="resnet50", help=f"encoder: one of {', '.join(arch_names())}")
+    p.add_argument("--arch", default="resnet50", help="encoder: a registry name (covidcxr.models.registry)")
     p.add_argument("--data", required=True, help="folder of images (labels ignored) or manifest CSV")
     p.add_argument("--out", default=None, help="encoder weights file (default saved_models/simclr-<arch>.weights.h5)")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=224, help="side of the views in pixels")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (2x views)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -248,22 +371,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train",
                    help="with a manifest CSV: the split(s) to pretrain on, comma-separated, or 'all' "
                         "(default train, so validation and test images stay unseen); ignored for a folder")
+    p.add_argument("--cache-dir", default=None, help="folder for the decoded-input cache (default: $COVIDCXR_CACHE "
+                                                     "or ~/.cache/covidcxr)")
+    p.add_argument("--workers", type=int, default=None, help="processes that build the input cache (default: CPUs)")
     p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
-    try:
-        from covidcxr.models.registry import check_image_size, get_spec
+    return p
 
-        check_image_size(get_spec(a.arch), a.image_size)
-        if a.epochs < 1 or a.batch_size < 2 or a.temperature <= 0:
-            raise ConfigError("--epochs must be >= 1, --batch-size >= 2 and --temperature > 0.")
-        out = a.out or f"saved_models/simclr-{a.arch}.weights.h5"
-        pretrain(a.arch, a.data, out, a.image_size, a.epochs, a.batch_size, a.lr, a.temperature, a.seed, a.overwrite,
-                 a.split)
-    except CovidCXRError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def run(args) -> int:
+    from covidcxr.models.registry import check_image_size, get_spec
+
+    check_image_size(get_spec(args.arch), args.image_size)
+    if args.epochs < 1 or args.batch_size < 2 or args.temperature <= 0 or args.lr <= 0:
+        raise ConfigError("--epochs must be >= 1, --batch-size >= 2, --temperature > 0 and --lr > 0.")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers must be >= 1.")
+    out = args.out or f"saved_models/simclr-{args.arch}.weights.h5"
+    pretrain(args.arch, args.data, out, args.image_size, args.epochs, args.batch_size, args.lr, args.temperature,
+             args.seed, args.overwrite, args.split, args.cache_dir, args.workers)
     return 0
 
+
+main = cli.entry(build_parser, run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -111,3 +111,46 @@ def group_duplicates(sha256: list[str], phash: np.ndarray, phash_mirror: np.ndar
             near += 1
     group = np.array([uf.find(i) for i in range(n)], dtype=np.int64)
     return DedupResult(group, exact, near, int(is_mirror.sum()))
+
+
+def _pair_tests(a: np.ndarray, b: np.ndarray, max_mad: float, min_corr: float) -> np.ndarray:
+    """Thumbnail tests on aligned stacks a[i] vs b[i] (uint8): MAD below or correlation at least."""
+    a, b = a.astype(np.float32) / 255.0, b.astype(np.float32) / 255.0
+    mad = np.abs(a - b).mean(axis=(1, 2))
+    az = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(1, keepdims=True)
+    bz = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(1, keepdims=True)
+    corr = (az * bz).sum(1) / (np.sqrt((az ** 2).sum(1) * (bz ** 2).sum(1)) + 1e-12)
+    return (mad < max_mad) | (corr >= min_corr)
+
+
+def match_reference(sha: np.ndarray, phash: np.ndarray, phash_mirror: np.ndarray, thumbs: np.ndarray,
+                    ref_sha: np.ndarray, ref_phash: np.ndarray, ref_mirror: np.ndarray, ref_thumbs: np.ndarray,
+                    max_hamming: int = 12, max_mad: float = 0.04, min_corr: float = 0.98, block: int = 1024):
+    """For each query image, the index of a matching reference image (-1: none) and how it matched
+    ('exact' bytes, 'near' duplicate, 'mirrored' near duplicate, ''). The same candidate and
+    confirmation tests as ``group_duplicates`` (here on the thumbnails both sides carry)."""
+    n = len(sha)
+    idx, kind = np.full(n, -1, np.int64), np.full(n, "", dtype=object)
+    if not len(ref_sha) or not n:
+        return idx, kind
+    ref_keys = {bytes(r): j for j, r in enumerate(ref_sha)}
+    for i in range(n):
+        j = ref_keys.get(bytes(sha[i]))
+        if j is not None:
+            idx[i], kind[i] = j, "exact"
+    rh, rm = np.asarray(ref_phash, np.uint64), np.asarray(ref_mirror, np.uint64)
+    for start in range(0, n, block):
+        q = np.asarray(phash[start:start + block], np.uint64)[:, None]
+        d_plain, d_mirror = np.bitwise_count(q ^ rh[None, :]), np.bitwise_count(q ^ rm[None, :])
+        rows, cols = np.nonzero(np.minimum(d_plain, d_mirror) <= max_hamming)
+        rows = rows + start
+        todo = kind[rows] == ""
+        rows, cols = rows[todo], cols[todo]
+        if not len(rows):
+            continue
+        plain = _pair_tests(thumbs[rows], ref_thumbs[cols], max_mad, min_corr)
+        mirrored = _pair_tests(thumbs[rows], ref_thumbs[cols][:, :, ::-1], max_mad, min_corr) & ~plain
+        for r, c, p, m in zip(rows.tolist(), cols.tolist(), plain.tolist(), mirrored.tolist()):
+            if kind[r] == "" and (p or m):
+                idx[r], kind[r] = c, "near" if p else "mirrored"
+    return idx, kind

@@ -160,7 +160,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
             df[col] = list(range(len(df))) if default is None else default
     if "group" in df.columns:
         df["group"] = pd.to_numeric(df["group"], errors="coerce").fillna(-1).astype(np.int64)
-    bad = sorted(set(df["split"]) - set(SPLITS))
+    bad = sorted(set(df["split"]) - set(SPLITS) - {"unused"})  # 'unused': left out by --label-fraction
     if bad:
         raise DataError(f"{path}: unknown split name(s) {bad}; use train, val or test.")
     return df

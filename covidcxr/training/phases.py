@@ -56,9 +56,23 @@ def apply_trainable(net: keras.Model, phase: Phase) -> str:
         return "head only (backbone frozen)"
     if phase.trainable == "all" and phase.name == "scratch":
         get_backbone(net).trainable = True
-        return "all layers"
-    n = unfreeze_top(net, "all" if phase.trainable == "all" else int(phase.trainable.split(":")[1]))
-    return f"{n} backbone layers unfrozen (BatchNormalization frozen)"
+        what = "all layers"
+    else:
+        n = unfreeze_top(net, "all" if phase.trainable == "all" else int(phase.trainable.split(":")[1]))
+        what = f"{n} backbone layers unfrozen (BatchNormalization frozen)"
+    return what + _freeze_position_embeddings(get_backbone(net))
+
+
+def _freeze_position_embeddings(backbone) -> str:
+    """DINOv2 position embeddings stay frozen: keras-hub 0.32 does not save their fine-tuned
+    values faithfully (see covidcxr.foundation.tokens.freeze_position_embeddings)."""
+    from covidcxr.foundation.tokens import freeze_position_embeddings
+    from covidcxr.models.classifier import iter_layers
+
+    found = [layer for layer in iter_layers(backbone) if type(layer).__name__ == "DINOV2Backbone"]
+    for layer in found:
+        freeze_position_embeddings(layer)
+    return ", DINOv2 position embeddings frozen" if found else ""
 
 
 @keras.saving.register_keras_serializable(package="covidcxr")

@@ -113,6 +113,11 @@ def build_network(cfg: TrainConfig, task, n_classes: int, log):
         if w not in ("none", "auto"):
             raise ConfigError(f"--weights {w}: {cfg.arch} has no pretrained encoder; use --weights none.")
         return build(None, cfg.bn_momentum), "none"
+    if w == "auto" and backbone.name in ("rad_dino", "medsiglip"):
+        raise ConfigError(f"--arch {cfg.arch}: pass its weights with --preset (a local folder, or "
+                          f"{'hf://microsoft/rad-dino' if backbone.name == 'rad_dino' else 'medsiglip_900m_448'}); "
+                          f"a randomly initialised foundation model is not what this architecture is for "
+                          f"(use --weights none to train one from scratch anyway).")
     if w == "auto":
         try:
             if backbone.source == "keras-hub" and not imagenet_available(backbone):

@@ -1,0 +1,210 @@
+"""Which images an evaluation scores, and what they mean to the model.
+
+- **Run-aware**: given a run (or an export of one) and no ``--data``, or the run's own data
+  folder or manifest, the run's manifest decides the splits, and ``--split auto`` is the
+  run's held-out split (test, else val): never the images it trained on.
+- **External validation**: ``--label-map`` maps a model trained on one dataset's classes onto
+  another dataset's (``COVID-19=COVID,Normal=Normal,Non-COVID=Lung_Opacity+Viral Pneumonia``:
+  model classes on the left, data classes on the right, ``+`` merging several); metrics are
+  on the mapped classes and the report says "external".
+- **Training-overlap guard**: images that match a training image of the model (same bytes,
+  or a near-duplicate, mirrored included, by the same perceptual-hash-and-thumbnail test as
+  ``data index``) are counted, listed and left out unless ``--include-train-overlap``.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr import artifacts as A
+from covidcxr.errors import ConfigError, DataError
+
+
+@dataclass
+class EvalData:
+    df: pd.DataFrame              # the rows to score (split chosen)
+    df_all: pd.DataFrame          # every row of the data (for calibration and the data summary)
+    split: str
+    description: str
+    run_data: bool = False        # the model's own training data (its manifest)
+    has_split: bool = False
+    problems: list[tuple[str, str]] = field(default_factory=list)   # files indexing left out
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def _read_run_manifest(path: Path) -> pd.DataFrame:
+    from covidcxr.data.manifest import read_manifest
+
+    df = read_manifest(path)
+    return df[df["split"] != "unused"].reset_index(drop=True)
+
+
+def load(loc: A.Located, data: str | None, split: str, seed: int = 42, progress: bool = True) -> EvalData:
+    """The evaluation rows for model ``loc`` on ``data`` (None: the run's own data)."""
+    from covidcxr.data.manifest import build_manifest, read_manifest
+
+    cfg, man = loc.config or {}, loc.manifest_path
+    own = data is None or _same_path(data, cfg.get("data")) or (man is not None and _same_path(data, man))
+    if own:
+        if man is None:
+            raise DataError(f"--model {loc.root}: no {A.MANIFEST} beside it (a bare export); pass --data.")
+        df_all, desc, has_split, problems = _read_run_manifest(man), f"the run's own data ({man})", True, []
+    else:
+        path = Path(data)
+        if not path.exists():
+            raise DataError(f"--data {data}: no such file or folder.")
+        if path.is_file():
+            df_all, desc, has_split, problems = read_manifest(path), f"manifest {path}", True, []
+        else:
+            df_all, rep = build_manifest(path, (0.7, 0.15, 0.15), seed=seed, progress=progress)
+            has_split = rep.split_source.startswith("dataset's own split")
+            desc = f"{rep.layout} folder {rep.root} ({rep.split_source if has_split else 'no split of its own'})"
+            problems = [(p.path, p.reason) for p in rep.problems]
+    df, split = choose_split(df_all, split, has_split, own)
+    return EvalData(df, df_all, split, desc, own, has_split, problems)
+
+
+def choose_split(df: pd.DataFrame, split: str, has_split: bool, run_data: bool) -> tuple[pd.DataFrame, str]:
+    counts = df["split"].value_counts().to_dict() if has_split else {}
+    if split == "auto":
+        held_out = next((s for s in ("test", "val") if counts.get(s)), None)
+        if run_data and held_out is None:
+            raise DataError("the run's manifest has no val or test images to evaluate on; pass --data.")
+        split = held_out or "all"
+    if split == "all":
+        return df.reset_index(drop=True), "all"
+    if not has_split:
+        raise DataError(f"--split {split}: this data has no split of its own (a plain folder): use --split all, or "
+                        f"evaluate on the model's own data (omit --data) to use the run's split.")
+    sub = df[df["split"] == split].reset_index(drop=True)
+    if sub.empty:
+        raise DataError(f"--split {split} is empty in this data (splits present: "
+                        f"{', '.join(f'{k} {v}' for k, v in counts.items()) or 'none'}).")
+    return sub, split
+
+
+# ---------------------------------------------------------------- label maps
+
+
+@dataclass
+class LabelMap:
+    """Evaluation classes as groups of model classes and of data classes."""
+
+    names: list[str]
+    model_groups: list[list[int]]     # model class indices per evaluation class
+    data_groups: list[list[str]]      # data class names per evaluation class
+    text: str = ""
+
+    def data_label(self, label: str) -> str:
+        for name, group in zip(self.names, self.data_groups):
+            if label in group:
+                return name
+        raise KeyError(label)
+
+    def probs(self, model_probs: np.ndarray) -> np.ndarray:
+        return np.stack([model_probs[:, g].sum(axis=1) for g in self.model_groups], axis=1)
+
+
+def _parse_pairs(text: str) -> list[tuple[str, str]]:
+    path = Path(text)
+    if path.suffix.lower() in (".yaml", ".yml", ".json") and path.exists():
+        import yaml
+
+        doc = yaml.safe_load(path.read_text())
+        if not isinstance(doc, dict):
+            raise ConfigError(f"--label-map {text}: expected a mapping MODEL_CLASS: [DATA_CLASS, ...].")
+        return [(str(k), "+".join(v) if isinstance(v, list) else str(v)) for k, v in doc.items()]
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise ConfigError(f"--label-map {text!r}: write MODEL_CLASS=DATA_CLASS[+DATA_CLASS...], comma-separated "
+                          f"(or give a YAML file).")
+    return [(a.strip(), b.strip()) for a, b in pairs]
+
+
+def parse_label_map(text: str, model_classes: list[str], data_classes: list[str]) -> LabelMap:
+    """Every model class and every data class must appear exactly once."""
+    names, mg, dg, seen_m, seen_d = [], [], [], [], []
+    for left, right in _parse_pairs(text):
+        m, d = [c.strip() for c in left.split("+")], [c.strip() for c in right.split("+")]
+        bad_m = [c for c in m if c not in model_classes]
+        bad_d = [c for c in d if c not in data_classes]
+        if bad_m:
+            raise ConfigError(f"--label-map: {bad_m} are not classes of the model ({model_classes}).")
+        if bad_d:
+            raise ConfigError(f"--label-map: {bad_d} are not classes of the data ({data_classes}).")
+        names.append(left)
+        mg.append([model_classes.index(c) for c in m])
+        dg.append(d)
+        seen_m += m
+        seen_d += d
+    for kind, seen, every in (("model", seen_m, model_classes), ("data", seen_d, data_classes)):
+        twice = sorted({c for c in seen if seen.count(c) > 1})
+        missing = [c for c in every if c not in seen]
+        if twice:
+            raise ConfigError(f"--label-map: {kind} class(es) {twice} appear more than once.")
+        if missing:
+            raise ConfigError(f"--label-map: {kind} class(es) {missing} are not mapped; map every class (merge with '+').")
+    return LabelMap(names, mg, dg, text)
+
+
+def check_classes(df: pd.DataFrame, classes: list[str]) -> list[str]:
+    """Refuse data the model cannot be scored on; warnings for classes the data lacks."""
+    data_classes = sorted(df["label"].unique())
+    if not set(data_classes) & set(classes):
+        raise DataError(f"the data's classes {data_classes} are none of the model's classes {classes}; is this the "
+                        f"right model for this data? For another dataset's classes pass --label-map.")
+    unknown = [c for c in data_classes if c not in classes]
+    if unknown:
+        raise DataError(f"the data has classes the model does not know: {unknown} (model: {classes}). Evaluate on a "
+                        f"manifest without them, or map them with --label-map (external validation).")
+    missing = [c for c in classes if c not in data_classes]
+    return [f"the data has no images of {missing}; their AUC is undefined and they count as 0 in macro recall"] \
+        if missing else []
+
+
+# ---------------------------------------------------------------- training-overlap guard
+
+
+@dataclass
+class Overlap:
+    kind: np.ndarray     # per evaluated row: '' | exact | near | mirrored
+    role: np.ndarray     # 'train' | 'val' | ''
+    match: list[str]     # the matching training image (index in the fingerprints) as text
+
+
+def training_overlap(fp_path: Path | None, eval_fps: list[tuple | None]) -> Overlap | None:
+    """Match each evaluated image (its fingerprint, or None) against the model's training images."""
+    from covidcxr.data.dedup import match_reference
+
+    if fp_path is None:
+        return None
+    ref = np.load(fp_path)
+    n = len(eval_fps)
+    known = np.array([f is not None for f in eval_fps])
+    sha = np.zeros((n, 32), np.uint8)
+    ph, pm = np.zeros(n, np.uint64), np.zeros(n, np.uint64)
+    thumbs = np.zeros((n, 16, 16), np.uint8)
+    for i, f in enumerate(eval_fps):
+        if f is not None:
+            sha[i] = np.frombuffer(f[0], np.uint8)
+            ph[i], pm[i] = np.uint64(f[1]), np.uint64(f[2])
+            thumbs[i] = f[3].reshape(16, 2, 16, 2).mean(axis=(1, 3)).round().astype(np.uint8)
+    idx, kind = match_reference(sha, ph, pm, thumbs, ref["sha"], ref["phash"], ref["phash_mirror"], ref["thumbs16"])
+    kind = np.where(known, kind, "")
+    role = np.where(idx >= 0, np.where(ref["role"][np.maximum(idx, 0)] == 0, "train", "val"), "")
+    role = np.where(kind != "", role, "")
+    return Overlap(kind, role, [str(i) if i >= 0 else "" for i in idx])
+
+
+def progress_enabled(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()

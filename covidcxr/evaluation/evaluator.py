@@ -1,0 +1,339 @@
+"""``Evaluator(options).run()``: one forward pass over the chosen images, reused by every figure.
+
+Writes into ``OUT.partial`` and renames to ``OUT`` only when everything is written:
+metrics.json, predictions.csv (every scored image, with its training-overlap flag),
+skipped.csv, train_overlap.csv, the plots, Grad-CAM and overlay PNGs, calibration.json and
+report.html.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr import artifacts as A
+from covidcxr.errors import ConfigError, DataError, RunExistsError
+from covidcxr.evaluation import data as D
+from covidcxr.evaluation import figures as F
+from covidcxr.evaluation import probes, visuals
+from covidcxr.evaluation.passes import forward, subset
+from covidcxr.evaluation.report import SCHEMA, write
+
+
+@dataclass
+class EvalOptions:
+    model: str
+    data: str | None = None
+    split: str = "auto"
+    out: str | None = None
+    bootstrap: int = 1000
+    seed: int = 0
+    tta: bool = False
+    mask_lungs: bool = False
+    gradcam: int = 4
+    gradcam_layer: str | None = None
+    overlays: int = 8
+    batch_size: int = 32
+    workers: int | None = None
+    label_map: str | None = None
+    include_train_overlap: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    prefer: str = "keras"
+
+
+class Evaluator:
+    def __init__(self, opts: EvalOptions, explicit: set[str] = frozenset(), log=print):
+        from covidcxr.inference import Predictor
+
+        self.o, self.log = opts, log
+        self.loc = A.locate(opts.model)
+        self.card = self.loc.card
+        self.check_flags(explicit)
+        self.pred = Predictor(self.loc, opts.batch_size, opts.workers, opts.prefer)
+        self.warnings: list[str] = []
+
+    def check_flags(self, explicit: set[str]) -> None:
+        """A flag that does not apply to this model is refused, never ignored."""
+        card, o = self.card, self.o
+        segmenter = card.task == "segment"
+        bad = [f for f, applies in (("tta", not segmenter), ("mask_lungs", not segmenter and card.lung_crop == ""),
+                                    ("gradcam", card.task == "classify"), ("gradcam_layer", card.task == "classify"),
+                                    ("label_map", not segmenter), ("overlays", card.task != "classify"))
+               if f in explicit and not applies]
+        if bad:
+            why = {"mask_lungs": "the lungs-out probe needs a classifier that sees the whole image",
+                   "overlays": "mask overlays need a segmentation or multi-task model"}
+            raise ConfigError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} do(es) not apply to this "
+                              f"{card.task} model ({self.loc.root})" + (f": {why[bad[0]]}" if bad[0] in why else "")
+                              + ".")
+        if (o.tta or o.mask_lungs or (o.gradcam and card.task == "classify" and "gradcam" in explicit)) \
+                and self.loc.keras_path is None:
+            raise ConfigError("--tta, --mask-lungs and --gradcam need the Keras model (model.keras); pass the run or "
+                              "export folder instead of the bare SavedModel.")
+
+    # ---------------------------------------------------------------- the run
+
+    def run(self) -> Path:
+        t0 = time.perf_counter()
+        o = self.o
+        ed = D.load(self.loc, o.data, o.split, progress=not o.quiet)
+        df, lmap, classes = self._rows(ed)
+        out = Path(o.out) if o.out else self.loc.root / f"eval-{ed.split}"
+        if out.exists() and any(out.iterdir()) and not o.overwrite:
+            raise RunExistsError(f"{out} already exists; pass --overwrite or another --out.")
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            m = self._evaluate(ed, df, lmap, classes, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        self._calibration_beside_model(out, m)
+        self.log(f"evaluation written to {out} ({time.perf_counter() - t0:.0f} s); open {out / 'report.html'}")
+        return out
+
+    def _rows(self, ed: D.EvalData):
+        card = self.card
+        if card.task == "segment":
+            col = f"{card.target}_mask"
+            has = ed.df[col].astype(str) != "" if col in ed.df else pd.Series(False, index=ed.df.index)
+            if not has.any():
+                raise DataError(f"this {card.target} segmentation model needs {card.target} masks to be scored, and no "
+                                f"image of split '{ed.split}' has one ({col} is empty). Use data with such masks.")
+            return ed.df[has].reset_index(drop=True), None, list(card.classes)
+        if self.o.label_map:
+            lmap = D.parse_label_map(self.o.label_map, card.classes, sorted(ed.df_all["label"].unique()))
+            return ed.df.reset_index(drop=True), lmap, lmap.names
+        self.warnings += D.check_classes(ed.df, card.classes)
+        return ed.df.reset_index(drop=True), None, list(card.classes)
+
+    def _evaluate(self, ed, df, lmap, classes, out: Path) -> dict:
+        o, card = self.o, self.card
+        self.log(f"evaluating {o.model} ({self.pred.kind}, {card.task}) on {len(df)} images of split '{ed.split}' "
+                 f"from {ed.description}" + (" [external: label map]" if lmap else ""))
+        full = forward(self.pred, df, fingerprint=True, quiet=o.quiet)
+        skipped = list(ed.problems) + full.skipped
+        self._report_skipped(skipped, out)
+        p, overlap = self._guard(df, full, out)
+        if not len(p.rows):
+            excluded = (overlap or {}).get("excluded", 0)
+            raise DataError(f"none of the {len(df)} images can be scored: {len(full.skipped)} unreadable, {excluded} "
+                            f"match images that trained the model"
+                            + (" (pass --include-train-overlap to score them anyway, knowing the figures are "
+                               "optimistic)" if excluded else "") + ".")
+        m = {"schema": SCHEMA, "model": str(o.model), "model_kind": self.pred.kind, "task": card.task,
+             "data": ed.description, "split": ed.split, "classes": classes, "external": lmap is not None,
+             "label_map": None if lmap is None else {"text": lmap.text, "model_groups": lmap.model_groups,
+                                                    "data_groups": lmap.data_groups},
+             "train_overlap": overlap, "skipped": skipped, "warnings": self.warnings}
+        context = f"{ed.split} split, n={len(p.rows)}" + (" (external)" if lmap else "")
+        if card.task != "segment":
+            self._classification(m, ed, df, p, lmap, classes, out, context)
+        if card.task != "classify":
+            self._segmentation(m, df, p, out, context)
+        else:
+            m["segmentation"] = None
+        self._finish(m, ed, df, out)
+        return m
+
+    def _report_skipped(self, skipped, out: Path) -> None:
+        if not skipped:
+            return
+        pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(out / A.SKIPPED, index=False)
+        self.log(f"WARNING: {len(skipped)} file(s) could not be read and are left out (all in {A.SKIPPED}), e.g.:")
+        for path, reason in skipped[:5]:
+            self.log(f"  - {path}: {reason}")
+
+    def _guard(self, df: pd.DataFrame, p, out: Path):
+        """Leave out (unless --include-train-overlap) the images that match a training image."""
+        ov = D.training_overlap(self.loc.fingerprints_path, p.fingerprints)
+        if ov is None:
+            self.warnings.append("this model carries no training fingerprints: overlap with its training images was "
+                                 "not checked.")
+            self._flags = np.full(len(p.rows), "", object)
+            return p, {"checked": False, "matched": 0, "excluded": 0}
+        self._flags = np.where(ov.kind != "", [f"{r}:{k}" for r, k in zip(ov.role, ov.kind)], "")
+        train, val = ov.role == "train", ov.role == "val"
+        if train.any() or val.any():
+            pd.DataFrame({"path": df["path"].iloc[p.rows].to_numpy()[train | val], "role": ov.role[train | val],
+                          "match": ov.kind[train | val]}).to_csv(out / "train_overlap.csv", index=False)
+        drop = train if not self.o.include_train_overlap else np.zeros_like(train)
+        summary = (f"{int(train.sum())} of {len(p.rows)} images match an image that trained this model (exact or near "
+                   f"duplicate, mirrored included; listed in train_overlap.csv)"
+                   + (": INCLUDED in the figures (--include-train-overlap), which are therefore optimistic"
+                      if self.o.include_train_overlap else ": left out of the figures")
+                   + (f"; {int(val.sum())} match its validation images (they chose the checkpoint)" if val.any() else ""))
+        if train.any() or val.any():
+            self.log(("WARNING: " if self.o.include_train_overlap else "") + summary)
+        info = {"checked": True, "matched": int(train.sum()), "validation_matched": int(val.sum()),
+                "excluded": int(drop.sum()), "included": bool(self.o.include_train_overlap and train.any()),
+                "summary": summary}
+        self._flags = self._flags[~drop]
+        return subset(p, ~drop), info
+
+    def _classification(self, m, ed, df, p, lmap, classes, out: Path, context: str) -> None:
+        from covidcxr.calibration import apply_temperature, ece, reliability_bins, save_temperature
+        from covidcxr.plots import plot_confusion, plot_pr, plot_reliability, plot_roc
+
+        o = self.o
+        merge = lmap.probs if lmap else (lambda x: x)
+        labels = df["label"].iloc[p.rows]
+        y = F.label_index([lmap.data_label(c) for c in labels] if lmap else labels, classes)
+        probs = merge(p.probs)
+        m.update(F.classification(y, probs, classes, o.bootstrap, o.seed))
+        m["bootstrap"] = {"replicates": o.bootstrap, "seed": o.seed, "stratified": True} if o.bootstrap else None
+        self._predictions(out, df, p, classes, probs)
+        fitted, note = self._temperature(ed, lmap)
+        cal = {"bins": 15, "ece_before": m["ece"], "note": note, "temperature": None, "ece_after": None}
+        after = None
+        if fitted is not None:
+            t, n_fit = fitted
+            cal_probs = merge(apply_temperature(p.probs, t))
+            cal.update(temperature=t, n_fit=n_fit, fitted_on=note, ece_after=ece(y, cal_probs))
+            after = reliability_bins(y, cal_probs)
+            save_temperature(out / A.CALIBRATION, t, note, n_fit, m["ece"], cal["ece_after"])
+        m["calibration"] = cal
+        rows = df.iloc[p.rows].reset_index(drop=True)
+        m["tta"] = probes.tta(self.pred, df, p.rows, y, classes, merge, o.bootstrap, o.seed, o.quiet) if o.tta else None
+        m["mask_lungs"] = (probes.lungs_out(self.pred, df, p.rows, y, probs, classes, merge, o.bootstrap, o.seed,
+                                            o.quiet) if o.mask_lungs else None)
+        self._say(m, cal)
+        plot_reliability(m["reliability"], after, m["ece"], cal["ece_after"], cal["temperature"],
+                         out / "reliability.png", context=context)
+        plot_confusion(m["confusion_matrix"], classes, out / "confusion_matrix.png", context=context)
+        plot_roc(y, probs, classes, out / "roc.png", context=context)
+        plot_pr(y, probs, classes, out / "pr.png", context=context)
+        visuals.examples(rows, y, probs, classes, out, context, seed=o.seed)
+        m["gradcam"] = None
+        if o.gradcam and self.card.task == "classify" and self.pred.kind == "keras":
+            of = [lmap.names[next(i for i, g in enumerate(lmap.model_groups) if k in g)] for k in
+                  range(len(self.card.classes))] if lmap else None
+            m["gradcam"] = visuals.gradcam(self.pred, rows, y, p.probs, classes, o.gradcam, o.gradcam_layer, out,
+                                           o.seed, context, of)
+
+    def _say(self, m: dict, cal: dict) -> None:
+        auc = "n/a" if m["macro_auc"] is None else f"{m['macro_auc']:.4f}"
+        ci = (m.get("ci95") or {}).get("macro_f1")
+        self.log(f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
+                 + (f" [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else "") + f", macro-AUC {auc}, ECE {m['ece']:.4f}"
+                 + (f" -> {cal['ece_after']:.4f} at T={cal['temperature']:.3f}" if cal["temperature"] else ""))
+        if m.get("tta"):
+            self.log(f"TTA ({len(probes.TTA_VIEWS)} views): accuracy {m['tta']['accuracy']:.4f}, macro-F1 "
+                     f"{m['tta']['macro_f1']:.4f}")
+        if m.get("mask_lungs"):
+            self.log("shortcut probe: " + m["mask_lungs"]["verdict"])
+
+    def _predictions(self, out: Path, df, p, classes, probs) -> None:
+        pred = pd.DataFrame({"path": df["path"].iloc[p.rows].to_numpy(), "true_label": df["label"].iloc[p.rows].to_numpy(),
+                             "pred_label": [classes[i] for i in probs.argmax(axis=1)]})
+        for i, c in enumerate(classes):
+            pred[f"prob_{c}"] = probs[:, i]
+        pred["train_overlap"] = self._flags
+        pred.to_csv(out / "predictions.csv", index=False, float_format="%.17g")
+
+    def _temperature(self, ed: D.EvalData, lmap):
+        """Fit on the data's validation split (model classes), else on the run's own."""
+        if ed.has_split and lmap is None and (ed.df_all["split"] == "val").any():
+            val = ed.df_all[ed.df_all["split"] == "val"].reset_index(drop=True)
+            note = "validation split of the data" + (" (the evaluated split itself: the calibrated ECE is optimistic)"
+                                                     if ed.split == "val" else "")
+        elif self.loc.manifest_path is not None:
+            man = pd.read_csv(self.loc.manifest_path, dtype=str, keep_default_na=False)
+            val = man[man["split"] == "val"].reset_index(drop=True)
+            note = f"validation split of the run ({self.loc.manifest_path})"
+        else:
+            return None, "no validation split in the data or the run: temperature not fitted"
+        return probes.fit_temperature(self.pred, val, self.card.classes, note, self.o.quiet)
+
+    def _segmentation(self, m: dict, df, p, out: Path, context: str) -> None:
+        from covidcxr.data import preprocess as P
+        from covidcxr.data.imageio import read_mask
+
+        target = self.card.target or "lung"
+        col = f"{target}_mask"
+        rows = df.iloc[p.rows].reset_index(drop=True)
+        has = (rows[col].astype(str) != "").to_numpy() if col in rows else np.zeros(len(rows), bool)
+        truths, preds, labels, used = [], [], [], []
+        for i in np.flatnonzero(has):
+            try:
+                t = read_mask(rows[col].iloc[i])
+            except Exception as exc:
+                self.warnings.append(f"mask left out: {exc}")
+                continue
+            truths.append(t)
+            preds.append(P.mask_from_probs(p.masks[i], *t.shape))
+            labels.append(rows["label"].iloc[i])
+            used.append(i)
+        if not used:
+            m["segmentation"] = {"n": 0, "target": target, "note": f"no {target} masks in the evaluated images"}
+            self.warnings.append(m["segmentation"]["note"])
+            return
+        seg = F.segmentation(truths, preds, labels, self.o.bootstrap, self.o.seed)
+        per_image = seg.pop("per_image")
+        seg.update(target=target, threshold=0.5, scored_at="each ground-truth mask's own resolution (prediction "
+                   "resized bilinearly from the model's output, then thresholded at 0.5); HD95 in those pixels")
+        sub = rows.iloc[used].reset_index(drop=True)
+        seg["overlays"] = visuals.overlays(sub, col, p.masks[used], per_image, out, self.o.overlays, self.o.seed,
+                                           target, context)
+        m["segmentation"] = seg
+        if "n" not in m:
+            m["n"] = int(len(p.rows))
+        hd = "n/a" if seg["hd95"] is None else f"{seg['hd95']:.2f} px"
+        self.log(f"{target} masks (n={seg['n']}): Dice {seg['dice']:.4f}, IoU {seg['iou']:.4f}, HD95 {hd}; "
+                 + ", ".join(f"{c} Dice {v['dice']:.3f}" for c, v in seg["per_class"].items()))
+
+    def _finish(self, m: dict, ed, df, out: Path) -> None:
+        from covidcxr.plots import plot_history
+
+        if self.loc.run_dir is not None and (self.loc.run_dir / A.HISTORY).exists():
+            plot_history(self.loc.run_dir / A.HISTORY, out / "training_curves.png")
+        m["data_summary"] = data_summary(ed.df_all, df, ed.has_split, m["skipped"])
+        m["model_config"] = {"card": self.card.__dict__, "train_config": self.loc.config}
+        (out / "metrics.json").write_text(json.dumps(m, indent=2, default=_json_default))
+        write(out, m)
+
+    def _calibration_beside_model(self, out: Path, m: dict) -> None:
+        t = (m.get("calibration") or {}).get("temperature")
+        if t is None or not self.loc.root.is_dir():
+            return
+        dest = self.loc.root / A.CALIBRATION
+        if not dest.exists() or self.o.overwrite:
+            shutil.copy(out / A.CALIBRATION, dest)
+            self.log(f"temperature {t:.4f} saved to {dest} (predict --calibrated uses it)")
+        else:
+            self.log(f"note: {dest} exists; kept it (pass --overwrite to replace it with this fit)")
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def data_summary(df_all: pd.DataFrame, df: pd.DataFrame, has_split: bool, skipped: list) -> dict:
+    out = {"images_considered": int(len(df)), "images_skipped": len(skipped),
+           "classes_evaluated": {k: int(v) for k, v in df["label"].value_counts().sort_index().items()}}
+    if has_split:
+        out["class_by_split"] = {c: {k: int(v) for k, v in g["split"].value_counts().items()}
+                                 for c, g in df_all.groupby("label")}
+    if "group" in df_all:
+        sizes = df_all.groupby("group").size()
+        dup = sizes[sizes > 1]
+        out["duplicate_groups"] = int(len(dup))
+        out["duplicate_groups_crossing_splits"] = int(sum(1 for _, s in df_all[df_all["group"].isin(dup.index)]
+                                                          .groupby("group") if s["split"].nunique() > 1))
+    return out

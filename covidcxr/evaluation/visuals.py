@@ -1,0 +1,110 @@
+"""Pictures of an evaluation: Grad-CAM panels, right/wrong examples, segmentation overlays."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.evaluation.passes import items_of
+
+
+def _pick(rng, idx: np.ndarray, n: int) -> np.ndarray:
+    return np.sort(rng.choice(idx, size=min(n, len(idx)), replace=False)) if len(idx) and n else idx[:0]
+
+
+def gradcam(predictor, df: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes, n_per_class: int,
+            layer: str | None, out: Path, seed: int, context: str, eval_class_of=None) -> dict:
+    """Grad-CAM for up to ``n_per_class`` images of each true class (explaining the predicted class),
+    in batches: one PNG per image (true class, prediction, probability, colour bar, flat-map note)
+    and a grid. ``probs`` are the model's own class probabilities; ``eval_class_of[k]`` names the
+    evaluation class of model class k (external validation; default: the same)."""
+    from covidcxr.gradcam import GradCAM, overlay, render_cam
+    from covidcxr.plots import plot_image_grid
+
+    cam = GradCAM(predictor.model, layer)
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([_pick(rng, np.flatnonzero(y == i), n_per_class) for i in range(len(classes))])
+    sub = df.iloc[chosen].reset_index(drop=True)
+    panels, files, flat = {}, [], 0
+    model_classes = predictor.classes
+    eval_class_of = eval_class_of or model_classes
+    for batch in predictor.run(items_of(sub), keep_gray=True):
+        res = cam.explain(batch.x)
+        for j, d in enumerate(batch.done):
+            r = chosen[d.item.key]
+            k = int(res.class_index[j])
+            true = classes[y[r]]
+            name = Path(d.item.path).stem + ".png"
+            (out / "gradcam" / true).mkdir(parents=True, exist_ok=True)
+            note = res.note(j)
+            flat += bool(res.flat[j])
+            render_cam(d.gray, res.heatmaps[j], out / "gradcam" / true / name,
+                       [f"true: {true}", f"predicted: {model_classes[k]} {probs[r, k]:.2f}",
+                        Path(d.item.path).name], note=note)
+            files.append(f"gradcam/{true}/{name}")
+            caption = f"{Path(d.item.path).name}\npred {model_classes[k]} {probs[r, k]:.2f}" + ("\nflat map" if note else "")
+            panels.setdefault(true, []).append((overlay(d.gray, res.heatmaps[j]), caption,
+                                                "green" if eval_class_of[k] == true else "red"))
+    desc = cam.describe(predictor.card.image_size)
+    rows = [(f"true {c}", panels[c]) for c in classes if c in panels]
+    if rows:
+        plot_image_grid(rows, out / "gradcam.png", f"Grad-CAM of {desc}, explaining the predicted class",
+                        context=context, colorbar="relative importance (0-1)")
+    return {"layer": cam.layer_name, "layer_description": desc, "files": files, "flat_maps": flat,
+            "note": (f"{flat} of {len(files)} maps are flat: the model's evidence is spread evenly there and the map "
+                     f"shows no localisation" if flat else "")}
+
+
+def examples(df: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes, out: Path, context: str,
+             n: int = 4, seed: int = 0) -> Path:
+    from covidcxr.data.imageio import read_image
+    from covidcxr.plots import plot_image_grid
+
+    rng = np.random.default_rng(seed)
+    pred = probs.argmax(axis=1)
+    rows = []
+    for i, c in enumerate(classes):
+        for ok in (True, False):
+            items = []
+            for j in _pick(rng, np.flatnonzero((y == i) & ((pred == i) == ok)), n):
+                k = int(pred[j])
+                items.append((read_image(df["path"].iloc[j]), f"{Path(df['path'].iloc[j]).name}\npred {classes[k]} "
+                              f"{probs[j, k]:.2f}, p({c}) {probs[j, i]:.2f}", "green" if ok else "red"))
+            if items:
+                rows.append((f"{c}: {'right' if ok else 'wrong'}", items))
+    return plot_image_grid(rows, out / "examples.png", "Correctly (green) and wrongly (red) classified examples",
+                           context=context)
+
+
+def overlays(df: pd.DataFrame, col: str, masks: np.ndarray, per_image: dict, out: Path, n: int, seed: int,
+             target: str, context: str) -> list[str]:
+    """Prediction (red) over ground truth (green) for up to ``n`` images, spread over the classes."""
+    from PIL import Image
+
+    from covidcxr.data import preprocess as P
+    from covidcxr.data.imageio import read_image, read_mask
+    from covidcxr.masks import overlay
+    from covidcxr.plots import plot_image_grid
+
+    labels = df["label"].to_numpy()
+    per_class = int(np.ceil(n / max(1, len(set(labels))))) if n else 0
+    rng, rows, files = np.random.default_rng(seed), [], []
+    for c in sorted(set(labels)):
+        items = []
+        for j in _pick(rng, np.flatnonzero(labels == c), per_class):
+            path = df["path"].iloc[j]
+            gray = read_image(path)
+            truth = read_mask(df[col].iloc[j], (gray.shape[1], gray.shape[0]))
+            pic = overlay(gray, P.mask_from_probs(masks[j], *gray.shape), truth)
+            (out / "overlays" / c).mkdir(parents=True, exist_ok=True)
+            name = f"overlays/{c}/{Path(path).stem}.png"
+            Image.fromarray(pic).save(out / name)
+            files.append(name)
+            items.append((pic, f"{Path(path).name}\nDice {per_image['dice'][j]:.3f}", "black"))
+        if items:
+            rows.append((c, items))
+    if rows:
+        plot_image_grid(rows, out / "segmentation.png", f"{target} masks: prediction red, ground truth green",
+                        context=context)
+    return files

@@ -1,5 +1,5 @@
 """One predictor for ``.keras`` models and SavedModels, batched and pipelined; used by
-``predict``, ``evaluate``, ``zeroshot`` and lung-cropped training.
+``predict``, ``evaluate``, ``export`` (its check) and lung-cropped training.
 
 Files are read and decoded by a pool of threads with exactly the preprocessing of training
 (covidcxr/data/preprocess.py: 8/16-bit, DICOM, contrast, lung crop), a bounded window ahead

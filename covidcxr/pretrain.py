@@ -19,6 +19,7 @@ training step.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -123,12 +124,16 @@ def plain_views(images, size: int):
     """The whole image resampled to ``size`` pixels, unaugmented (what fine-tuning will see)."""
     from keras import ops
 
-    bsz = ops.shape(images)[0]
-    u = ops.concatenate([ops.ones((bsz, 4)), ops.full((bsz, 3), 0.5), ops.ones((bsz, 2))], axis=1)
+    # area 1, aspect 1, no rotation, contrast x1, brightness +0, no blur (see render_views)
+    u = ops.convert_to_tensor([[1.0, 0.5, 0.0, 0.0, 0.5, 0.5, 0.5, 1.0, 0.0]], "float32")
+    u = u + ops.zeros((ops.shape(images)[0], 1))
     return render_views(images, size, u, {**VIEW, "blur_p": 0.0})
 
 
-def _simclr_class():
+@functools.cache
+def simclr_class():
+    """The SimCLR ``keras.Model`` subclass (defined on first use: Keras is imported late, after the CLI
+    has silenced the backend's start-up noise)."""
     import keras
     from keras import ops
 
@@ -138,9 +143,8 @@ def _simclr_class():
         """uint8-range images [B, L, L, 1] (or a batch dict with "image") -> projections. Training:
         two random views per image, z [2B, d] ordered (views 1, views 2); else the plain view, z [B, d]."""
 
-        def __init__(self, encoder, normalization, image_size: int, projection_dim=128, hidden=512, seed=None,
-                     **kwargs):
-            super().__init__(**kwargs)
+        def __init__(self, encoder, normalization, image_size: int, projection_dim=128, hidden=512, seed=None, **kw):
+            super().__init__(**kw)
             self.encoder, self.image_size = encoder, image_size
             self.backbone_input = BackboneInput(normalization)
             self.proj_1 = keras.layers.Dense(hidden, name="proj_1")
@@ -172,7 +176,7 @@ def build_simclr(arch: str, image_size: int, projection_dim: int = 128, hidden: 
 
     spec = get_spec(arch)
     encoder = build_backbone(spec, image_size, None)
-    return _simclr_class()(encoder, spec.normalization, image_size, projection_dim, hidden, seed,
+    return simclr_class()(encoder, spec.normalization, image_size, projection_dim, hidden, seed,
                            name=f"simclr_{arch}"), encoder
 
 
@@ -270,10 +274,8 @@ def _open_images(paths: list[str], image_size: int, cache_dir, workers):
     c = data.cache
     print(f"input cache: {c.path} ({'built in %.1f s' % c.built_seconds if c.built_seconds else 'reused'}, "
           f"{int(c.ok.sum())} of {len(c.ok)} images)")
-    for path, reason in data.skipped[:5]:
-        print(f"skipped {reason}", file=sys.stderr)
-    if len(data.skipped) > 5:
-        print(f"... and {len(data.skipped) - 5} more unreadable files", file=sys.stderr)
+    if data.skipped:
+        print(f"left out {len(data.skipped)} unreadable file(s), e.g. {data.skipped[0][1]}", file=sys.stderr)
     rows = data.rows("train")
     if len(rows) < 2:
         raise DataError(f"contrastive learning needs at least 2 images, found {len(rows)} readable ones.")
@@ -330,7 +332,6 @@ def pretrain(arch: str, data: str, out: str | Path, image_size: int = 224, epoch
     D.make_deterministic(seed, device)
     model, encoder = build_simclr(arch, image_size, seed=seed)
     batches = Batches(images, rows, batch_size, shuffle=True, seed=seed)
-    model(batches.batch(0)[0]["image"][:2])  # build the variables eagerly
     model.compile(optimizer=keras.optimizers.AdamW(lr, weight_decay=1e-4), loss=nt_xent(temperature),
                   jit_compile=device.backend == "jax" or D.use_jit(device, None))
     print(f"SimCLR pretraining of {arch} on {len(rows)} unlabelled images at {image_size} px, batch {batch_size} "
@@ -382,10 +383,9 @@ def run(args) -> int:
     from covidcxr.models.registry import check_image_size, get_spec
 
     check_image_size(get_spec(args.arch), args.image_size)
-    if args.epochs < 1 or args.batch_size < 2 or args.temperature <= 0 or args.lr <= 0:
-        raise ConfigError("--epochs must be >= 1, --batch-size >= 2, --temperature > 0 and --lr > 0.")
-    if args.workers is not None and args.workers < 1:
-        raise ConfigError("--workers must be >= 1.")
+    workers_ok = args.workers is None or args.workers >= 1
+    if args.epochs < 1 or args.batch_size < 2 or args.temperature <= 0 or args.lr <= 0 or not workers_ok:
+        raise ConfigError("--epochs must be >= 1, --batch-size >= 2, --temperature > 0, --lr > 0 and --workers >= 1.")
     out = args.out or f"saved_models/simclr-{args.arch}.weights.h5"
     pretrain(args.arch, args.data, out, args.image_size, args.epochs, args.batch_size, args.lr, args.temperature,
              args.seed, args.overwrite, args.split, args.cache_dir, args.workers)

@@ -15,7 +15,8 @@ from covidcxr import cli
 from covidcxr.config import AugmentConfig, TrainConfig
 from covidcxr.errors import ConfigError, DataError
 
-RESUMABLE = {"epochs", "fine_tune_epochs"}  # --resume applies these; any other changed flag is refused
+# --resume applies these (a longer budget; where outputs go; how this machine runs it); any other changed flag is refused
+RESUMABLE = {"epochs", "fine_tune_epochs", "export_dir", "cache_dir", "workers", "mixed_precision", "jit_compile"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,17 +140,12 @@ def resumed_config(args, parser) -> TrainConfig:
     fresh = config_from_args(args)
     changed = []
     for dest in sorted(given - RESUMABLE - {"no_augment", "hflip", "no_class_weights", "preset"}):
-        field_name = {"export_dir": "export_dir", "cache_dir": "cache_dir"}.get(dest, dest)
-        if hasattr(saved, field_name) and getattr(fresh, field_name) != getattr(saved, field_name):
-            changed.append(f"--{dest.replace('_', '-')} {getattr(fresh, field_name)} (the run has "
-                           f"{getattr(saved, field_name)})")
+        if hasattr(saved, dest) and getattr(fresh, dest) != getattr(saved, dest):
+            changed.append(f"--{dest.replace('_', '-')} {getattr(fresh, dest)} (the run has {getattr(saved, dest)})")
     if changed:
         raise ConfigError("--resume continues the run as it was configured; these flags differ: "
                           + "; ".join(changed) + ". Start a new run (another --run-dir) to change them.")
-    cfg = replace(saved, **{k: getattr(fresh, k) for k in given & RESUMABLE})
-    if "export_dir" in given:
-        cfg = replace(cfg, export_dir=fresh.export_dir)
-    return cfg
+    return replace(saved, run_dir=str(Path(args.run_dir)), **{k: getattr(fresh, k) for k in given & RESUMABLE})
 
 
 def run(args) -> int:

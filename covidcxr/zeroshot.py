@@ -1,229 +1,372 @@
-"""Zero-shot CLIP classification: ``python -m covidcxr.zeroshot --preset PATH_OR_NAME --data DIR``.
+"""Zero-shot chest-X-ray classification and text-prompted segmentation with foundation models.
 
-Classifies with text prompts only: each class gets a list of prompts (defaults below for
-the Kaggle and COVID-QU-Ex class names, or ``--prompts FILE`` with ``{"class": ["prompt", ...]}``
-in JSON or YAML); the prompt embeddings of a class are L2-normalised and averaged (prompt
-ensembling), the image embedding is compared with each class embedding by cosine similarity,
-and ``softmax(logit_scale * cosine)`` gives the probabilities. Writes the same
-``metrics.json``, ``predictions.csv``, plots and ``report.html`` as ``covidcxr.evaluate``.
+Classify (no training; each class is described by text prompts)::
 
-A general-domain CLIP knows little radiology: expect figures near chance unless the preset
-is a medical CLIP. ``--preset`` takes a keras-hub CLIP preset name (downloaded) or a local
-preset folder holding the CLIP backbone *and* its tokenizer (``save_to_preset`` of both).
+  python -m covidcxr.zeroshot [--model clip] --preset CLIP --data DIR|manifest.csv [--split S]
+                              [--prompts FILE] [--logit-scale 100]
+  python -m covidcxr.zeroshot --model medsiglip --preset SIGLIP --data DIR|manifest.csv [--prompts FILE]
+
+  clip:      softmax(logit_scale * cos(image, class)) (CLIP's contrastive softmax; --logit-scale).
+  medsiglip: sigmoid(scale * cos + bias) with the model's own learned scale and bias: an independent
+             score per class (predictions.csv: score_<class>); the scores are renormalised per
+             image to probabilities (prob_<class>) for the metrics, which is our choice, not SigLIP's.
+  Each class gets a chest-X-ray prompt ensemble (built in for the Kaggle and COVID-QU-Ex class
+  names); --prompts FILE (JSON/YAML {class: [prompt, ...]}) replaces them. Writes metrics.json,
+  predictions.csv, skipped.csv, confusion_matrix.png, roc.png, pr.png, reliability.png,
+  examples.png and report.html, as covidcxr.evaluate does.
+
+Segment (a mask from a text prompt)::
+
+  python -m covidcxr.zeroshot --task segment [--model medsiglip] --preset SIGLIP --sam SAM
+                              --prompt lungs|opacity|"free text" [--prompt-file FILE] --data DIR [--target T]
+
+  Per image: MedSigLIP's patch-text similarity map for the prompt -> a box and points -> SAM ->
+  a mask, written at the image's own size as masks/<class>/<name>.png. Prompt names: 'lungs',
+  'opacity' (built-in phrasings) or a name from --prompt-file ({name: [prompt, ...]}); any other
+  text is used as it is. Scored against ground truth where the data has it: --target lung uses the
+  lung_mask column, --target infection the infection_mask column. Default: 'lungs' -> lung,
+  'opacity' -> infection; other prompts -> infection if they name an opacity, consolidation,
+  ground-glass, infiltrate, lesion, pneumonia, COVID or infection, else lung if they name the
+  lungs, else not scored (--target none: never scored). Dice, IoU and HD95 at each truth mask's own resolution,
+  segmentation.png (prediction red, truth green), predictions.csv (per image), metrics.json and
+  report.html.
+
+Output: --out (default experiments/zeroshot/<preset name>-<split>, segmentation
+<preset name>-segment-<prompt>-<split>), written as OUT.partial and renamed when complete; an
+existing folder is kept unless --overwrite. Presets: a keras-hub preset name (downloaded) or a
+local folder holding the backbone and its tokenizer (save_to_preset of both); a SigLIP preset
+with --model clip, or a CLIP preset with --model medsiglip, is refused.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import sys
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 
-from covidcxr.errors import ConfigError, CovidCXRError, DataError, RunExistsError
+from covidcxr import cli
+from covidcxr.errors import ConfigError, DataError
+from covidcxr.evaluation.report import report_skipped
+from covidcxr.foundation.clip import DEFAULT_LOGIT_SCALE, default_prompts, load_clip, text_embeddings
 
-TEMPLATES = ("a chest x-ray showing {}.", "a frontal chest radiograph with {}.", "an x-ray image of the chest with {}.")
-FINDINGS = {
-    "covid": ["covid-19 pneumonia", "bilateral peripheral ground-glass opacities", "viral pneumonia from sars-cov-2"],
-    "lung_opacity": ["a lung opacity", "focal consolidation in the lung", "an airspace opacity"],
-    "normal": ["no abnormality", "clear lungs", "a normal chest"],
-    "viral pneumonia": ["viral pneumonia", "diffuse interstitial opacities", "bilateral interstitial pneumonia"],
-    "non-covid": ["pneumonia that is not covid-19", "a lung infection other than covid-19", "a lung disease"],
-}
+# Re-exported: covidcxr.foundation.siglip.cxr_prompts imports default_prompts from here, and older callers
+# use zeroshot.load_clip / zeroshot.text_embeddings (CLIP).
+__all__ = ["build_parser", "classify", "default_prompts", "load_clip", "main", "run", "segment", "text_embeddings"]
 
-
-def default_prompts(classes: list[str]) -> dict[str, list[str]]:
-    """Prompts per class: CXR findings for the known class names, the class name otherwise."""
-    out = {}
-    for c in classes:
-        key = c.lower().replace("_", " ").replace("covid-19", "covid").strip()
-        key = {"lung opacity": "lung_opacity", "non covid": "non-covid"}.get(key, key)
-        findings = FINDINGS.get(key, [c.replace("_", " ").lower()])
-        out[c] = [t.format(f) for f in findings for t in TEMPLATES]
-    return out
+CLASSIFY_ONLY = ("prompts", "logit_scale")
+SEGMENT_ONLY = ("prompt", "prompt_file", "sam", "target", "threshold", "top_k", "negatives", "overlays")
 
 
-def read_prompts(path: str | Path, classes: list[str]) -> dict[str, list[str]]:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"--prompts {path}: no such file.")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            doc = yaml.safe_load(text)
-        else:
-            doc = json.loads(text)
-    except Exception as exc:
-        raise DataError(f"--prompts {path}: cannot parse it ({exc}).") from exc
-    if not isinstance(doc, dict) or not all(isinstance(v, list) and v and all(isinstance(s, str) for s in v)
-                                            for v in doc.values()):
-        raise DataError(f"--prompts {path}: expected {{\"class\": [\"prompt\", ...]}} with a non-empty list per class.")
-    extra = sorted(set(doc) - set(classes))
-    if extra:
-        raise DataError(f"--prompts {path}: class(es) {extra} are not in the data (classes: {classes}).")
-    missing = [c for c in classes if c not in doc]
-    if missing:
-        raise DataError(f"--prompts {path}: no prompts for class(es) {missing}.")
-    return {c: list(doc[c]) for c in classes}
-
-
-def load_clip(preset: str):
-    """(CLIPBackbone, CLIPTokenizer) from a preset name or a local preset folder."""
-    import keras_hub
-
-    if Path(preset).is_dir():
-        missing = [f for f in ("config.json", "tokenizer.json") if not (Path(preset) / f).exists()]
-        if missing:
-            raise ConfigError(f"--preset {preset}: lacks {', '.join(missing)}; a zero-shot preset needs the CLIP "
-                              f"backbone and its tokenizer (save_to_preset of both).")
-    try:
-        backbone = keras_hub.models.Backbone.from_preset(preset)
-        tokenizer = keras_hub.models.CLIPTokenizer.from_preset(preset)
-    except Exception as exc:
-        raise ConfigError(f"--preset {preset}: cannot load a CLIP model and tokenizer from it "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Offline, pass a local preset "
-                          f"folder.") from exc
-    if type(backbone).__name__ != "CLIPBackbone":
-        raise ConfigError(f"--preset {preset}: holds a {type(backbone).__name__}, not a CLIP model.")
-    return backbone, tokenizer
-
-
-def text_embeddings(backbone, tokenizer, prompts: dict[str, list[str]]) -> np.ndarray:
-    """Prompt-ensembled, L2-normalised class embeddings [K, D] (order of ``prompts``)."""
-    length = int(backbone.text_encoder.max_sequence_length)
-    start, end = tokenizer.start_token_id, tokenizer.end_token_id
-    rows = []
-    for texts in prompts.values():
-        ids = np.full((len(texts), length), end, np.int32)
-        for i, t in enumerate(texts):
-            toks = [start] + list(np.asarray(tokenizer(t)).tolist())[: length - 2] + [end]
-            ids[i, : len(toks)] = toks
-        emb = np.asarray(backbone.get_text_embeddings(ids), np.float64)
-        emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
-        mean = emb.mean(axis=0)
-        rows.append(mean / np.linalg.norm(mean))
-    return np.stack(rows)
-
-
-def image_size_of(backbone) -> int:
-    return int(backbone.vision_encoder.image_shape[0])
-
-
-def image_embeddings(backbone, df, batch_size: int = 16):
-    """(rows kept, L2-normalised image embeddings [n, D], skipped)."""
-    import tensorflow as tf
-
-    from covidcxr.data import preprocess as P
-    from covidcxr.data.pipeline import load_examples
-
-    size = image_size_of(backbone)
-    ds = load_examples(df, sorted(set(df["label"])), size).map(
-        lambda e: (P.normalize(tf.cast(e["image"], tf.float32) / 255.0, "clip"), e["path"])).batch(batch_size)
-    embs, paths = [], []
-    for x, p in ds:
-        embs.append(np.asarray(backbone.get_vision_embeddings(x), np.float64))
-        paths += [v.decode() for v in p.numpy()]
-    emb = np.concatenate(embs) if embs else np.zeros((0, 1))
-    emb /= np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
-    pos = {p: i for i, p in enumerate(df["path"])}
-    kept = df.iloc[[pos[p] for p in paths]].reset_index(drop=True)
-    skipped = [f"{p}: unreadable image; left out" for p in sorted(set(df["path"]) - set(paths))]
-    return kept, emb, skipped
-
-
-def zero_shot_probs(img: np.ndarray, txt: np.ndarray, logit_scale: float) -> np.ndarray:
-    logits = logit_scale * img @ txt.T
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(axis=1, keepdims=True)
-
-
-def run(preset: str, data: str, split: str = "auto", out: str | None = None, prompts_file: str | None = None,
-        logit_scale: float = 100.0, bootstrap: int = 1000, seed: int = 0, overwrite: bool = False) -> Path:
-    import pandas as pd
-
-    from covidcxr.evaluate import _json_default, choose_split, data_summary, figures, load_data, write_report
-    from covidcxr.plots import plot_confusion, plot_pr, plot_reliability, plot_roc
-
-    t0 = time.perf_counter()
-    df_all, desc, has_split = load_data(data)
-    df, split = choose_split(df_all, split, has_split)
-    classes = sorted(df_all["label"].unique())
-    prompts = read_prompts(prompts_file, classes) if prompts_file else default_prompts(classes)
-    out = Path(out) if out else Path("experiments") / "zeroshot" / f"{Path(str(preset).rstrip('/')).name}-{split}"
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunExistsError(f"{out} already exists; pass --overwrite or another --out.")
-    backbone, tokenizer = load_clip(preset)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        txt = text_embeddings(backbone, tokenizer, prompts)
-        kept, img, skipped = image_embeddings(backbone, df)
-        if not len(kept):
-            raise DataError(f"none of the {len(df)} images could be read.")
-        probs = zero_shot_probs(img, txt, logit_scale)
-        look = {c: i for i, c in enumerate(classes)}
-        y = np.array([look[c] for c in kept["label"]])
-        m = {"schema": "covidcxr.evaluate/1", "model": str(preset), "model_kind": "zero-shot CLIP",
-             "task": "classify", "data": str(data), "split": split, "classes": classes}
-        m.update(figures(y, probs, classes, bootstrap, seed))
-        m.update(skipped=skipped, warnings=[], prompts=prompts, logit_scale=logit_scale,
-                 calibration={"ece_before": m["ece"], "ece_after": None, "temperature": None,
-                              "note": "zero-shot: no temperature fitted"},
-                 tta=None, mask_lungs=None, gradcam=None, bootstrap={"replicates": bootstrap, "seed": seed},
-                 data_summary=data_summary(df_all, df, has_split, skipped),
-                 model_config={"preset": str(preset), "image_size": image_size_of(backbone),
-                               "normalization": "clip", "prompt_ensembling": "mean of L2-normalised embeddings"})
-        pred = pd.DataFrame({"path": kept["path"], "true_label": kept["label"],
-                             "pred_label": [classes[i] for i in probs.argmax(axis=1)]})
-        for i, c in enumerate(classes):
-            pred[f"prob_{c}"] = probs[:, i]
-        pred.to_csv(tmp / "predictions.csv", index=False, float_format="%.17g")
-        plot_confusion(m["confusion_matrix"], classes, tmp / "confusion_matrix.png", f"zero-shot, {split}, n={m['n']}")
-        plot_roc(y, probs, classes, tmp / "roc.png")
-        plot_pr(y, probs, classes, tmp / "pr.png")
-        plot_reliability(m["reliability"], None, m["ece"], None, None, tmp / "reliability.png")
-        (tmp / "metrics.json").write_text(json.dumps(m, indent=2, default=_json_default))
-        write_report(tmp, m)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    auc = "n/a" if m["macro_auc"] is None else f"{m['macro_auc']:.4f}"
-    print(f"zero-shot on {m['n']} images of split '{split}' from {desc}: accuracy {m['accuracy']:.4f}, "
-          f"macro-F1 {m['macro_f1']:.4f}, macro-AUC {auc}; written to {out} ({time.perf_counter() - t0:.0f} s)")
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m covidcxr.zeroshot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", required=True, help="keras-hub CLIP preset name or local preset folder")
-    p.add_argument("--data", required=True, help="dataset folder or manifest CSV")
-    p.add_argument("--split", default="auto", choices=["auto", "train", "val", "test", "all"])
-    p.add_argument("--prompts", default=None, help="JSON/YAML file: {class: [prompt, ...]} (default: built-in)")
-    p.add_argument("--logit-scale", type=float, default=100.0, help="inverse temperature of the softmax (CLIP: 100)")
-    p.add_argument("--out", default=None)
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
+    a = p.add_argument
+    a("--task", default="classify", choices=["classify", "segment"])
+    a("--model", default=None, choices=["clip", "medsiglip"],
+      help="model family of --preset (default: clip to classify, medsiglip to segment)")
+    a("--preset", required=True, help="keras-hub preset name or local preset folder (backbone + tokenizer)")
+    a("--data", required=True, help="dataset folder or manifest CSV")
+    a("--split", default="auto", choices=["auto", "train", "val", "test", "all"],
+      help="images to score (auto: the data's test split, else val; a plain folder: all)")
+    a("--out", default=None, help="output folder (default experiments/zeroshot/<preset name>-<split>)")
+    a("--prompts", default=None, help="classify: JSON/YAML {class: [prompt, ...]} (default: built-in CXR prompts)")
+    a("--logit-scale", type=float, default=DEFAULT_LOGIT_SCALE,
+      help="classify, clip: inverse temperature of the softmax (default 100)")
+    a("--prompt", default=None, help="segment: lungs, opacity, a name from --prompt-file, or free text")
+    a("--prompt-file", default=None, help="segment: JSON/YAML {name: [prompt, ...]} adding to/overriding the sets")
+    a("--sam", default=None, help="segment: keras-hub SAM preset name (e.g. sam_base_sa1b) or local preset folder")
+    a("--target", default=None, choices=["lung", "infection", "none"],
+      help="segment: which ground-truth masks to score against (default: from the prompt)")
+    a("--threshold", type=float, default=0.5, help="segment: box = map cells >= this fraction of the map's range")
+    a("--top-k", type=int, default=3, help="segment: positive points (best map cells)")
+    a("--negatives", type=int, default=0, help="segment: negative points (worst map cells)")
+    a("--overlays", type=int, default=8, help="segment: images shown in segmentation.png")
+    a("--batch-size", type=int, default=8)
+    a("--workers", type=int, default=None, help="image-decoding threads (default: CPU count, at most 8)")
+    a("--bootstrap", type=int, default=1000, help="bootstrap replicates for 95%% CIs (0: none)")
+    a("--seed", type=int, default=0)
+    a("--quiet", action="store_true", help="no progress bar")
+    a("--overwrite", action="store_true")
+    return p
+
+
+def check_flags(a, explicit: set[str]) -> None:
+    """Refuse, never ignore, a flag that does not apply to this task or model."""
+    if a.task == "classify":
+        if a.prompt is not None:
+            raise ConfigError(f"--prompt {a.prompt!r} is for --task segment (a text-prompted mask); to classify with "
+                              f"prompts of your own pass --prompts FILE ({{class: [prompt, ...]}}).")
+        bad = [f for f in SEGMENT_ONLY if f in explicit]
+        if a.model == "medsiglip" and "logit_scale" in explicit:
+            raise ConfigError("--logit-scale is for --model clip: MedSigLIP scores with its own learned scale and "
+                              "bias.")
+    else:
+        if a.model == "clip":
+            said = f"--prompt {a.prompt!r}: " if a.prompt else ""
+            raise ConfigError(f"{said}--model clip is a classification-only model: CLIP has no image-text patch "
+                              f"features to place a prompt; use --model medsiglip --preset SIGLIP (both towers) with "
+                              f"--sam SAM.")
+        if not a.prompt or not a.sam:
+            raise ConfigError("--task segment needs --prompt (lungs, opacity, a name from --prompt-file, or free text) "
+                              "and --sam (a SAM preset name or folder).")
+        bad = [f for f in CLASSIFY_ONLY if f in explicit]
+    if bad:
+        raise ConfigError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} do(es) not apply to --task {a.task}.")
+    if a.logit_scale <= 0 or a.batch_size < 1 or min(a.bootstrap, a.overlays, a.negatives) < 0 or a.top_k < 1:
+        raise ConfigError("--logit-scale must be positive, --batch-size and --top-k 1 or more, --bootstrap, "
+                          "--overlays and --negatives 0 or more.")
+
+
+def _out(a, split: str) -> Path:
+    if a.out:
+        return Path(a.out)
+    name = Path(str(a.preset).rstrip("/")).name
+    if a.task == "segment":
+        name += "-segment-" + (re.sub(r"[^A-Za-z0-9]+", "-", a.prompt).strip("-")[:40] or "prompt")
+    return Path("experiments") / "zeroshot" / f"{name}-{split}"
+
+
+def _base_metrics(a, rows, skipped: list, warnings: list, kind: str) -> dict:
+    from covidcxr.evaluation.report import SCHEMA
+
+    return {"schema": SCHEMA, "model": str(a.preset), "model_kind": kind, "task": a.task, "data": rows.description,
+            "split": rows.split, "classes": rows.classes, "external": False, "label_map": None,
+            "train_overlap": None, "skipped": skipped, "warnings": warnings, "tta": None, "mask_lungs": None,
+            "gradcam": None, "segmentation": None}
+
+
+# ---------------------------------------------------------------- classify
+
+
+def _class_prompts(a, classes: list[str]) -> dict[str, list[str]]:
+    from covidcxr.foundation.prompted import read_prompt_file
+    from covidcxr.foundation.siglip import check_prompts
+
+    if not a.prompts:
+        return default_prompts(classes)
+    return check_prompts(read_prompt_file(a.prompts), classes, f"--prompts {a.prompts}")
+
+
+def _embed(a, backbone, tokenizer, prompts, df, failed: list):
+    """(kept row indices, probabilities [n, K], raw sigmoid scores [n, K] or None, scoring description)."""
+    from covidcxr.foundation import clip as C
+    from covidcxr.foundation import siglip as S
+    from covidcxr.foundation.zeroshot_run import decoded_batches
+
+    lib = C if a.model == "clip" else S
+    txt = lib.text_embeddings(backbone, tokenizer, prompts)
+    keys, embs = [], []
+    for k, x, _ in decoded_batches(df["path"].tolist(), lib.image_size_of(backbone), a.batch_size, failed,
+                                   a.quiet, a.workers):
+        keys += k
+        embs.append(lib.image_embeddings(backbone, x, a.batch_size))
+    if not keys:
+        return keys, None, None, None
+    img = np.concatenate(embs)
+    if a.model == "clip":
+        return keys, C.softmax_probs(img, txt, a.logit_scale), None, \
+            {"rule": "softmax(logit_scale * cosine)", "logit_scale": a.logit_scale}
+    scale, bias = S.logit_params(backbone)
+    scores = S.sigmoid_scores(img, txt, scale, bias)
+    return keys, S.scores_to_probabilities(scores), scores, \
+        {"rule": "sigmoid(scale * cosine + bias), renormalised per image for the metrics", "logit_scale": scale,
+         "logit_bias": bias}
+
+
+def classify(a) -> Path:
+    from covidcxr.evaluation.data import check_classes
+    from covidcxr.foundation import siglip as S
+    from covidcxr.foundation import zeroshot_run as R
+
+    t0 = time.perf_counter()
+    R.check_family(a.preset, a.model)  # reads config.json only: before indexing the data
+    rows = R.load_rows(a.data, a.split, a.quiet)
+    prompts = _class_prompts(a, rows.classes)
+    out = _out(a, rows.split)
+    R.check_out(out, a.overwrite)
+    backbone, tok = load_clip(a.preset) if a.model == "clip" else S.load_siglip(a.preset)
+    kind = "zero-shot CLIP" if a.model == "clip" else "zero-shot MedSigLIP (SigLIP sigmoid scores)"
+    print(f"{kind}: {a.preset} on {len(rows.df)} images of split '{rows.split}' from {rows.description}")
+    with R.staged(out, a.overwrite) as tmp:
+        failed: list = []
+        keys, probs, scores, scoring = _embed(a, backbone, tok, prompts, rows.df, failed)
+        skipped = rows.problems + failed
+        if not keys:
+            raise R.nothing_readable(len(rows.df), failed)
+        report_skipped(skipped, tmp)
+        m = _base_metrics(a, rows, skipped, check_classes(rows.df, rows.classes), kind)
+        m.update(prompts=prompts, scoring=scoring,
+                 model_config={"model": a.model, "preset": str(a.preset), "image_size": S.image_size_of(backbone),
+                               "prompt_ensembling": "mean of L2-normalised prompt embeddings", **scoring})
+        R.write_classification(tmp, m, rows.df.iloc[keys].reset_index(drop=True), probs, scores, a.bootstrap,
+                               a.seed)
+        R.finish(tmp, m, rows)
+    auc = "n/a" if m["macro_auc"] is None else f"{m['macro_auc']:.4f}"
+    print(f"zero-shot on {m['n']} images: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, macro-AUC "
+          f"{auc}; written to {out} ({time.perf_counter() - t0:.0f} s); open {out / 'report.html'}")
+    return out
+
+
+# ---------------------------------------------------------------- segment
+
+
+def _segment_batch(a, backbone, txt, sam, x):
+    """SAM masks ``[n, S, S]`` bool and boxes ``[n, 4]`` (S frame) for one batch."""
+    from covidcxr.foundation import prompted as P
+
+    sim = np.einsum("bhwd,d->bhw", P.patch_embeddings(backbone, x, a.batch_size), txt)
+    boxes, points, labels = P.prompts_from_map(sim, x.shape[1], a.threshold, a.top_k, a.negatives)
+    return P.sam_segment(sam, x, boxes, points, labels, a.batch_size), boxes
+
+
+class _MaskWriter:
+    """Writes each mask at its image's own size (masks/<class>/<name>.png) and scores it at its truth's own size."""
+
+    def __init__(self, out: Path, col: str | None):
+        from covidcxr.foundation.zeroshot_run import SegScores
+
+        self.out, self.col, self.scores = out, col, SegScores()
+        self.names: set[str] = set()
+        self.table: list[dict] = []
+        self.warnings: list[str] = []
+
+    def _name(self, row) -> str:
+        stem, n = Path(row["path"]).stem, 0
+        name = f"masks/{row['label']}/{stem}.png"
+        while name in self.names:  # two images with one name in a class (other folders)
+            n += 1
+            name = f"masks/{row['label']}/{stem}-{n}.png"
+        self.names.add(name)
+        return name
+
+    def write(self, mask_s: np.ndarray, box, hw, row) -> np.ndarray:
+        """The mask at the image's size (bool [h, w]); its table row (and scores) appended."""
+        from covidcxr.data import preprocess as P
+        from covidcxr.data.imageio import read_mask
+        from covidcxr.masks import save_png
+
+        (h, w), s = hw, mask_s.shape[0]
+        full = P.mask_from_probs(mask_s.astype(np.float32), h, w)
+        name = self._name(row)
+        (self.out / name).parent.mkdir(parents=True, exist_ok=True)
+        save_png(full, self.out / name)
+        rec = {"path": row["path"], "label": row["label"], "mask": name, "height": h, "width": w,
+               "mask_fraction": float(full.mean()), "box_x0": box[0] * w / s, "box_y0": box[1] * h / s,
+               "box_x1": box[2] * w / s, "box_y1": box[3] * h / s}
+        self.table.append(rec)
+        truth_path = str(row[self.col]) if self.col and self.col in row else ""
+        if truth_path:
+            try:
+                truth = read_mask(truth_path)
+            except Exception as exc:
+                self.warnings.append(f"mask left out: {exc}")
+                return full
+            pred = full if truth.shape == full.shape else P.mask_from_probs(mask_s.astype(np.float32), *truth.shape)
+            rec["dice"], rec["iou"], rec["hd95"] = self.scores.add(truth, pred, row["label"])
+        return full
+
+
+def _seg_summary(a, w: _MaskWriter, target: str | None) -> dict:
+    if not w.scores.rows:
+        why = (f"no {target} masks ({w.col}) in the segmented images" if target else
+               f"prompt {a.prompt!r} names no lung or infection target; pass --target lung|infection to score it")
+        w.warnings.append(f"not scored: {why}")
+        return {"n": 0, "target": target, "note": why}
+    seg = w.scores.summary(a.bootstrap, a.seed)
+    seg.update(target=target, truth_column=w.col, images_segmented=len(w.table), scored_at=(
+        "each ground-truth mask's own resolution (SAM's mask at its input size, resized bilinearly and "
+        "thresholded at 0.5); HD95 in those pixels"))
+    return seg
+
+
+def _segment_all(a, rows, backbone, txt, sam, size: int, w: _MaskWriter) -> tuple[list, dict, dict]:
+    """Every image through map -> prompts -> SAM -> mask; (unreadable, overlay masks, overlay Dice) by row."""
+    from covidcxr.foundation import zeroshot_run as R
+
+    df = rows.df
+    truth = df[w.col].astype(str).ne("").to_numpy() if w.col and w.col in df else np.zeros(len(df), bool)
+    picks = R.overlay_picks(df, truth if truth.any() else np.ones(len(df), bool), a.overlays, a.seed)
+    failed, shown, dice = [], {}, {}
+    for keys, x, hws in R.decoded_batches(df["path"].tolist(), size, a.batch_size, failed, a.quiet, a.workers,
+                                          "segmenting"):
+        masks, boxes = _segment_batch(a, backbone, txt, sam, x)
+        for j, k in enumerate(keys):
+            full = w.write(masks[j], boxes[j], hws[j], df.iloc[k])
+            if k in picks:
+                shown[k] = full
+                if "dice" in w.table[-1]:
+                    dice[k] = w.table[-1]["dice"]
+    return failed, shown, dice
+
+
+def _prompt_sets(path: str | None) -> dict[str, list[str]] | None:
+    """``--prompt-file``: {name: [prompt, ...]} adding to / overriding ``prompted.SEG_PROMPTS``."""
+    from covidcxr.foundation.prompted import read_prompt_file
+
+    if not path:
+        return None
     try:
-        if a.logit_scale <= 0:
-            raise ConfigError("--logit-scale must be positive.")
-        run(a.preset, a.data, a.split, a.out, a.prompts, a.logit_scale, a.bootstrap, a.seed, a.overwrite)
-    except CovidCXRError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return read_prompt_file(path)
+    except DataError as exc:  # read_prompt_file names the classification flag
+        raise DataError(str(exc).replace("--prompts", "--prompt-file", 1)) from exc
+
+
+def segment(a) -> Path:
+    import pandas as pd
+
+    from covidcxr.foundation import prompted as P
+    from covidcxr.foundation import siglip as S
+    from covidcxr.foundation import zeroshot_run as R
+
+    t0 = time.perf_counter()
+    R.check_family(a.preset, "medsiglip")  # config.json only: before indexing the data
+    R.check_sam(a.sam)
+    phrasings = P.resolve_prompt(a.prompt, _prompt_sets(a.prompt_file))
+    target = R.seg_target(a.prompt, phrasings, a.target)
+    rows = R.load_rows(a.data, a.split, a.quiet)
+    out = _out(a, rows.split)
+    R.check_out(out, a.overwrite)
+    sam, size = R.load_sam(a.sam)
+    backbone, tok = S.load_siglip(a.preset)
+    P.check_segmentation_prompt(backbone, a.prompt)
+    col = f"{target}_mask" if target else None
+    print(f"segmenting {len(rows.df)} images of split '{rows.split}' from {rows.description}: prompt {a.prompt!r} "
+          f"({len(phrasings)} phrasing(s)), scored against {col or 'nothing'}")
+    with R.staged(out, a.overwrite) as tmp:
+        w = _MaskWriter(tmp, col)
+        txt = S.text_embeddings(backbone, tok, {"prompt": phrasings})[0]
+        failed, shown, dice = _segment_all(a, rows, backbone, txt, sam, size, w)
+        skipped = rows.problems + failed
+        if not w.table:
+            raise R.nothing_readable(len(rows.df), failed)
+        report_skipped(skipped, tmp)
+        pd.DataFrame(w.table).to_csv(tmp / "predictions.csv", index=False, float_format="%.17g")
+        m = _base_metrics(a, rows, skipped, w.warnings, "zero-shot text-prompted segmentation (MedSigLIP + SAM)")
+        m.update(n=len(w.table), prompt={"text": a.prompt, "phrasings": phrasings, "target": target},
+                 segmentation=_seg_summary(a, w, target),
+                 bootstrap={"replicates": a.bootstrap, "seed": a.seed, "stratified": True} if a.bootstrap else None,
+                 model_config={"model": "medsiglip", "preset": str(a.preset), "sam": str(a.sam), "working_size": size,
+                               "threshold": a.threshold, "top_k": a.top_k, "negatives": a.negatives})
+        R.overlay_grid(rows.df, shown, col, dice, tmp, f"{a.prompt}: prediction red, ground truth green",
+                       f"{rows.split} split, n={len(w.table)}")
+        R.finish(tmp, m, rows)
+    seg = m["segmentation"]
+    print(f"{len(w.table)} masks written to {out / 'masks'}" + (
+        f"; {seg['target']} masks (n={seg['n']}): Dice {seg['dice']:.4f}, IoU {seg['iou']:.4f}" if seg["n"] else
+        f"; not scored ({seg['note']})") + f" ({time.perf_counter() - t0:.0f} s); open {out / 'report.html'}")
+    return out
+
+
+def run(args) -> int:
+    args.model = args.model or ("clip" if args.task == "classify" else "medsiglip")
+    check_flags(args, cli.explicit(args.argv, build_parser()))
+    (classify if args.task == "classify" else segment)(args)
     return 0
 
+
+main = cli.entry(build_parser, run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

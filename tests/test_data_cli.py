@@ -33,6 +33,17 @@ def test_index_lists_and_skips_corrupt_png(synth_copy, tmp_path, capsys):
     assert main(["index", str(synth_copy), "--out", str(out), "--quiet"]) == 2
 
 
+def test_index_never_writes_into_the_data_folder(synth_copy, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.relative_to(synth_copy) for p in synth_copy.rglob("*"))
+    assert main(["index", str(synth_copy), "--quiet"]) == 0
+    assert (tmp_path / "manifest.csv").exists()  # the default: the current folder
+    assert main(["index", str(synth_copy), "--out", str(synth_copy / "manifest.csv"), "--quiet"]) == 2
+    assert "inside the data folder" in capsys.readouterr().err
+    assert main(["index", str(synth_copy), "--out", str(synth_copy / "COVID" / "m.csv"), "--quiet"]) == 2
+    assert sorted(p.relative_to(synth_copy) for p in synth_copy.rglob("*")) == before
+
+
 def test_index_missing_folder_exits_nonzero(tmp_path, capsys):
     assert main(["index", str(tmp_path / "absent"), "--quiet"]) == 2
     assert "no such folder" in capsys.readouterr().err

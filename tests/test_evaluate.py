@@ -1,5 +1,5 @@
-"""Evaluation: every figure's definition on hand-made cases, every plot written,
-Grad-CAM on nested and transformer models, and the CLI end to end."""
+"""Evaluation: every figure's definition on hand-made cases, every plot written, and the CLI end
+to end: run-aware splits, the training-overlap guard, external validation, nothing silent."""
 import json
 from pathlib import Path
 
@@ -9,6 +9,8 @@ import pytest
 from sklearn import metrics as skm
 
 from covidcxr import evaluate as ev
+from covidcxr.evaluation import figures as F
+from covidcxr.evaluation.report import SCHEMA
 from covidcxr.calibration import apply_temperature, ece, fit_temperature, nll, reliability_bins
 from covidcxr.metrics import _fast_auc, bootstrap_ci, cosine_similarity, covid_class, headline
 from tests.conftest import shared_path
@@ -83,7 +85,7 @@ def test_figures_match_sklearn_and_plots_are_written(tmp_path):
     rng = np.random.default_rng(4)
     y = np.repeat(np.arange(4), 10)
     p = rng.dirichlet(np.ones(4), 40) * 0.6 + np.eye(4)[y] * 0.4
-    m = ev.figures(y, p, CLASSES, bootstrap=20)
+    m = F.classification(y, p, CLASSES, bootstrap=20)
     assert m["accuracy"] == skm.accuracy_score(y, p.argmax(1))
     assert m["macro_f1"] == skm.f1_score(y, p.argmax(1), average="macro")
     assert m["macro_auc"] == pytest.approx(np.mean([skm.roc_auc_score(y == i, p[:, i]) for i in range(4)]))
@@ -102,42 +104,32 @@ def test_figures_match_sklearn_and_plots_are_written(tmp_path):
         assert f.exists() and f.stat().st_size > 2000, f
 
 
-# ------------------------------------------------------------ Grad-CAM
+def test_probe_verdict_only_for_a_model_above_chance():
+    from covidcxr.evaluation.probes import verdict
+
+    at_chance = {"macro_auc": 0.458, "accuracy": 0.3, "ci95": {"macro_auc": {"low": 0.35, "high": 0.57}}}
+    v = verdict(at_chance, {"macro_auc": 0.521, "accuracy": 0.33}, 3)  # AUC went *up* without the lungs
+    assert v.startswith("not applicable") and "OK" not in v
+    good = {"macro_auc": 0.9, "accuracy": 0.8, "ci95": {"macro_auc": {"low": 0.82, "high": 0.95}}}
+    assert verdict(good, {"macro_auc": 0.55, "accuracy": 0.4}, 3).startswith("OK")
+    assert verdict(good, {"macro_auc": 0.85, "accuracy": 0.7}, 3).startswith("WARNING")
 
 
-@pytest.mark.parametrize("arch,size", [("resnet50", 64), ("efficientnetb0", 64), ("vit_b16", 32)])
-def test_gradcam_on_registry_classifiers(arch, size):
-    from covidcxr.gradcam import GradCAM
-    from covidcxr.models.classifier import build_classifier
-    from covidcxr.models.registry import get_spec
+def test_label_maps():
+    from covidcxr.errors import ConfigError
+    from covidcxr.evaluation.data import parse_label_map
 
-    model = build_classifier(get_spec(arch), 3, size, None)
-    x = np.random.default_rng(0).random((2, size, size, 3)).astype("float32")
-    cam = GradCAM(model)
-    heat, probs = cam.heatmaps(x)
-    np.testing.assert_allclose(probs, np.asarray(model(x, training=False)), atol=1e-5)
-    assert heat.ndim == 3 and heat.shape[0] == 2 and heat.shape[1] == heat.shape[2] >= 1
-    assert heat.min() >= 0 and heat.max() <= 1
-
-
-def test_gradcam_nested_sequential_model_and_bad_layer():
-    import keras
-
-    from covidcxr.gradcam import GradCAM, GradCAMError, overlay
-
-    base = keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(64, 64, 3))
-    model = keras.Sequential([keras.Input((64, 64, 3)), keras.layers.Rescaling(1.0), base,
-                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2, activation="softmax")])
-    x = np.random.default_rng(1).random((1, 64, 64, 3)).astype("float32")
-    heat, probs = GradCAM(model).heatmaps(x)  # the classic "graph disconnected" case
-    np.testing.assert_allclose(probs, np.asarray(model(x)), atol=1e-5)
-    inner = [layer.name for layer in base.layers if "conv" in layer.name][-3]
-    heat2, _ = GradCAM(model, inner).heatmaps(x)
-    assert heat2.shape[1] >= heat.shape[1]
-    with pytest.raises(GradCAMError, match="not found"):
-        GradCAM(model, "no_such_layer")
-    ov = overlay(np.random.default_rng(0).random((100, 80)), heat[0])
-    assert ov.shape == (100, 80, 3) and ov.dtype == np.uint8
+    lm = parse_label_map("COVID-19=COVID,Normal=Normal,Non-COVID=Lung_Opacity+Viral Pneumonia",
+                         ["COVID-19", "Non-COVID", "Normal"], ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"])
+    assert lm.names == ["COVID-19", "Normal", "Non-COVID"] and lm.data_label("Viral Pneumonia") == "Non-COVID"
+    np.testing.assert_allclose(lm.probs(np.array([[0.2, 0.5, 0.3]])), [[0.2, 0.3, 0.5]])
+    rev = parse_label_map("COVID=COVID-19,Normal=Normal,Lung_Opacity+Viral Pneumonia=Non-COVID",
+                          ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"], ["COVID-19", "Non-COVID", "Normal"])
+    np.testing.assert_allclose(rev.probs(np.array([[0.1, 0.2, 0.3, 0.4]])), [[0.1, 0.3, 0.6]])
+    for bad, msg in (("COVID-19=COVID", "not mapped"), ("COVID-19=Cats,Normal=Normal", "not classes of the data"),
+                     ("COVID-19=COVID,Normal=COVID", "more than once"), ("nonsense", "MODEL_CLASS=DATA_CLASS")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_label_map(bad, ["COVID-19", "Normal"], ["COVID", "Normal"])
 
 
 # ------------------------------------------------------------ CLI end to end
@@ -158,72 +150,96 @@ def tiny_run(synth_dir, tmp_path_factory):
 def test_evaluate_cli_writes_everything_and_figures_agree_with_sklearn(tiny_run, tmp_path, capsys):
     run = tiny_run / "run"
     out = tmp_path / "ev"
-    rc = ev.main(["--model", str(run), "--data", str(run / "manifest.csv"), "--split", "test", "--out", str(out),
-                  "--bootstrap", "50", "--tta", "--mask-lungs", "--gradcam", "2"])
+    rc = ev.main(["--model", str(run), "--out", str(out), "--bootstrap", "50", "--tta", "--mask-lungs",
+                  "--gradcam", "2"])   # no --data: the run's own held-out split
     assert rc == 0, capsys.readouterr().err
     for f in ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "pr.png", "reliability.png",
               "examples.png", "gradcam.png", "training_curves.png", "report.html", "calibration.json"):
         assert (out / f).exists(), f
     assert not (tmp_path / "ev.partial").exists()
     m = json.loads((out / "metrics.json").read_text())
-    assert m["schema"] == ev.SCHEMA and m["split"] == "test"
-    assert {"accuracy", "macro_f1", "macro_auc", "ece", "per_class", "ci95", "cosine_similarity"} <= set(m)
-    # Recompute from predictions.csv with sklearn: exact agreement.
-    pred = pd.read_csv(out / "predictions.csv")
+    assert m["schema"] == SCHEMA and m["split"] == "test" and m["train_overlap"]["checked"]
+    pred = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     classes = m["classes"]
-    assert list(pred.columns) == ["path", "true_label", "pred_label"] + [f"prob_{c}" for c in classes]
+    assert list(pred.columns) == ["path", "true_label", "pred_label"] + [f"prob_{c}" for c in classes] + \
+        ["train_overlap"]
     y = pred["true_label"].map(classes.index).to_numpy()
     p = pred[[f"prob_{c}" for c in classes]].to_numpy()
     yhat = pred["pred_label"].map(classes.index).to_numpy()
-    assert (yhat == p.argmax(1)).all()
-    assert m["n"] == len(pred) == int((pd.read_csv(run / "manifest.csv")["split"] == "test").sum())
-    assert m["accuracy"] == skm.accuracy_score(y, yhat)
+    man = pd.read_csv(run / "manifest.csv")
+    assert m["n"] == len(pred) == int((man["split"] == "test").sum())
+    assert m["accuracy"] == skm.accuracy_score(y, yhat) and (yhat == p.argmax(1)).all()
     assert m["macro_f1"] == skm.f1_score(y, yhat, average="macro", labels=range(len(classes)), zero_division=0)
     assert m["confusion_matrix"] == skm.confusion_matrix(y, yhat, labels=range(len(classes))).tolist()
     for i, c in enumerate(classes):
         if 0 < (y == i).sum() < len(y):
             assert m["per_class"][c]["roc_auc"] == skm.roc_auc_score(y == i, p[:, i])
-            assert m["per_class"][c]["average_precision"] == skm.average_precision_score(y == i, p[:, i])
     assert m["ece"] == ece(y, p)
-    # Calibration fitted on the validation split; TTA and the shortcut probe reported.
     assert m["calibration"]["temperature"] > 0 and "validation split" in m["calibration"]["fitted_on"]
-    assert len(m["tta"]["views"]) == 4 and 0 <= m["tta"]["accuracy"] <= 1
-    assert m["mask_lungs"]["n"] == m["n"] and m["mask_lungs"]["verdict"]  # synthetic data: every image has a mask
-    assert len(m["gradcam"]["files"]) == sum(min(2, int((y == i).sum())) for i in range(len(classes)))
-    assert all((out / f).exists() for f in m["gradcam"]["files"])
+    assert len(m["tta"]["views"]) == 4 and m["mask_lungs"]["n"] == m["n"] and m["mask_lungs"]["verdict"]
+    g = m["gradcam"]
+    assert len(g["files"]) == sum(min(2, int((y == i).sum())) for i in range(len(classes)))
+    assert all((out / f).exists() for f in g["files"]) and "grid over the 32 px input" in g["layer_description"]
     html = (out / "report.html").read_text()
-    assert "research only, not for diagnosis" in html and html.count("data:image/png;base64") >= 7
-    assert "Shortcut probe" in html
-    # The temperature went beside the model; predict --calibrated applies it.
+    assert "research only, not for diagnosis" in html and "Shortcut probe" in html and "n=" in html
     assert json.loads((run / "calibration.json").read_text())["temperature"] == m["calibration"]["temperature"]
-
-    # Never overwrite without --overwrite.
-    assert ev.main(["--model", str(run), "--data", str(run / "manifest.csv"), "--out", str(out)]) == 2
+    assert ev.main(["--model", str(run), "--out", str(out)]) == 2  # never overwritten without --overwrite
     assert "already exists" in capsys.readouterr().err
 
 
-def test_predict_calibrated_and_gradcam(tiny_run, synth_dir, tmp_path, capsys):
-    from covidcxr import predict
-    from covidcxr.calibration import save_temperature
-
+def test_run_aware_splits_and_the_training_overlap_guard(tiny_run, synth_dir, tmp_path, capsys):
     run = tiny_run / "run"
-    imgs = sorted(Path(synth_dir, "COVID", "images").glob("*.png"))[:3]
-    assert predict.main(["--model", str(run), *map(str, imgs), "--out", str(tmp_path / "a.csv")]) == 0
-    cal = save_temperature(tmp_path / "cal.json", 3.0, "test", 10, 0.2, 0.1)
-    assert predict.main(["--model", str(run), *map(str, imgs), "--out", str(tmp_path / "b.csv"), "--calibrated",
-                         "--calibration", str(cal), "--gradcam", str(tmp_path / "cams")]) == 0
-    a, b = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
-    cols = [c for c in a.columns if c.startswith("prob_")]
-    np.testing.assert_allclose(b[cols].to_numpy(), apply_temperature(a[cols].to_numpy(), 3.0), atol=1e-6)
-    assert (a["label"] == b["label"]).all()
-    assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 3
-    # --calibrated without any calibration file: clear error.
-    rc = predict.main(["--model", str(tiny_run / "export"), str(imgs[0]), "--out", str(tmp_path / "c.csv"),
-                       "--calibrated"])
-    assert rc == 2 and "calibration.json" in capsys.readouterr().err
+    man = pd.read_csv(run / "manifest.csv")
+    # The run's data folder: its own held-out split, not every image (861 of 1,230 had trained it).
+    assert ev.main(["--model", str(run), "--data", str(synth_dir), "--out", str(tmp_path / "a"), "--bootstrap",
+                    "0", "--gradcam", "0"]) == 0
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert a["split"] == "test" and a["n"] == int((man["split"] == "test").sum())
+    assert ev.main(["--model", str(run), "--data", str(synth_dir), "--split", "val", "--out", str(tmp_path / "v"),
+                    "--bootstrap", "0", "--gradcam", "0"]) == 0
+    assert json.loads((tmp_path / "v" / "metrics.json").read_text())["n"] == int((man["split"] == "val").sum())
+    capsys.readouterr()
+    # Another copy of the same images (no split of its own): the training images are found and left out.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(synth_dir, copy)
+    assert ev.main(["--model", str(tiny_run / "export"), "--data", str(copy), "--out", str(tmp_path / "c"),
+                    "--bootstrap", "0", "--gradcam", "0"]) == 0
+    out = capsys.readouterr().out
+    c = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    n_train = int((man["split"] == "train").sum())
+    assert c["split"] == "all" and c["train_overlap"]["matched"] == n_train and c["n"] == len(man) - n_train
+    assert f"{n_train} of {len(man)} images match an image that trained this model" in out
+    ov = pd.read_csv(tmp_path / "c" / "train_overlap.csv")
+    assert (ov["role"] == "train").sum() == n_train and (ov["role"] == "val").sum() == (man["split"] == "val").sum()
+    assert ev.main(["--model", str(tiny_run / "export"), "--data", str(copy), "--out", str(tmp_path / "i"),
+                    "--bootstrap", "0", "--gradcam", "0", "--include-train-overlap"]) == 0
+    i = json.loads((tmp_path / "i" / "metrics.json").read_text())
+    assert i["n"] == len(man) and i["train_overlap"]["included"] and "INCLUDED" in capsys.readouterr().out
+    assert "optimistic" in (tmp_path / "i" / "report.html").read_text()
 
 
-def test_evaluate_bad_inputs(tiny_run, tmp_path, capsys):
+def test_external_validation_with_a_label_map(tiny_run, synth_dir, tmp_path):
+    from tests.conftest import random_cxr, write_png
+
+    ext = tmp_path / "ext"  # another dataset's class names, new images
+    for c, k in (("covid", 3), ("other", 4), ("healthy", 3)):
+        for i in range(k):
+            write_png(ext / c / f"{c}{i}.png", random_cxr(100 + 10 * len(c) + i, 64))
+    lm = "COVID=covid,Normal=healthy,Lung_Opacity+Viral Pneumonia=other"
+    assert ev.main(["--model", str(tiny_run / "run"), "--data", str(ext), "--label-map", lm, "--out",
+                    str(tmp_path / "e"), "--bootstrap", "0", "--gradcam", "1"]) == 0
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["external"] and m["classes"] == ["COVID", "Normal", "Lung_Opacity+Viral Pneumonia"] and m["n"] == 10
+    pred = pd.read_csv(tmp_path / "e" / "predictions.csv")
+    assert set(pred["true_label"]) == {"covid", "other", "healthy"}
+    np.testing.assert_allclose(pred.filter(like="prob_").sum(1), 1, atol=1e-6)
+    assert "EXTERNAL validation" in (tmp_path / "e" / "report.html").read_text()
+    assert ev.main(["--model", str(tiny_run / "run"), "--data", str(ext), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_evaluate_bad_inputs(tiny_run, tmp_path, capsys, monkeypatch):
     from tests.conftest import random_cxr, write_png
 
     run = tiny_run / "run"
@@ -231,45 +247,45 @@ def test_evaluate_bad_inputs(tiny_run, tmp_path, capsys):
     for c in ("CATS", "DOGS"):
         for i in range(2):
             write_png(other / c / f"{i}.png", random_cxr(i))
-    cases = [
-        (["--data", str(other)], "none of the model's classes"),
-        (["--data", str(run / "manifest.csv"), "--split", "train", "--gradcam-layer", "nope"], "not found"),
-        (["--data", str(tmp_path / "missing")], "no such file"),
-    ]
-    # A manifest whose test split is empty.
     man = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
     man[man["split"] != "test"].to_csv(tmp_path / "notest.csv", index=False)
-    cases.append((["--data", str(tmp_path / "notest.csv"), "--split", "test"], "is empty"))
-    # A class the model does not know.
     extra = man.copy()
     extra.loc[0, "label"] = "Tuberculosis"
     extra.to_csv(tmp_path / "extra.csv", index=False)
-    cases.append((["--data", str(tmp_path / "extra.csv"), "--split", "all"], "does not know"))
+    cases = [(["--data", str(other)], "none of the model's classes"),
+             (["--data", str(tmp_path / "missing")], "no such file"),
+             (["--data", str(tmp_path / "notest.csv"), "--split", "test"], "is empty"),
+             (["--data", str(tmp_path / "extra.csv"), "--split", "all"], "does not know"),
+             (["--gradcam-layer", "nope"], "not found"),
+             (["--overlays", "3"], "do(es) not apply")]
     for args, msg in cases:
         out = tmp_path / "out"
-        rc = ev.main(["--model", str(run), "--out", str(out), "--bootstrap", "0", *args])
-        assert rc == 2, args
+        assert ev.main(["--model", str(run), "--out", str(out), "--bootstrap", "0", *args]) == 2, args
         assert msg in capsys.readouterr().err, args
         assert not out.exists() and not (tmp_path / "out.partial").exists()
+    # A file deleted after indexing: listed with the right reason, the rest scored.
+    gone = man[man["split"] == "test"]["path"].iloc[0]
+    import shutil
 
+    shutil.copy(gone, tmp_path / "keep.png")
+    try:
+        Path(gone).unlink()
+        assert ev.main(["--model", str(run), "--out", str(tmp_path / "s"), "--bootstrap", "0", "--gradcam", "0"]) == 0
+        assert "file not found" in capsys.readouterr().out
+        assert pd.read_csv(tmp_path / "s" / "skipped.csv")["path"].tolist() == [gone]
+    finally:
+        shutil.copy(tmp_path / "keep.png", gone)
+    # Ctrl-C: exit 130, nothing half-written left.
+    from covidcxr.evaluation import evaluator
 
-def test_evaluate_python_api(tiny_run):
-    import keras
-
-    from covidcxr.data.pipeline import make_dataset
-
-    run = tiny_run / "run"
-    labels = json.loads((run / "labels.json").read_text())
-    man = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
-    ds = make_dataset(man[man["split"] == "test"], labels["classes"], image_size=32,
-                      normalization=labels["normalization"], batch_size=8)
-    m = ev.evaluate(keras.saving.load_model(run / "best.keras"), ds, labels["classes"], bootstrap=10)
-    assert 0 <= m["accuracy"] <= 1 and m["n"] == int((man["split"] == "test").sum()) and "ci95" in m
+    monkeypatch.setattr(evaluator, "forward", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert ev.main(["--model", str(run), "--out", str(tmp_path / "k")]) == 130
+    assert not (tmp_path / "k").exists() and not (tmp_path / "k.partial").exists()
 
 
 def test_evaluate_real_covid_qu_ex_val_split(tmp_path):
-    """A tiny model trained on real COVID-QU-Ex images, evaluated on the sample's Val split
-    with the lung-masking probe (COVID-QU-Ex has lung masks for every image)."""
+    """A tiny model trained on real COVID-QU-Ex images, evaluated on the sample's Val split with the
+    lung-masking probe; the sample's known same-film pair (Train covid_1177 / Val covid_2022) is caught."""
     from covidcxr import train
 
     data = shared_path("covid-qu-ex-sample")
@@ -280,7 +296,7 @@ def test_evaluate_real_covid_qu_ex_val_split(tmp_path):
     assert ev.main(["--model", str(tmp_path / "run"), "--data", str(data), "--split", "val", "--out", str(out),
                     "--bootstrap", "20", "--mask-lungs", "--gradcam", "1"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["n"] == 60 and set(m["classes"]) == {"COVID-19", "Non-COVID", "Normal"}
-    assert m["ci95"]["covid_class"] == "COVID-19" and m["mask_lungs"]["n"] == 60
-    assert m["data_summary"]["duplicate_groups_crossing_splits"] == 1  # the known same-film pair
-    assert "optimistic" in m["calibration"]["fitted_on"]
+    assert set(m["classes"]) == {"COVID-19", "Non-COVID", "Normal"} and m["mask_lungs"]["n"] == m["n"]
+    ov = pd.read_csv(out / "train_overlap.csv")
+    assert ov["path"].str.endswith("covid_2022.png").any() and m["n"] == 60 - m["train_overlap"]["excluded"]
+    assert m["ci95"]["covid_class"] == "COVID-19"

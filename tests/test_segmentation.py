@@ -48,7 +48,7 @@ def test_losses_and_keras_metric_respect_zero_weights():
                                   "unet_mobilenetv3small"])
 def test_models_output_masks_at_input_resolution(name):
     seg = build_segmenter(name, 64, None)
-    x = np.random.default_rng(0).random((2, 64, 64, 3)).astype("float32")
+    x = (np.random.default_rng(0).random((2, 64, 64, 1)) * 255).astype("float32")  # gray, 0..255
     y = np.asarray(seg(x))
     assert y.shape == (2, 64, 64, 1) and (y >= 0).all() and (y <= 1).all()
     mt = build_segmenter(name, 64, None, num_classes=3)
@@ -106,7 +106,7 @@ def test_segment_and_multitask_training_end_to_end(synth_dir, tmp_path, monkeypa
     man = pd.read_csv(tmp_path / "mt" / "manifest.csv", keep_default_na=False)
     assert (man["lung_mask"] == "").any()  # multitask keeps images without masks (classifier only)
     hist = pd.read_csv(tmp_path / "mt" / "history.csv")
-    assert {"label_accuracy", "mask_dice", "val_mask_dice", "val_macro_f1"} <= set(hist.columns)
+    assert {"accuracy", "dice", "label_loss", "mask_loss", "val_dice", "val_macro_f1"} <= set(hist.columns)
 
     _evaluate_and_predict_segmenters(tmp_path, df)
     _lung_crop_classifiers(tmp_path)
@@ -135,7 +135,7 @@ def _evaluate_and_predict_segmenters(tmp_path, df):
     assert set(seg["per_class"]) == set(man[man["split"] == "val"]["label"])
     assert sum(v["n"] for v in seg["per_class"].values()) == n_val
     assert 0 <= seg["dice"] <= 1 and 0 <= seg["iou"] <= seg["dice"] + 1e-9  # IoU <= Dice per image
-    assert "accuracy" not in m
+    assert "accuracy" not in m and seg["ci95"] is None  # --bootstrap 0
     ov = list((tmp_path / "ev-seg" / "overlays").rglob("*.png"))
     assert 3 <= len(ov) <= 3 + len(seg["per_class"]) and (tmp_path / "ev-seg" / "segmentation.png").exists()
     assert Image.open(ov[0]).size == (64, 64)  # drawn at the X-ray's own size
@@ -161,6 +161,14 @@ def _evaluate_and_predict_segmenters(tmp_path, df):
     assert predict.main(["--model", str(tmp_path / "seg"), *inputs[:1], "--out", str(tmp_path / "p.csv")]) == 2
     assert predict.main(["--model", str(tmp_path / "seg"), *inputs[:1], "--out", str(tmp_path / "r.csv"),
                          "--calibrated"]) == 2
+    # flags that do not apply to a segmenter are refused, not ignored; --bootstrap gives Dice/IoU intervals
+    for flag in (["--tta"], ["--mask-lungs"], ["--gradcam", "2"], ["--label-map", "a=b"]):
+        assert evaluate.main(["--model", str(tmp_path / "seg"), "--data", str(full), "--out",
+                              str(tmp_path / "ev-bad"), *flag]) == 2, flag
+    assert evaluate.main(["--model", str(tmp_path / "seg"), "--data", str(full), "--split", "val", "--out",
+                          str(tmp_path / "ev-ci"), "--overlays", "0", "--bootstrap", "50"]) == 0
+    ci = json.loads((tmp_path / "ev-ci" / "metrics.json").read_text())["segmentation"]["ci95"]
+    assert ci["dice"]["low"] <= seg["dice"] <= ci["dice"]["high"]
     # the SavedModel evaluates too
     assert evaluate.main(["--model", str(tmp_path / "seg-export" / "serving" / "1"), "--data", str(full),
                           "--split", "val", "--out", str(tmp_path / "ev-sm"), "--overlays", "0"]) == 0
@@ -215,8 +223,8 @@ def _lung_crop_classifiers(tmp_path):
     m0 = np.asarray(Image.open(man["crop_mask"][0]))
     assert m0.shape == (32, 32) and set(np.unique(m0)) <= {0, 255}
     assert (tmp_path / "crop-export" / "lung_segmenter" / "model.keras").exists()
-    labels = json.loads((tmp_path / "crop" / "labels.json").read_text())
-    assert labels["lung_crop"] == "model"
+    card = json.loads((tmp_path / "crop" / "model_card.json").read_text())
+    assert card["lung_crop"] == "model"
     val = man[man["split"] == "val"]["path"].tolist()
     # Keras run and the SavedModel (which runs the segmenter inside) give the same probabilities.
     assert predict.main(["--model", str(tmp_path / "crop"), *val, "--out", str(tmp_path / "c1.csv")]) == 0
@@ -225,12 +233,13 @@ def _lung_crop_classifiers(tmp_path):
     a, b = pd.read_csv(tmp_path / "c1.csv"), pd.read_csv(tmp_path / "c2.csv")
     cols = [c for c in a.columns if c.startswith("prob_")]
     assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 1e-4
-    # evaluate (pipeline path) agrees with predict (per-image path)
+    # evaluate agrees with predict; the lungs-out probe does not apply to a lung-cropped classifier: refused
     assert evaluate.main(["--model", str(tmp_path / "crop"), "--data", str(full), "--split", "val", "--out",
-                          str(tmp_path / "ev-crop"), "--bootstrap", "0", "--gradcam", "1", "--mask-lungs"]) == 0
+                          str(tmp_path / "ev-crop"), "--bootstrap", "0", "--gradcam", "1"]) == 0
     ev = pd.read_csv(tmp_path / "ev-crop" / "predictions.csv").set_index("path").loc[a["path"]]
     assert np.abs(ev[cols].to_numpy() - a[cols].to_numpy()).max() < 1e-4
-    assert any("lung-cropped" in w for w in json.loads((tmp_path / "ev-crop" / "metrics.json").read_text())["warnings"])
+    assert evaluate.main(["--model", str(tmp_path / "crop"), "--data", str(full), "--split", "val", "--out",
+                          str(tmp_path / "ev-crop2"), "--mask-lungs"]) == 2
 
     # Given masks: refused when some image has none; the export then takes the mask as a second input.
     assert train.main(["--data", str(tmp_path / "half.csv"), *tiny, "--lung-crop", "--run-dir", "g0"]) == 2

@@ -1,3 +1,5 @@
+"""Training from the command line: run folder, export, same seed same history, kill and resume,
+two phases, and every bad start refused before a folder is made."""
 import json
 import os
 import signal
@@ -13,11 +15,9 @@ import pytest
 from covidcxr import train
 from tests.conftest import shared_path
 
-TINY = ["--image-size", "32", "--batch-size", "8", "--cache", "memory"]
-
-
-def run(args, cwd=None):
-    return train.main(args)
+TINY = ["--image-size", "32", "--batch-size", "8"]
+SCRATCH = ["--arch", "mobilenetv3small", "--weights", "none", "--epochs", "3", "--fine-tune-epochs", "0",
+           "--patience", "50", *TINY]
 
 
 @pytest.fixture
@@ -26,139 +26,184 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_end_to_end_scratch_run_export_and_predict(synth_dir, in_tmp, capsys):
-    rc = run(["--data", str(synth_dir), "--arch", "mobilenetv3small", "--weights", "none", "--epochs", "1",
-              "--fine-tune-epochs", "1", "--run-dir", "r1", "--export-dir", "exp", *TINY])
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "weights none: the whole network trains from epoch 1" in out and "images/s" in out
-    r = in_tmp / "r1"
-    for f in ("config.json", "manifest.csv", "history.csv", "best.keras", "curves.png", "metrics.json",
-              "labels.json"):
+@pytest.fixture(scope="module")
+def reference(synth_dir, tmp_path_factory):
+    """One uninterrupted 3-epoch run with its export (module-wide, reused by several tests)."""
+    root = tmp_path_factory.mktemp("ref")
+    assert train.main(["--data", str(synth_dir), *SCRATCH, "--run-dir", str(root / "run"),
+                       "--export-dir", str(root / "export")]) == 0
+    return root
+
+
+def test_run_folder_and_export(reference, synth_dir, capsys):
+    r = reference / "run"
+    for f in ("config.json", "manifest.csv", "model_card.json", "history.csv", "best.keras", "curves.png",
+              "metrics.json", "state.json", "resume.npz", "train_fingerprints.npz", "architecture.json"):
         assert (r / f).exists(), f
-    assert (r / "tensorboard").is_dir()
+    assert any((r / "tensorboard").iterdir())
     cfg = json.loads((r / "config.json").read_text())
     assert cfg["weights"] == "none" and cfg["arch"] == "mobilenetv3small" and cfg["image_size"] == 32
+    card = json.loads((r / "model_card.json").read_text())
+    assert card["classes"][0] == "COVID" and card["input_format"] == "gray255" and card["backend"] == "tensorflow"
     hist = pd.read_csv(r / "history.csv")
-    assert len(hist) == 2 and "val_macro_f1" in hist
+    assert hist["epoch"].tolist() == [0, 1, 2] and {"loss", "accuracy", "val_loss", "val_macro_f1"} <= set(hist)
     m = json.loads((r / "metrics.json").read_text())
     for split in ("val", "test"):
         assert {"accuracy", "macro_f1", "weighted_f1", "macro_auc", "per_class"} <= set(m[split])
-        assert len(m[split]["per_class"]) == 4
-    assert (in_tmp / "exp" / "serving" / "1" / "saved_model.pb").exists()
-    assert json.loads((in_tmp / "exp" / "labels.json").read_text())["classes"][0] == "COVID"
+    fp = np.load(r / "train_fingerprints.npz")
+    man = pd.read_csv(r / "manifest.csv")
+    assert (fp["role"] == 0).sum() == (man["split"] == "train").sum() and fp["thumbs16"].shape[1:] == (16, 16)
 
-    # The SavedModel serves raw PNG bytes, any size, and agrees with the Keras model.
+    # The SavedModel serves raw PNG bytes of any size and agrees with the Keras model.
     import tensorflow as tf
 
-    from covidcxr.predict import Predictor
+    from covidcxr.inference import Item, Predictor
 
     png = next(Path(synth_dir, "Normal", "images").glob("*.png"))
-    fn = tf.saved_model.load(str(in_tmp / "exp" / "serving" / "1")).signatures["serving_default"]
+    fn = tf.saved_model.load(str(reference / "export" / "serving" / "1")).signatures["serving_default"]
     res = fn(image_bytes=tf.constant([png.read_bytes(), png.read_bytes()]))
     assert res["probabilities"].shape == (2, 4) and res["label"].dtype == tf.string
-    np.testing.assert_allclose(res["probabilities"].numpy().sum(1), 1.0, atol=1e-5)
-    from covidcxr.data.imageio import read_image
+    keras_p = next(Predictor(reference / "export").run([Item(str(png))])).probs[0]
+    np.testing.assert_allclose(keras_p, res["probabilities"].numpy()[0], atol=1e-5)
+    assert (reference / "export" / "train_fingerprints.npz").exists()  # the overlap guard travels with the export
 
-    keras_p = Predictor(in_tmp / "exp").predict(read_image(png))
-    np.testing.assert_allclose(keras_p, res["probabilities"].numpy()[0], atol=1e-4)
 
-    from covidcxr.predict import main as predict_main
-
-    bad = in_tmp / "bad.png"
-    bad.write_bytes(b"nope")
-    assert predict_main(["--model", "exp", str(png.parent), str(bad), "--out", "p.csv"]) == 0
-    p = pd.read_csv(in_tmp / "p.csv")
-    assert len(p) == 8 and list(p.columns[:2]) == ["path", "label"] and p.filter(like="prob_").shape[1] == 4
-    assert "bad.png" in capsys.readouterr().err
-
-    # Nothing is overwritten without --overwrite.
-    assert run(["--data", str(synth_dir), "--arch", "mobilenetv3small", "--run-dir", "r1", *TINY]) == 2
+def test_nothing_is_overwritten(reference, synth_dir, capsys):
+    assert train.main(["--data", str(synth_dir), *SCRATCH, "--run-dir", str(reference / "run")]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert train.main(["--data", str(synth_dir), *SCRATCH, "--run-dir", str(reference / "other"),
+                       "--export-dir", str(reference / "export")]) == 2
+    assert "export directory" in capsys.readouterr().err and not (reference / "other").exists()
 
 
-def test_two_phase_with_local_weights_file(synth_dir, in_tmp, capsys):
+def _wait_for_epoch(state: Path, proc, n: int, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())["epochs_done"] >= n:
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def test_same_seed_same_history_and_a_killed_run_resumes_to_it(reference, synth_dir, tmp_path):
+    """A second run with the same seed, killed (SIGKILL, as a pre-empted job) after an epoch and
+    resumed: its history.csv, rows before and after the kill, equals the reference run's."""
+    cmd = [sys.executable, "-m", "covidcxr.train", "--data", str(synth_dir), *SCRATCH, "--run-dir", "r",
+           "--export-dir", "none"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    assert _wait_for_epoch(tmp_path / "r" / "state.json", proc, 1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads((tmp_path / "r" / "state.json").read_text())["epochs_done"]
+    assert 1 <= done < 3
+    r = subprocess.run([sys.executable, "-m", "covidcxr.train", "--resume", "--run-dir", "r"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "r" / "history.csv").read_text() == (reference / "run" / "history.csv").read_text()
+    assert json.loads((tmp_path / "r" / "state.json").read_text())["finished"] is True
+
+
+def test_resume_applies_a_longer_budget_and_refuses_other_changes(reference, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from covidcxr.training.loop import Loop
+
+    run = tmp_path / "run"
+    shutil.copytree(reference / "run", run)
+    with monkeypatch.context() as m:  # Ctrl-C during an epoch: exit 130 with the real resume command
+        m.setattr(Loop, "_epoch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        assert train.main(["--resume", "--run-dir", str(run), "--epochs", "5", "--export-dir", "none"]) == 130
+    err = capsys.readouterr().err
+    assert f"python -m covidcxr.train --resume --run-dir {run}" in err and "Traceback" not in err
+    assert train.main(["--resume", "--run-dir", str(run), "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.1 (the run has 0.0005)" in err
+    assert train.main(["--resume", "--run-dir", str(run), "--epochs", "5"]) == 2  # its export exists
+    assert "export directory" in capsys.readouterr().err
+    assert train.main(["--resume", "--run-dir", str(run), "--epochs", "1", "--export-dir", "none"]) == 2
+    assert "already ran 3 epochs" in capsys.readouterr().err
+    assert train.main(["--resume", "--run-dir", str(run), "--epochs", "4", "--export-dir", "none"]) == 0
+    hist = pd.read_csv(run / "history.csv")
+    assert hist["epoch"].tolist() == [0, 1, 2, 3]
+
+
+def test_two_phase_with_local_weights_file_and_unreadable_files(synth_copy, in_tmp, capsys):
+    """Head then fine-tuning from a local weights file; a file deleted after indexing is listed
+    (console and skipped.csv) and left out, never fatal."""
     import keras
 
+    from covidcxr.data.manifest import build_manifest
     from covidcxr.models.registry import build_backbone, get_spec
 
+    df, _ = build_manifest(synth_copy, (0.7, 0.15, 0.15), progress=False)
+    gone = df["path"].iloc[0]
+    df.to_csv(in_tmp / "m.csv", index=False)
+    Path(gone).unlink()
     bb = build_backbone(get_spec("resnet50"), 32, None)
     bb.save_weights(in_tmp / "bb.weights.h5")
     keras.backend.clear_session()
-    rc = run(["--data", str(synth_dir), "--arch", "resnet50", "--weights", str(in_tmp / "bb.weights.h5"),
-              "--epochs", "1", "--fine-tune-epochs", "1", "--unfreeze", "20", "--run-dir", "r2",
-              "--export-dir", "none", *TINY])
+    rc = train.main(["--data", str(in_tmp / "m.csv"), "--arch", "resnet50", "--weights", str(in_tmp / "bb.weights.h5"),
+                     "--epochs", "1", "--fine-tune-epochs", "1", "--unfreeze", "20", "--run-dir", "r2",
+                     "--export-dir", "none", *TINY])
     assert rc == 0
     out = capsys.readouterr().out
-    lines = [l for l in out.splitlines() if l.startswith("phase ")]
-    head = next(l for l in lines if l.startswith("phase head:"))
-    fine = next(l for l in lines if l.startswith("phase finetune:") and "epochs" in l)
     import re
 
     count = lambda l: int(re.search(r"([\d,]+) trainable", l).group(1).replace(",", ""))  # noqa: E731
-    assert count(fine) > count(head)
+    head = next(l for l in out.splitlines() if l.startswith("phase head:") and "trainable" in l)
+    fine = next(l for l in out.splitlines() if l.startswith("phase finetune:") and "trainable" in l)
+    assert count(fine) > count(head) and "BatchNormalization frozen" in fine
     hist = pd.read_csv(in_tmp / "r2" / "history.csv")
     assert hist["phase"].tolist() == [1, 2]
     assert hist["lr"].iloc[1] == pytest.approx(hist["lr"].iloc[0] / 10, rel=1e-3)
+    assert "1 file(s) left out" in out and "file not found" in out
+    assert pd.read_csv(in_tmp / "r2" / "skipped.csv")["path"].tolist() == [gone]
 
 
-def test_resume_continues_a_killed_run(synth_dir, in_tmp):
-    cmd = [sys.executable, "-m", "covidcxr.train", "--data", str(synth_dir), "--arch", "mobilenetv3small",
-           "--weights", "none", "--epochs", "4", "--fine-tune-epochs", "0", "--run-dir", "r3",
-           "--export-dir", "none", "--patience", "50", *TINY]
-    proc = subprocess.Popen(cmd, cwd=in_tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    state = in_tmp / "r3" / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists():
-            try:
-                if json.loads(state.read_text())["epoch"] >= 1:
-                    break
-            except (ValueError, KeyError):
-                pass
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = json.loads(state.read_text())["epoch"]
-    assert 1 <= done < 4 and "finished" not in json.loads(state.read_text())
-    r = subprocess.run([sys.executable, "-m", "covidcxr.train", "--resume", "--run-dir", "r3"], cwd=in_tmp,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    hist = pd.read_csv(in_tmp / "r3" / "history.csv")
-    assert sorted(hist["epoch"].tolist()) == [0, 1, 2, 3]
-    assert json.loads(state.read_text())["finished"] is True
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "nope"], "unknown architecture 'nope'"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--epochs", "0", "--fine-tune-epochs", "0"], "nothing to train"),
+    (["--epochs", "-1"], "--epochs -1"),
+    (["--lr", "0"], "--lr 0"),
+    (["--label-fraction", "1.5"], "--label-fraction 1.5"),
+    (["--split", "0.5,0.6"], "--split"),
+    (["--weights", "GARBAGE"], "cannot load it into resnet50"),
+])
+def test_bad_starts_exit_2_and_leave_nothing(synth_dir, in_tmp, capsys, args, message):
+    (in_tmp / "GARBAGE").write_bytes(b"garbage")
+    assert train.main(["--data", str(synth_dir), "--arch", "resnet50", *TINY, "--run-dir", "bad", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (in_tmp / "bad").exists() and not (in_tmp / "saved_models").exists()
 
 
-def test_cli_errors(synth_dir, in_tmp, capsys):
-    assert run(["--arch", "nope"]) == 2
-    assert "unknown architecture 'nope'" in capsys.readouterr().err
-    assert run(["--data", str(in_tmp / "missing")]) == 2
+def test_bad_data_and_resume(in_tmp, capsys):
+    assert train.main(["--data", str(in_tmp / "missing")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
-    bad = in_tmp / "w.h5"
-    bad.write_bytes(b"garbage")
-    assert run(["--data", str(synth_dir), "--arch", "resnet50", "--weights", str(bad), "--run-dir", "r4",
-                *TINY]) == 2
-    assert "cannot load it into resnet50" in capsys.readouterr().err
-    assert run(["--resume", "--run-dir", "nothing-here"]) == 2
+    assert train.main(["--resume", "--run-dir", "nothing-here"]) == 2
     assert "no interrupted run" in capsys.readouterr().err
     (in_tmp / "empty").mkdir()
-    assert run(["--data", str(in_tmp / "empty"), "--run-dir", "r5", *TINY]) == 2
-    assert "unknown dataset layout" in capsys.readouterr().err
+    assert train.main(["--data", str(in_tmp / "empty"), "--run-dir", "r5", *TINY]) == 2
+    assert "unknown dataset layout" in capsys.readouterr().err and not (in_tmp / "r5").exists()
 
 
 def test_help_lists_flags_and_archs():
     r = subprocess.run([sys.executable, "-m", "covidcxr.train", "--help"], capture_output=True, text=True)
     for flag in ("--data", "--arch", "--task", "--image-size", "--batch-size", "--epochs", "--fine-tune-epochs",
                  "--unfreeze", "--lr", "--weights", "--seed", "--run-dir", "--export-dir", "--overwrite",
-                 "--resume", "efficientnetb0", "swin_tiny"):
+                 "--resume", "--cache-dir", "--no-mixed-precision", "--no-jit-compile", "efficientnetb0"):
         assert flag in r.stdout
 
 
 def test_trains_on_real_covid_qu_ex(in_tmp):
     root = shared_path("covid-qu-ex-sample")
-    rc = run(["--data", str(root), "--arch", "resnet18", "--weights", "none", "--epochs", "1",
-              "--fine-tune-epochs", "0", "--run-dir", "real", "--export-dir", "none", *TINY])
+    rc = train.main(["--data", str(root), "--arch", "resnet18", "--weights", "none", "--epochs", "1",
+                     "--fine-tune-epochs", "0", "--run-dir", "real", "--export-dir", "none", *TINY])
     assert rc == 0
     m = json.loads((in_tmp / "real" / "metrics.json").read_text())
     assert m["val"]["n"] == 60 and m["test"]["n"] == 60  # the dataset's own Val and Test

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from covidcxr import cli
 from covidcxr.errors import CovidCXRError
 
 
@@ -25,7 +26,11 @@ def _cmd_index(args) -> int:
     from covidcxr.data.splits import parse_fractions
 
     fractions = parse_fractions(args.split)
-    out = Path(args.out) if args.out else Path(args.data) / "manifest.csv"
+    out = Path(args.out) if args.out else Path("manifest.csv")
+    data = Path(args.data).resolve()
+    if data.is_dir() and (out.resolve() == data or data in out.resolve().parents):
+        raise CovidCXRError(f"--out {out}: inside the data folder {args.data}; index never writes into a dataset. "
+                            f"Choose a path outside it (default: manifest.csv in the current folder).")
     if out.exists() and not args.overwrite:
         raise CovidCXRError(f"{out} already exists; pass --overwrite or choose another --out.")
     df, report = build_manifest(args.data, fractions, args.seed, args.workers, not args.quiet)
@@ -100,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("index", parents=[common], help="check every file and write the manifest CSV")
     s.add_argument("data", help="dataset folder (Kaggle, COVID-QU-Ex or folder-per-class layout)")
-    s.add_argument("--out", default=None, help="manifest path (default DATA/manifest.csv)")
+    s.add_argument("--out", default=None, help="manifest path (default: manifest.csv in the current folder; never "
+                                               "inside the data folder)")
     s.add_argument("--strict", action="store_true", help="fail on any problem file or crossing group")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_index)
@@ -119,16 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except CovidCXRError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+def run(args) -> int:
+    return args.func(args)
+
+
+main = cli.entry(build_parser, run, keras_needed=False)
 
 
 if __name__ == "__main__":

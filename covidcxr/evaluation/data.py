@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,5 +205,16 @@ def training_overlap(fp_path: Path | None, eval_fps: list[tuple | None]) -> Over
     return Overlap(kind, role, [str(i) if i >= 0 else "" for i in idx])
 
 
-def progress_enabled(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+def data_summary(df_all: pd.DataFrame, df: pd.DataFrame, has_split: bool, skipped: list) -> dict:
+    out = {"images_considered": int(len(df)), "images_skipped": len(skipped),
+           "classes_evaluated": {k: int(v) for k, v in df["label"].value_counts().sort_index().items()}}
+    if has_split:
+        out["class_by_split"] = {c: {k: int(v) for k, v in g["split"].value_counts().items()}
+                                 for c, g in df_all.groupby("label")}
+    if "group" in df_all:
+        sizes = df_all.groupby("group").size()
+        dup = sizes[sizes > 1]
+        out["duplicate_groups"] = int(len(dup))
+        out["duplicate_groups_crossing_splits"] = int(sum(1 for _, s in df_all[df_all["group"].isin(dup.index)]
+                                                          .groupby("group") if s["split"].nunique() > 1))
+    return out

@@ -7,7 +7,6 @@ report.html.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from covidcxr.evaluation import data as D
 from covidcxr.evaluation import figures as F
 from covidcxr.evaluation import probes, visuals
 from covidcxr.evaluation.passes import forward, subset
-from covidcxr.evaluation.report import SCHEMA, write
+from covidcxr.evaluation.report import SCHEMA, report_skipped, write, write_metrics
 
 
 @dataclass
@@ -123,7 +122,7 @@ class Evaluator:
                  f"from {ed.description}" + (" [external: label map]" if lmap else ""))
         full = forward(self.pred, df, fingerprint=True, quiet=o.quiet)
         skipped = list(ed.problems) + full.skipped
-        self._report_skipped(skipped, out)
+        report_skipped(skipped, out, self.log)
         p, overlap = self._guard(df, full, out)
         if not len(p.rows):
             excluded = (overlap or {}).get("excluded", 0)
@@ -145,14 +144,6 @@ class Evaluator:
             m["segmentation"] = None
         self._finish(m, ed, df, out)
         return m
-
-    def _report_skipped(self, skipped, out: Path) -> None:
-        if not skipped:
-            return
-        pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(out / A.SKIPPED, index=False)
-        self.log(f"WARNING: {len(skipped)} file(s) could not be read and are left out (all in {A.SKIPPED}), e.g.:")
-        for path, reason in skipped[:5]:
-            self.log(f"  - {path}: {reason}")
 
     def _guard(self, df: pd.DataFrame, p, out: Path):
         """Leave out (unless --include-train-overlap) the images that match a training image."""
@@ -297,9 +288,9 @@ class Evaluator:
 
         if self.loc.run_dir is not None and (self.loc.run_dir / A.HISTORY).exists():
             plot_history(self.loc.run_dir / A.HISTORY, out / "training_curves.png")
-        m["data_summary"] = data_summary(ed.df_all, df, ed.has_split, m["skipped"])
+        m["data_summary"] = D.data_summary(ed.df_all, df, ed.has_split, m["skipped"])
         m["model_config"] = {"card": self.card.__dict__, "train_config": self.loc.config}
-        (out / "metrics.json").write_text(json.dumps(m, indent=2, default=_json_default))
+        write_metrics(out, m)
         write(out, m)
 
     def _calibration_beside_model(self, out: Path, m: dict) -> None:
@@ -312,28 +303,3 @@ class Evaluator:
             self.log(f"temperature {t:.4f} saved to {dest} (predict --calibrated uses it)")
         else:
             self.log(f"note: {dest} exists; kept it (pass --overwrite to replace it with this fit)")
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
-
-
-def data_summary(df_all: pd.DataFrame, df: pd.DataFrame, has_split: bool, skipped: list) -> dict:
-    out = {"images_considered": int(len(df)), "images_skipped": len(skipped),
-           "classes_evaluated": {k: int(v) for k, v in df["label"].value_counts().sort_index().items()}}
-    if has_split:
-        out["class_by_split"] = {c: {k: int(v) for k, v in g["split"].value_counts().items()}
-                                 for c, g in df_all.groupby("label")}
-    if "group" in df_all:
-        sizes = df_all.groupby("group").size()
-        dup = sizes[sizes > 1]
-        out["duplicate_groups"] = int(len(dup))
-        out["duplicate_groups_crossing_splits"] = int(sum(1 for _, s in df_all[df_all["group"].isin(dup.index)]
-                                                          .groupby("group") if s["split"].nunique() > 1))
-    return out

@@ -102,6 +102,34 @@ def _caveats(m: dict) -> str:
     return f'<ul class="note">{"".join(f"<li>{html.escape(w)}</li>" for w in notes)}</ul>' if notes else ""
 
 
+def json_default(o):
+    """numpy scalars and arrays in metrics.json."""
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def write_metrics(out: Path, m: dict) -> Path:
+    (out / "metrics.json").write_text(json.dumps(m, indent=2, default=json_default))
+    return out / "metrics.json"
+
+
+def report_skipped(skipped: list[tuple[str, str]], out: Path, log=print) -> None:
+    """Every file that could not be read: count and the first few on the console, all in skipped.csv."""
+    if not skipped:
+        return
+    import pandas as pd
+
+    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(out / "skipped.csv", index=False)
+    log(f"WARNING: {len(skipped)} file(s) could not be read and are left out (all in skipped.csv), e.g.:")
+    for path, reason in skipped[:5]:
+        log(f"  - {path}: {reason}")
+
+
 def write(out: Path, m: dict) -> Path:
     classification = _classification(m) if "accuracy" in m else ""
     seg = _segmentation(m["segmentation"]) if m.get("segmentation") else ""

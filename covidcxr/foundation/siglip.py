@@ -47,7 +47,7 @@ def _check_folder(preset: str) -> None:
 def _refuse_non_siglip(preset: str, found: str) -> None:
     if found == "SigLIPBackbone":
         return
-    hint = (" For a CLIP model use the CLIP zero-shot (python -m covidcxr.zeroshot --preset ...)."
+    hint = (" For a CLIP model use the CLIP zero-shot (python -m covidcxr.zeroshot --model clip --preset ...)."
             if found == "CLIPBackbone" else "")
     raise ConfigError(f"--preset {preset}: holds a {found}, but SigLIP zero-shot needs a SigLIPBackbone preset "
                       f"(e.g. medsiglip_900m_448).{hint}")
@@ -163,7 +163,7 @@ def scores_to_probabilities(scores) -> np.ndarray:
 def cxr_prompts(classes: list[str]) -> dict[str, list[str]]:
     """Default chest-X-ray prompt ensembles for the Kaggle (COVID, Lung_Opacity, Normal, Viral Pneumonia) and
     COVID-QU-Ex (COVID-19, Non-COVID, Normal) class names; other names get prompts built from the name."""
-    from covidcxr.zeroshot import default_prompts  # imported here: zeroshot may import this module
+    from covidcxr.foundation.clip import default_prompts
 
     return default_prompts(list(classes))
 

@@ -40,7 +40,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
 
 from covidcxr.errors import ConfigError
 

@@ -252,6 +252,13 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
         + (f", {how}" if how else "") + f"; {len(data.rows('train'))} train / {len(data.rows('val'))} val / "
         f"{len(data.rows('test'))} test images, classes {data.classes}")
     phases = plan(cfg, pretrained=weights != "none")
+    if weights == "none":
+        log(f"weights none: the whole network trains from epoch 1 ({phases[0].epochs} epochs = --epochs + "
+            f"--fine-tune-epochs), BatchNormalization momentum {cfg.bn_momentum}"
+            + ("; --freeze-encoder: the random encoder stays frozen, only the head trains (a random-features "
+               "baseline)" if cfg.freeze_encoder else ""))
+    elif cfg.freeze_encoder:
+        log("--freeze-encoder: linear probe; no fine-tuning phase")
     state = LoopState.load(run_dir) if resume else LoopState()
     if resume:
         _extend(state, phases)

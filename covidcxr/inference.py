@@ -104,31 +104,35 @@ class Predictor:
 
     def decode(self, item: Item, keep_gray=False, fingerprint=False, lungs=False) -> Decoded:
         from covidcxr.data import preprocess as P
-        from covidcxr.data.imageio import inspect_file, read_mask
+        from covidcxr.data.imageio import decode_file, inspect_file, read_mask
 
-        info = inspect_file(item.path, keep_gray=True)
-        if not info.ok:
-            return Decoded(item, reason=info.reason)
+        if fingerprint:  # the overlap guard's hashes and thumbnail, from the same single decode
+            info = inspect_file(item.path, keep_gray=True)
+            gray, reason = info.gray, info.reason
+        else:
+            gray, reason = decode_file(item.path)
+        if gray is None or reason:
+            return Decoded(item, reason=reason)
         c = self.card
-        d = Decoded(item, height=info.gray.shape[0], width=info.gray.shape[1])
+        d = Decoded(item, height=gray.shape[0], width=gray.shape[1])
         try:
-            d.image = P.prepare(info.gray, c.image_size, c.contrast)
+            d.image = P.prepare(gray, c.image_size, c.contrast)
             if self.segmenter is not None:
                 sc = self.segmenter.card
-                d.seg_image = P.prepare(info.gray, sc.image_size, sc.contrast)
+                d.seg_image = P.prepare(gray, sc.image_size, sc.contrast)
             if self.needs_lung_masks or lungs:
                 if not item.lung_mask:
                     return Decoded(item, reason="no lung mask for this image")
                 d.lungs = P.resize_mask(read_mask(item.lung_mask), c.image_size)
             if self.kind == "savedmodel":
                 native = Path(item.path).suffix.lower() in TF_DECODABLE
-                d.raw = Path(item.path).read_bytes() if native else P.numpy_to_png_bytes(info.gray)
+                d.raw = Path(item.path).read_bytes() if native else P.numpy_to_png_bytes(gray)
         except Exception as exc:  # a bad mask or an odd file: this input only
             return Decoded(item, reason=str(exc).splitlines()[0][:200])
         if fingerprint:
             d.fingerprint = (bytes.fromhex(info.sha256), info.phash, info.phash_mirror, info.thumb)
         if keep_gray:
-            d.gray = info.gray
+            d.gray = gray
         return d
 
     def _decoded(self, items: Iterable[Item], **kw) -> Iterator[Decoded]:

@@ -88,7 +88,10 @@ def test_segment_and_multitask_training_end_to_end(synth_dir, tmp_path, monkeypa
     m = json.loads((tmp_path / "seg" / "metrics.json").read_text())
     assert 0 <= m["val"]["segmentation"]["dice"] <= 1 and "hd95" in m["val"]["segmentation"]
     man = pd.read_csv(tmp_path / "seg" / "manifest.csv", keep_default_na=False)
-    assert (man["lung_mask"] != "").all()  # a segmenter trains on images with masks only
+    fp = np.load(tmp_path / "seg" / "train_fingerprints.npz")
+    masked_train = int(((man["split"] == "train") & (man["lung_mask"] != "")).sum())
+    # a segmenter trains on the images with masks only (the manifest still lists them all)
+    assert (fp["role"] == 0).sum() == masked_train < (man["split"] == "train").sum()
     fn = tf.saved_model.load(str(tmp_path / "seg-export" / "serving" / "1")).signatures["serving_default"]
     from PIL import Image
 
@@ -142,7 +145,7 @@ def _evaluate_and_predict_segmenters(tmp_path, df):
     assert "Segmentation: lung masks" in (tmp_path / "ev-seg" / "report.html").read_text()
 
     # predict: one mask PNG per input at its own size; its Dice agrees with evaluate's.
-    val = man[man["split"] == "val"].reset_index(drop=True)
+    val = man[man["split"] == "val"].sort_values("path").reset_index(drop=True)  # predict writes rows in path order
     inputs = [str(p) for p in val["path"]]
     assert predict.main(["--model", str(tmp_path / "seg"), *inputs, "--out", str(tmp_path / "p.csv")]) == 0
     pr = pd.read_csv(tmp_path / "p.csv")

@@ -5,6 +5,7 @@ worker threads and in tools that must start fast.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,16 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot read image ({_reason(exc)})") from exc
 
 
+def decode_file(path: str | Path) -> tuple[np.ndarray | None, str]:
+    """(decoded image, '') or (None, the reason it cannot be read): read_image without raising."""
+    try:
+        return read_image(path), ""
+    except ImageReadError as exc:
+        if not Path(path).exists():
+            return None, "file not found"
+        return None, str(exc).split(": ", 1)[-1]
+
+
 def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read a mask (any mode, any values): uint8 (H, W) in {0, 1}.
 
@@ -157,13 +168,33 @@ def _thumbnail(gray: np.ndarray) -> np.ndarray:
     return np.asarray(img.resize((THUMB_SIZE, THUMB_SIZE), Image.BILINEAR), dtype=np.uint8)
 
 
+@functools.lru_cache(maxsize=2)
+def _dct_matrix(n: int) -> np.ndarray:
+    """Orthonormal DCT-II matrix: ``D @ x @ D.T`` equals scipy.fft.dctn(x, norm="ortho")."""
+    k = np.arange(n)[:, None]
+    d = np.cos(np.pi * (2 * np.arange(n)[None, :] + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    d[0] /= np.sqrt(2.0)
+    return d
+
+
+def _hash_bits(coeffs: np.ndarray) -> int:
+    c = coeffs[:8, :8].ravel()
+    return int(np.packbits(c > np.median(c[1:])).view(">u8")[0])
+
+
+def perceptual_hashes(thumb: np.ndarray) -> tuple[int, int]:
+    """64-bit pHash of a thumbnail and of its left-right mirror image: the sign of the 8x8 lowest
+    DCT frequencies against their median. One DCT serves both (mirroring a row negates its odd
+    horizontal frequencies)."""
+    d = _dct_matrix(thumb.shape[0])
+    coeffs = d @ thumb.astype(np.float64) @ d.T
+    mirrored = coeffs * np.where(np.arange(coeffs.shape[1]) % 2, -1.0, 1.0)[None, :]
+    return _hash_bits(coeffs), _hash_bits(mirrored)
+
+
 def perceptual_hash(thumb: np.ndarray) -> int:
     """64-bit pHash: sign of the 8x8 lowest DCT frequencies against their median."""
-    from scipy.fft import dctn
-
-    coeffs = dctn(thumb.astype(np.float32), norm="ortho")[:8, :8].ravel()
-    bits = coeffs > np.median(coeffs[1:])
-    return int(np.packbits(bits).view(">u8")[0])
+    return perceptual_hashes(thumb)[0]
 
 
 def inspect_file(path: str | Path, keep_gray: bool = False) -> FileInfo:
@@ -200,10 +231,8 @@ def inspect_file(path: str | Path, keep_gray: bool = False) -> FileInfo:
     if w < 8 or h < 8:
         return FileInfo(str(path), False, f"image too small ({w}x{h})", sha256=sha)
     thumb = _thumbnail(gray)
-    return FileInfo(
-        str(path), True, "", w, h, mode, sha,
-        perceptual_hash(thumb), perceptual_hash(thumb[:, ::-1]), thumb, gray if keep_gray else None,
-    )
+    return FileInfo(str(path), True, "", w, h, mode, sha, *perceptual_hashes(thumb), thumb,
+                    gray if keep_gray else None)
 
 
 def check_mask(path: str | Path) -> str:

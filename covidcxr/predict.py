@@ -34,16 +34,11 @@ trained with ``--lung-crop given``. Exit codes: 0; 1 inputs skipped; 2 usage err
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import heapq
 import json
-import re
 import shlex
-import shutil
 import sys
 from collections import Counter
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -51,194 +46,12 @@ import numpy as np
 from covidcxr import cli
 from covidcxr.artifacts import CALIBRATION, EXPORT_MODEL, atomic_write_text
 from covidcxr.errors import ConfigError, DataError, RunExistsError
+from covidcxr.prediction.outputs import (MASK_COLUMNS, SKIP_COLUMNS, CsvTable, check_free, existing,
+                                         mismatch, open_table, pyarrow_module, read_meta, remove, sidecar)
+from covidcxr.prediction.shards import build_merge_parser, in_shard, input_list, list_digest, parse_shard, run_merge
 
-SKIP_COLUMNS = ["path", "reason"]
-MASK_COLUMNS = ["mask_path", "mask_fraction", "height", "width"]
 SHOW_BAD = 5          # skipped inputs named on stderr; all of them are in <out>.skipped.csv
 PREVIEW = 10          # rows echoed on stdout at the end
-CHUNK = 4096          # rows per write when merging
-ROW_GROUP = 65536     # rows per row group of a joined parquet file
-
-
-# ------------------------------------------------------------------ inputs and shards
-
-def input_list(inputs: list[str]) -> tuple[list[str], dict[str, str]]:
-    """(every input path, sorted and unique; {path: reason} for those already known bad). Folders give
-    their image files (recursive); a missing path or an empty folder is an entry of its own, so that it
-    is listed as skipped by the one shard it falls in."""
-    from covidcxr.data.imageio import is_image_file
-
-    entries, bad = set(), {}
-    for arg in inputs:
-        p = Path(arg)
-        found = {str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f)} if p.is_dir() else set()
-        entries |= found or {str(p)}
-        if not p.exists() or (p.is_dir() and not found):
-            bad[str(p)] = "no such file or folder" if not p.exists() else "folder holds no image files"
-    return sorted(entries), bad
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """'K/N' with 1 <= K <= N -> (K, N); None -> (1, 1)."""
-    m = re.fullmatch(r"(\d+)/(\d+)", (text or "1/1").strip())
-    if not m or not 1 <= int(m[1]) <= int(m[2]):
-        raise ConfigError(f"--shard {text}: expected K/N with 1 <= K <= N (shards count from 1), e.g. --shard 1/4.")
-    return int(m[1]), int(m[2])
-
-
-def in_shard(path: str, k: int, n: int) -> bool:
-    """Whether ``path`` is in shard K of N: the sha1 of the path string (UTF-8), as a number, modulo N is
-    K - 1; the same on every machine and in every run."""
-    return int(hashlib.sha1(path.encode()).hexdigest(), 16) % n == k - 1
-
-
-def list_digest(paths) -> str:
-    """sha256 of the sorted path strings, one per line: names an input list in the sidecar."""
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.encode() + b"\n")
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------ output tables
-
-class CsvTable:
-    """Rows appended to a CSV and flushed per write; ``repair`` cuts a partial last line (a kill mid-write)."""
-
-    def __init__(self, path: Path, columns: list[str]):
-        self.path, self.columns, self._file = Path(path), list(columns), None
-
-    def repair(self) -> None:
-        if not self.path.exists():
-            return
-        size = self.path.stat().st_size
-        with open(self.path, "rb+") as f:
-            f.seek(max(0, size - (1 << 20)))
-            tail = f.read()
-            f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
-
-    def rows(self):
-        """The rows written so far, as dicts of strings (exactly as written)."""
-        if not self.path.exists():
-            return
-        with open(self.path, newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header not in (None, self.columns):
-                raise DataError(f"{self.path}: columns {header}, expected {self.columns}.")
-            for values in reader:
-                yield dict(zip(self.columns, values))
-
-    def write(self, rows: list[dict]) -> None:
-        """Append ``rows`` (the header first, into a new or empty file) and flush."""
-        if self._file is None:
-            fresh = not self.path.exists() or self.path.stat().st_size == 0
-            self._file = open(self.path, "a", newline="")
-            self._writer = csv.writer(self._file)
-            if fresh:
-                self._writer.writerow(self.columns)
-        self._writer.writerows([[r[c] for c in self.columns] for r in rows])
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    finish = close
-
-
-def _pyarrow():
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise ConfigError("--format parquet needs pyarrow: pip install pyarrow (or use --format csv).") from exc
-    return pa, pq
-
-
-class ParquetTable:
-    """Rows as parquet: one closed file per write under ``<out>.parts/`` (written under a temporary
-    name, so a kill leaves no partial part), joined into ``<out>`` by ``finish``."""
-
-    def __init__(self, path: Path, columns: list[str]):
-        pa, _ = _pyarrow()
-        self.path, self.columns = Path(path), list(columns)
-        self.parts, self._next = self.path.with_name(self.path.name + ".parts"), None
-        kinds = {"path": pa.string(), "label": pa.string(), "mask_path": pa.string(), "height": pa.int64(),
-                 "width": pa.int64()}
-        self.schema = pa.schema([(c, kinds.get(c, pa.float64())) for c in self.columns])
-
-    def repair(self) -> None:
-        """Back to parts: a joined ``<out>`` becomes part 0 again (its parts were all in it); drop temporaries."""
-        if self.path.exists():
-            shutil.rmtree(self.parts, ignore_errors=True)
-            self.parts.mkdir()
-            self.path.rename(self.parts / f"{0:09d}.parquet")
-        for tmp in self.parts.glob("*.tmp"):
-            tmp.unlink()
-
-    def _files(self) -> list[Path]:
-        if self.path.exists():
-            return [self.path]
-        return sorted(self.parts.glob("*.parquet")) if self.parts.is_dir() else []
-
-    def rows(self):
-        """The rows written so far, as dicts, row group by row group."""
-        _, pq = _pyarrow()
-        for f in self._files():
-            pf = pq.ParquetFile(f)
-            if pf.schema_arrow.names != self.columns:
-                raise DataError(f"{f}: columns {pf.schema_arrow.names}, expected {self.columns}.")
-            for i in range(pf.num_row_groups):
-                yield from pf.read_row_group(i).to_pylist()
-
-    def write(self, rows: list[dict]) -> None:
-        """``rows`` as the next part file."""
-        if not rows:
-            return
-        pa, pq = _pyarrow()
-        if self._next is None:
-            self.parts.mkdir(exist_ok=True)
-            self._next = max((int(p.stem) for p in self.parts.glob("*.parquet")), default=-1) + 1
-        dest, self._next = self.parts / f"{self._next:09d}.parquet", self._next + 1
-        pq.write_table(pa.Table.from_pylist(rows, self.schema), dest.with_suffix(".tmp"))
-        dest.with_suffix(".tmp").replace(dest)
-
-    def close(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        """Join the parts into ``<out>`` (row groups of up to ROW_GROUP rows, a few parts in memory at a time)."""
-        pa, pq = _pyarrow()
-        if self.path.exists() and not self.parts.is_dir():
-            return
-        tmp, pending = self.path.with_name(self.path.name + ".tmp"), []
-        with pq.ParquetWriter(tmp, self.schema) as writer:
-            for f in self._files():
-                pending.append(pq.read_table(f, schema=self.schema))
-                if sum(t.num_rows for t in pending) >= ROW_GROUP:
-                    writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
-                    pending = []
-            writer.write_table(pa.concat_tables(pending) if pending else self.schema.empty_table())
-        tmp.replace(self.path)
-        shutil.rmtree(self.parts, ignore_errors=True)
-
-
-def open_table(path: Path, columns: list[str], fmt: str):
-    return (ParquetTable if fmt == "parquet" else CsvTable)(path, columns)
-
-
-def sidecar(out: Path, name: str) -> Path:
-    """``<out>.meta.json`` / ``<out>.skipped.csv`` / ``<out>.parts``."""
-    return out.with_name(f"{out.name}.{name}")
-
-
-def read_meta(out: Path) -> dict:
-    path = sidecar(out, "meta.json")
-    if not path.exists():
-        raise DataError(f"{out}: no {path.name} beside it; not an output of this covidcxr.predict.")
-    return json.loads(path.read_text())
 
 
 # ------------------------------------------------------------------ the model and its identity
@@ -257,19 +70,6 @@ def model_identity(pred, model_arg: str) -> dict:
             h.update(hashlib.file_digest(fh, "sha256").digest())
     return {"path": str(model_arg), "kind": pred.kind, "sha256": h.hexdigest(), "classes": pred.classes,
             "task": pred.card.task}
-
-
-def _describe(m: dict) -> str:
-    return f"{m['path']} ({m['kind']}, sha256 {m['sha256'][:12]}, {m['task']}: {', '.join(m['classes'])})"
-
-
-def _mismatch(old: dict, new: dict, keys: tuple) -> str:
-    """'' when two sidecars are of one model (same files, classes, task) and agree on ``keys``; else
-    'KEY OLD, not NEW' in words."""
-    same = all(old["model"][k] == new["model"][k] for k in ("sha256", "kind", "classes", "task"))
-    key = "model" if not same else next((k for k in keys if old.get(k) != new.get(k)), "")
-    show = _describe if key == "model" else str
-    return key and f"{key} {show(old.get(key))}, not {show(new.get(key))}"
 
 
 def _check_flags(args, pred) -> None:
@@ -392,26 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _out_and_format(args) -> tuple[Path, str]:
     fmt = args.format or ("parquet" if args.out and Path(args.out).suffix.lower() in (".parquet", ".pq") else "csv")
     if fmt == "parquet":
-        _pyarrow()
+        pyarrow_module()
     return Path(args.out or f"predictions.{fmt}"), fmt
-
-
-def _existing(out: Path) -> list[Path]:
-    return [p for p in (out, sidecar(out, "meta.json"), sidecar(out, "parts")) if p.exists()]
-
-
-def _check_free(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an existing output unless --resume or --overwrite says what to do with it."""
-    if resume and overwrite:
-        raise ConfigError("--resume keeps the existing output and --overwrite replaces it; pass one of them.")
-    if _existing(out) and not (resume or overwrite):
-        raise RunExistsError(f"{_existing(out)[0]} already exists; pass --resume to continue it, --overwrite or "
-                             f"another --out.")
-
-
-def _remove(out: Path) -> None:
-    for p in _existing(out) + [sidecar(out, "skipped.csv")]:
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _folder(path: str, flag: str, args) -> Path:
@@ -438,7 +220,7 @@ def _scorer(args, pred, out: Path, entries: list[str]) -> Scorer:
 
 def _resume(out: Path, tables, meta: dict) -> list[list[str]]:
     """The paths each table already holds, after checking the output is of this model and input list."""
-    why = _mismatch(read_meta(out), meta, ("calibration", "format", "columns", "shard", "inputs"))
+    why = mismatch(read_meta(out), meta, ("calibration", "format", "columns", "shard", "inputs"))
     if why:
         raise DataError(f"--resume: {out} was written with {why}; pass the same arguments, another --out, or "
                         f"--overwrite to start again.")
@@ -456,7 +238,7 @@ def run(args) -> int:
     k, n = parse_shard(args.shard)
     args.calibrated = args.calibrated or bool(args.calibration)
     out, fmt = _out_and_format(args)
-    _check_free(out, args.resume, args.overwrite)
+    check_free(out, args.resume, args.overwrite)
     if args.batch_size < 1 or (args.workers or 1) < 1:
         raise ConfigError(f"--batch-size {args.batch_size} / --workers {args.workers}: must be at least 1.")
     pred = Predictor(args.model, args.batch_size, args.workers, args.prefer)
@@ -471,8 +253,8 @@ def run(args) -> int:
             "shard_count": len(mine), "rows": 0, "skipped": 0, "complete": False}
     table, skipped = open_table(out, columns, fmt), CsvTable(sidecar(out, "skipped.csv"), SKIP_COLUMNS)
     if args.overwrite:
-        _remove(out)
-    done = _resume(out, (table, skipped), meta) if args.resume and _existing(out) else [[], []]
+        remove(out)
+    done = _resume(out, (table, skipped), meta) if args.resume and existing(out) else [[], []]
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sidecar(out, "meta.json"), json.dumps(meta, indent=2))
     table.write([])
@@ -546,91 +328,6 @@ def _report(args, out: Path, meta: dict, stats: dict, old_rows: int, old_bad: in
               + f", all listed in {sidecar(out, 'skipped.csv')}:", file=sys.stderr)
         for b in stats["first_bad"]:
             print(f"  - {b['path']}: {b['reason']}", file=sys.stderr)
-
-
-# ------------------------------------------------------------------ merge
-
-def build_merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m covidcxr.predict merge",
-                                description="Join the outputs of all N '--shard K/N' runs of one model over one "
-                                            "input list into one output, with its .skipped.csv and .meta.json, "
-                                            "after checking that every shard is there and complete and that "
-                                            "every input is in exactly one of them.")
-    p.add_argument("outputs", nargs="+", help="the shards' outputs (their .meta.json beside them)")
-    p.add_argument("--out", required=True, help="the merged output")
-    p.add_argument("--overwrite", action="store_true")
-    return p
-
-
-def _shards(paths: list[Path]) -> list[tuple[Path, dict]]:
-    """(output, meta) of every shard, in shard order, after checking they are one complete set."""
-    shards = [(p, read_meta(p)) for p in paths]
-    p0, m0 = shards[0]
-    n, ks = m0["shard"][1], Counter(m["shard"][0] for _, m in shards)
-    for p, m in shards:
-        why = _mismatch(m, m0, ("calibration", "format", "columns", "inputs")) or \
-            (m["shard"][1] != n and f"N {m['shard'][1]}, not {n}")
-        if why:
-            raise DataError(f"merge: {p} was written with {why} (as {p0}); they are not shards of one run.")
-        if not m["complete"]:
-            raise DataError(f"merge: {p} (shard {m['shard'][0]}/{n}) is incomplete; finish it with --resume first.")
-    if any(c > 1 for c in ks.values()):
-        raise DataError(f"merge: shard {', '.join(f'{k}/{n}' for k, c in ks.items() if c > 1)} given twice.")
-    if len(ks) != n:
-        raise DataError(f"merge: missing shard(s) {', '.join(f'{k}/{n}' for k in range(1, n + 1) if k not in ks)} "
-                        f"of {n}.")
-    return sorted(shards, key=lambda s: s[1]["shard"][0])
-
-
-def _tables(out: Path, meta: dict):
-    return open_table(out, meta["columns"], meta["format"]), CsvTable(sidecar(out, "skipped.csv"), SKIP_COLUMNS)
-
-
-def _check_cover(shards: list[tuple[Path, dict]]) -> None:
-    """Every input of the list in exactly one shard, as a row or as skipped, and each shard as its meta says."""
-    seen: set[str] = set()
-    counts = {}
-    for p, m in shards:
-        for t in _tables(p, m):
-            for row in t.rows():
-                if row["path"] in seen:
-                    raise DataError(f"merge: {row['path']} is scored twice (again in {t.path}).")
-                seen.add(row["path"])
-                counts[t.path] = counts.get(t.path, 0) + 1
-    for p, m in shards:
-        held = [counts.get(t.path, 0) for t in _tables(p, m)]
-        if held != [m["rows"], m["skipped"]]:
-            raise DataError(f"merge: {p} holds {held[0]} rows and {held[1]} skipped, its meta says "
-                            f"{m['rows']} and {m['skipped']}; it was changed after its run.")
-    inputs = shards[0][1]["inputs"]
-    if len(seen) != inputs["count"] or list_digest(seen) != inputs["sha256"]:
-        raise DataError(f"merge: the shards hold {len(seen)} inputs, not the {inputs['count']} of their input list; "
-                        f"some file is missing.")
-
-
-def run_merge(args) -> int:
-    """Check the shards, then stream their rows (and skipped inputs) into one output in path order."""
-    out = Path(args.out)
-    _check_free(out, False, args.overwrite)
-    shards = _shards([Path(o) for o in args.outputs])
-    _check_cover(shards)
-    if args.overwrite:
-        _remove(out)
-    merged = _tables(out, shards[0][1])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    merged[0].write([])
-    for i, dest in enumerate(merged):  # each shard is in path order: so is the merge, as one run would be
-        rows = heapq.merge(*(_tables(p, m)[i].rows() for p, m in shards), key=lambda r: r["path"])
-        while chunk := list(islice(rows, CHUNK)):
-            dest.write(chunk)
-    for t in merged:
-        t.finish()
-    meta = {**shards[0][1], "shard": [1, 1], "shard_count": shards[0][1]["inputs"]["count"], "complete": True,
-            "rows": sum(m["rows"] for _, m in shards), "skipped": sum(m["skipped"] for _, m in shards),
-            "merged_from": [str(p) for p, _ in shards]}
-    atomic_write_text(sidecar(out, "meta.json"), json.dumps(meta, indent=2))
-    print(f"merged {len(shards)} shards into {out} ({meta['rows']} rows, {meta['skipped']} skipped)")
-    return 0
 
 
 _predict = cli.entry(build_parser, run)

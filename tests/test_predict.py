@@ -123,7 +123,7 @@ def test_resume_after_kill(models, tmp_path, fmt):
 
 
 def test_shards_cover_every_file_once():
-    from covidcxr.predict import in_shard
+    from covidcxr.prediction.shards import in_shard
 
     paths = [f"archive/{i // 100}/img{i:05d}.png" for i in range(1000)]
     for n in (1, 2, 3, 7):

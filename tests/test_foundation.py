@@ -73,7 +73,8 @@ def test_linear_probe_on_a_local_preset_with_a_label_fraction(synth_dir, tmp_pat
             "--cache-dir", str(tmp_path / "cache")]
     assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert "linear probe; no fine-tuning phase" in out and "label fraction 0.5" in out
+    assert "linear probe (the head on cached embeddings" in out and "label fraction 0.5" in out
+    assert "0 of 32 images reused, 32 computed" in out
     cfg = json.loads((tmp_path / "probe" / "config.json").read_text())
     assert cfg["freeze_encoder"] and cfg["label_fraction"] == 0.5 and cfg["weights"].endswith("dino")
     man = pd.read_csv(tmp_path / "probe" / "manifest.csv", keep_default_na=False)
@@ -86,6 +87,10 @@ def test_linear_probe_on_a_local_preset_with_a_label_fraction(synth_dir, tmp_pat
     enc = model.get_layer("backbone")
     for a, b in zip(before, enc.weights):
         np.testing.assert_array_equal(a, b.numpy())  # the encoder never moved
+    # a second probe over the same encoder and images: every embedding comes from the cache
+    assert train.main(args[:-6] + ["--run-dir", "probe2", "--export-dir", "none", "--cache-dir",
+                                   str(tmp_path / "cache"), "--seed", "3"]) == 0
+    assert "32 of 32 images reused, 0 computed" in capsys.readouterr().out
     assert train.main(args[:-6] + ["--label-fraction", "0", "--run-dir", "p2"]) == 2
     assert not (tmp_path / "p2").exists()  # a refused start leaves nothing behind
     assert train.main(["--data", str(synth_dir), "--arch", "dinov2_small", "--preset", "x", "--weights", "none",

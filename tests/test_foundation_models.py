@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from covidcxr.errors import ConfigError, DataError
@@ -445,3 +446,23 @@ def test_cached_pooled_features_of_a_registry_encoder(presets, tmp_path):
     assert a.shape == (3, HF_DIM) and np.array_equal(a, b) and batches == [2, 1]
     meta = json.loads(next((tmp_path / "c").rglob("meta.json")).read_text())
     assert meta["arch"] == "rad_dino" and meta["normalization"] == "rad_dino"
+
+
+def test_rad_dino_from_the_command_line_probe_and_lung_segmenter(presets, synth_dir, tmp_path, capsys):
+    """`train --arch rad_dino --preset <Hugging Face folder>`: the linear probe on cached embeddings, and
+    the same encoder as a lung-segmentation encoder (`setr_rad_dino`, frozen head phase then fine-tuning)."""
+    from covidcxr import train
+
+    root, _ = presets
+    common = ["--data", str(synth_dir), "--preset", str(root / "rad-dino"), "--image-size", str(HF_SIZE),
+              "--batch-size", "8", "--export-dir", "none", "--cache-dir", str(tmp_path / "cache")]
+    assert train.main([*common, "--arch", "rad_dino", "--freeze-encoder", "--epochs", "2",
+                       "--run-dir", str(tmp_path / "probe")]) == 0
+    out = capsys.readouterr().out
+    assert "cached embeddings" in out and "linear probe" in out
+    card = json.loads((tmp_path / "probe" / "model_card.json").read_text())
+    assert card["arch"] == "rad_dino" and card["normalization"] == "rad_dino"
+    assert train.main([*common, "--task", "segment", "--arch", "setr_rad_dino", "--epochs", "1",
+                       "--fine-tune-epochs", "1", "--run-dir", str(tmp_path / "seg")]) == 0
+    hist = pd.read_csv(tmp_path / "seg" / "history.csv")
+    assert hist["phase"].tolist() == [1, 2] and hist["val_dice"].between(0, 1).all()

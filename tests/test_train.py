@@ -208,3 +208,14 @@ def test_trains_on_real_covid_qu_ex(in_tmp):
     m = json.loads((in_tmp / "real" / "metrics.json").read_text())
     assert m["val"]["n"] == 60 and m["test"]["n"] == 60  # the dataset's own Val and Test
     assert set(m["val"]["per_class"]) == {"COVID-19", "Non-COVID", "Normal"}
+
+
+def test_export_check_on_a_non_image_is_one_line(reference, tmp_path, capsys):
+    from covidcxr import export
+
+    note = tmp_path / "notes.png"
+    note.write_text("not an image")
+    assert export.main([str(reference / "run"), "--out", str(tmp_path / "e"), "--check", str(note)]) == 2
+    err = capsys.readouterr().err
+    assert "notes.png" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()

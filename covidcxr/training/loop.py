@@ -228,6 +228,7 @@ class Loop:
     run_dir: Path
     jit_compile: bool = False
     log: callable = print
+    save_model: object = None   # what best.keras holds (default the trainee's network)
     summaries: list[str] = field(default_factory=list)
 
     def _compile(self, phase: Phase) -> str:
@@ -316,7 +317,7 @@ class Loop:
         return row, seconds, stop, twin
 
     def _save_best(self, twin):
-        net = self.trainee.net
+        net = self.save_model or self.trainee.net
         mixed = any("mixed" in str(layer.dtype_policy.name) for layer in net.layers)
         if mixed:
             twin = twin or float32_twin(net)

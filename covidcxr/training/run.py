@@ -18,7 +18,7 @@ import pandas as pd
 
 from covidcxr import artifacts as A
 from covidcxr.cli import Interrupted
-from covidcxr.config import TrainConfig
+from covidcxr.config import AugmentConfig, TrainConfig
 from covidcxr.errors import ConfigError, DataError, RunExistsError
 
 
@@ -237,17 +237,34 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
             register_all()
             net = keras.models.model_from_json((run_dir / "architecture.json").read_text())
             weights = cfg.weights
+            if cfg.freeze_encoder and (run_dir / A.BEST).exists():  # the frozen encoder is in every checkpoint
+                net.set_weights(keras.saving.load_model(run_dir / A.BEST).get_weights())
         else:
             net, weights = build_network(cfg, task, len(data.classes), log)
             cfg = replace(cfg, weights=weights)
             cfg.save(run_dir / A.CONFIG)
             (run_dir / "architecture.json").write_text(net.to_json())
             _card(cfg, task, data.classes, device.backend).save(run_dir)
-        trainee = Trainee(net, Augment.from_config_object(cfg.augment, seed=cfg.seed), task)
+        probe = cfg.freeze_encoder and cfg.task == "classify"
+        if probe:  # the head alone, on cached embeddings of the frozen encoder
+            from covidcxr.training.probe import head_model
+
+            trainee = Trainee(head_model(net), Augment.from_config_object(AugmentConfig.none()), task)
+        else:
+            trainee = Trainee(net, Augment.from_config_object(cfg.augment, seed=cfg.seed), task)
     cw = class_weights(data.df["label"].iloc[data.rows("train")], data.classes) \
         if cfg.class_weights and task.classifies else None
-    train = Batches(data, data.rows("train"), cfg.batch_size, shuffle=True, seed=cfg.seed, class_weight=cw)
-    val = Batches(data, data.rows("val"), cfg.batch_size)
+    if probe:
+        from covidcxr.data.cache import default_cache_dir
+        from covidcxr.training.probe import FeatureBatches, features
+
+        feats = features(net, data, Path(cfg.cache_dir or default_cache_dir()) / "embeddings", cfg.batch_size, log)
+        train = FeatureBatches(data, feats, data.rows("train"), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                               class_weight=cw)
+        val = FeatureBatches(data, feats, data.rows("val"), cfg.batch_size)
+    else:
+        train = Batches(data, data.rows("train"), cfg.batch_size, shuffle=True, seed=cfg.seed, class_weight=cw)
+        val = Batches(data, data.rows("val"), cfg.batch_size)
     log(f"arch {cfg.arch}, weights {weights}, {device.describe()}, precision {policy}, XLA {'on' if jit else 'off'}"
         + (f", {how}" if how else "") + f"; {len(data.rows('train'))} train / {len(data.rows('val'))} val / "
         f"{len(data.rows('test'))} test images, classes {data.classes}")
@@ -258,11 +275,12 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
             + ("; --freeze-encoder: the random encoder stays frozen, only the head trains (a random-features "
                "baseline)" if cfg.freeze_encoder else ""))
     elif cfg.freeze_encoder:
-        log("--freeze-encoder: linear probe; no fine-tuning phase")
+        log("--freeze-encoder: linear probe (the head on cached embeddings, no augmentation); no fine-tuning phase")
     state = LoopState.load(run_dir) if resume else LoopState()
     if resume:
         _extend(state, phases)
-    loop = Loop(trainee, task, cfg, phases, train, val, run_dir, jit_compile=jit, log=log)
+    loop = Loop(trainee, task, cfg, phases, train, val, run_dir, jit_compile=jit, log=log,
+                save_model=net if probe else None)
     loop.run(state)
     return loop
 

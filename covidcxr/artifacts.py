@@ -15,13 +15,15 @@ folder (``serving/1`` or its parent's ``serving``), and says which it found.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from covidcxr.errors import DataError
+from covidcxr.errors import DataError, RunExistsError
 
 CONFIG = "config.json"
 MANIFEST = "manifest.csv"
@@ -158,6 +160,32 @@ def _serving(folder: Path) -> Path | None:
     versions = sorted((d for d in base.iterdir() if d.is_dir() and d.name.isdigit() and _is_savedmodel(d)),
                       key=lambda d: int(d.name))
     return versions[-1] if versions else None
+
+
+def check_free(out: str | Path, overwrite: bool) -> None:
+    """Refuse to write into an existing, non-empty output folder unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RunExistsError(f"{out} already exists; pass --overwrite or another --out.")
+
+
+@contextlib.contextmanager
+def staged(out: str | Path, overwrite: bool = False):
+    """Yield ``OUT.partial`` to write into; it becomes ``OUT`` only when the block completes, and is
+    deleted when it fails (Ctrl-C included), so a half-written output is never left under ``OUT``."""
+    out = Path(out)
+    check_free(out, overwrite)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -50,8 +50,6 @@ def _read_run_manifest(path: Path) -> pd.DataFrame:
 
 def load(loc: A.Located, data: str | None, split: str, seed: int = 42, progress: bool = True) -> EvalData:
     """The evaluation rows for model ``loc`` on ``data`` (None: the run's own data)."""
-    from covidcxr.data.manifest import build_manifest, read_manifest
-
     cfg, man = loc.config or {}, loc.manifest_path
     own = data is None or _same_path(data, cfg.get("data")) or (man is not None and _same_path(data, man))
     if own:
@@ -59,18 +57,25 @@ def load(loc: A.Located, data: str | None, split: str, seed: int = 42, progress:
             raise DataError(f"--model {loc.root}: no {A.MANIFEST} beside it (a bare export); pass --data.")
         df_all, desc, has_split, problems = _read_run_manifest(man), f"the run's own data ({man})", True, []
     else:
-        path = Path(data)
-        if not path.exists():
-            raise DataError(f"--data {data}: no such file or folder.")
-        if path.is_file():
-            df_all, desc, has_split, problems = read_manifest(path), f"manifest {path}", True, []
-        else:
-            df_all, rep = build_manifest(path, (0.7, 0.15, 0.15), seed=seed, progress=progress)
-            has_split = rep.split_source.startswith("dataset's own split")
-            desc = f"{rep.layout} folder {rep.root} ({rep.split_source if has_split else 'no split of its own'})"
-            problems = [(p.path, p.reason) for p in rep.problems]
+        df_all, desc, has_split, problems = load_external(data, seed, progress)
     df, split = choose_split(df_all, split, has_split, own)
     return EvalData(df, df_all, split, desc, own, has_split, problems)
+
+
+def load_external(data: str | Path, seed: int = 42, progress: bool = True):
+    """(rows, description, has its own split, [(path, reason)] indexing left out) of a dataset folder
+    (indexed now, in memory) or a manifest CSV."""
+    from covidcxr.data.manifest import build_manifest, read_manifest
+
+    path = Path(data)
+    if not path.exists():
+        raise DataError(f"--data {data}: no such file or folder.")
+    if path.is_file():
+        return read_manifest(path), f"manifest {path}", True, []
+    df_all, rep = build_manifest(path, (0.7, 0.15, 0.15), seed=seed, progress=progress)
+    has_split = rep.split_source.startswith("dataset's own split")
+    desc = f"{rep.layout} folder {rep.root} ({rep.split_source if has_split else 'no split of its own'})"
+    return df_all, desc, has_split, [(p.path, p.reason) for p in rep.problems]
 
 
 def choose_split(df: pd.DataFrame, split: str, has_split: bool, run_data: bool) -> tuple[pd.DataFrame, str]:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from covidcxr import artifacts as A
-from covidcxr.errors import ConfigError, DataError, RunExistsError
+from covidcxr.errors import ConfigError, DataError
 from covidcxr.evaluation import data as D
 from covidcxr.evaluation import figures as F
 from covidcxr.evaluation import probes, visuals
@@ -84,19 +84,9 @@ class Evaluator:
         ed = D.load(self.loc, o.data, o.split, progress=not o.quiet)
         df, lmap, classes = self._rows(ed)
         out = Path(o.out) if o.out else self.loc.root / f"eval-{ed.split}"
-        if out.exists() and any(out.iterdir()) and not o.overwrite:
-            raise RunExistsError(f"{out} already exists; pass --overwrite or another --out.")
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        A.check_free(out, o.overwrite)  # before the long part
+        with A.staged(out, o.overwrite) as tmp:
             m = self._evaluate(ed, df, lmap, classes, tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
         self._calibration_beside_model(out, m)
         self.log(f"evaluation written to {out} ({time.perf_counter() - t0:.0f} s); open {out / 'report.html'}")
         return out

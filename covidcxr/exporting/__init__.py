@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from covidcxr import artifacts as A
-from covidcxr.errors import CovidCXRError, DataError, RunExistsError
+from covidcxr.errors import CovidCXRError, DataError
 
 TOLERANCE = 1e-4  # max |probability / mask difference| between SavedModel and Keras on the same file
 
@@ -70,8 +70,7 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
     if loc.keras_path is None:
         raise DataError(f"{loc.root}: a bare SavedModel; export from the run or export folder (model.keras).")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunExistsError(f"export directory {out} already exists; pass --overwrite or another --out.")
+    A.check_free(out, overwrite)
     model, card = load_keras(loc.keras_path), loc.card
     segmenter = None
     if card.lung_crop == "model":
@@ -81,10 +80,7 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
         segmenter = (load_keras(loc.segmenter_dir / A.EXPORT_MODEL), A.ModelCard.load(loc.segmenter_dir))
     fn = classifier_fn(model, card, segmenter) if card.task == "classify" else segmenter_fn(model, card)
     paths, masks = (checks, [""] * len(checks)) if checks else default_checks(loc)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with A.staged(out, overwrite) as tmp:
         model.save(tmp / A.EXPORT_MODEL)
         card.save(tmp)
         for name in (A.FINGERPRINTS, A.CALIBRATION):
@@ -102,12 +98,6 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
         if worst is not None and worst > TOLERANCE:
             raise CovidCXRError(f"exported SavedModel differs from the Keras model by {worst:.2e} (> {TOLERANCE}) on "
                                 f"the check images; export discarded.")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     log(f"exported {out} (SavedModel in {out / A.SERVING}"
         + (f"; checked on {len(paths)} images, max difference {worst:.1e})" if worst is not None else ")"))
     return out

@@ -18,18 +18,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from covidcxr.errors import ConfigError, DataError, RunExistsError
+from covidcxr.artifacts import check_free, staged  # noqa: F401  (staged: zeroshot writes through it)
+from covidcxr.errors import ConfigError, DataError
 
 FAMILIES = {"clip": ("CLIPBackbone", "CLIP", "clip_vit_base_patch16"),
             "medsiglip": ("SigLIPBackbone", "SigLIP", "medsiglip_900m_448")}
@@ -51,19 +50,9 @@ class Rows:
 
 def load_rows(data: str, split: str, quiet: bool = False, seed: int = 42) -> Rows:
     """Rows of ``data`` (folder or manifest CSV) for ``split`` (auto: test, else val, else all)."""
-    from covidcxr.data.manifest import build_manifest, read_manifest
-    from covidcxr.evaluation.data import choose_split
+    from covidcxr.evaluation.data import choose_split, load_external
 
-    path = Path(data)
-    if not path.exists():
-        raise DataError(f"--data {data}: no such file or folder.")
-    if path.is_file():
-        df_all, desc, has_split, problems = read_manifest(path), f"manifest {path}", True, []
-    else:
-        df_all, rep = build_manifest(path, (0.7, 0.15, 0.15), seed=seed, progress=not quiet)
-        has_split = rep.split_source.startswith("dataset's own split")
-        desc = f"{rep.layout} folder {rep.root} ({rep.split_source if has_split else 'no split of its own'})"
-        problems = [(p.path, p.reason) for p in rep.problems]
+    df_all, desc, has_split, problems = load_external(data, seed, progress=not quiet)
     df, split = choose_split(df_all, split, has_split, False)
     return Rows(df.reset_index(drop=True), df_all, split, desc, has_split, problems)
 
@@ -90,25 +79,8 @@ def check_family(preset: str, model: str, flag: str = "--preset") -> None:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunExistsError(f"{out} already exists; pass --overwrite or another --out.")
+    check_free(out, overwrite)
 
-
-@contextmanager
-def staged(out: Path, overwrite: bool):
-    """Yield ``OUT.partial``; rename it to ``out`` when the block completes, delete it when it fails."""
-    check_out(out, overwrite)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def _decode(path: str, size: int):

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -167,6 +168,36 @@ def _clean_stale(root: Path) -> None:
             pass
 
 
+def _decode_chunks(chunks: list, spec: CacheSpec, tmp: Path, workers: int, bar) -> list:
+    """Decode every chunk: ``workers - 1`` spawned processes take chunks from the front while this
+    process takes them from the back (so the processes' start-up costs nothing and no core idles)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    results = []
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing as mp
+
+        try:
+            with ProcessPoolExecutor(workers - 1, mp_context=mp.get_context("spawn")) as ex:
+                futs = [ex.submit(_write_chunk, str(tmp), ch, spec) for ch in chunks]
+                for i in reversed(range(len(futs))):
+                    if futs[i].cancel():  # not started by a worker yet: do it here
+                        results.append(_write_chunk(str(tmp), chunks[i], spec))
+                        bar.update(len(chunks[i]))
+                for f in as_completed([f for f in futs if not f.cancelled()]):
+                    results.append(f.result())
+                    bar.update(len(results[-1]))
+            return results
+        except BrokenProcessPool as exc:  # e.g. an interpreter whose __main__ cannot be re-imported
+            print(f"WARNING: cache worker processes failed to start ({exc}); decoding in this process",
+                  file=sys.stderr)
+            results = []
+    for ch in chunks:
+        results.append(_write_chunk(str(tmp), ch, spec))
+        bar.update(len(ch))
+    return results
+
+
 def _build(rows: list[dict], spec: CacheSpec, tmp: Path, workers: int, progress: bool) -> dict:
     from tqdm import tqdm
 
@@ -179,19 +210,7 @@ def _build(rows: list[dict], spec: CacheSpec, tmp: Path, workers: int, progress:
     reasons, has = [""] * n, {c: np.zeros(n, bool) for c in spec.masks}
     bar = tqdm(total=n, desc=f"caching inputs at {spec.image_size} px", unit="img", disable=not progress,
                mininterval=0.5)
-    results = []
-    if workers <= 1:
-        for ch in chunks:
-            results.append(_write_chunk(str(tmp), ch, spec))
-            bar.update(len(ch))
-    else:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-            futs = [ex.submit(_write_chunk, str(tmp), ch, spec) for ch in chunks]
-            for f in as_completed(futs):
-                results.append(f.result())
-                bar.update(len(results[-1]))
+    results = _decode_chunks(chunks, spec, tmp, workers, bar)
     bar.close()
     fps = Fingerprints.empty(n)
     for chunk in results:

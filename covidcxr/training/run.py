@@ -297,8 +297,9 @@ def _extend(state, phases) -> None:
     state.finished = False
 
 
-def split_metrics(net, data, split: str, task, batch_size: int) -> dict | None:
-    """Classification figures and/or Dice/IoU/HD95 (model resolution) of ``net`` on a split."""
+def split_metrics(net, data, split: str, task, batch_size: int, features=None) -> dict | None:
+    """Classification figures and/or Dice/IoU/HD95 (model resolution) of ``net`` on a split;
+    ``features``: the probe's cached embeddings (then only ``net``'s head runs, on them)."""
     from covidcxr.metrics import classification_metrics
     from covidcxr.segmetrics import segmentation_metrics
     from covidcxr.training.data import Batches
@@ -307,7 +308,12 @@ def split_metrics(net, data, split: str, task, batch_size: int) -> dict | None:
     rows = data.rows(split)
     if not len(rows):
         return None
-    batches = Batches(data, rows, batch_size, prefetch=0)
+    if features is not None:
+        from covidcxr.training.probe import FeatureBatches, head_model
+
+        net, batches = head_model(net), FeatureBatches(data, features, rows, batch_size)
+    else:
+        batches = Batches(data, rows, batch_size, prefetch=0)
     out = predict_batches(net, batches, task)
     m = {}
     if out.probs is not None:
@@ -329,7 +335,7 @@ def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) 
     best = load_keras(run_dir / A.BEST)
     metrics = {"summary": loop.summaries, "best_epoch": loop_state_best(run_dir)}
     for split in ("val", "test"):
-        m = split_metrics(best, data, split, task, cfg.batch_size)
+        m = split_metrics(best, data, split, task, cfg.batch_size, getattr(loop.train, "feats", None))
         if m is None:
             continue
         metrics[split] = m

@@ -29,7 +29,7 @@ import numpy as np
 from covidcxr.errors import DataError
 
 VERSION = 3  # bump when decoding or preprocessing changes what is stored
-CHUNK = 32
+CHUNK = 16
 
 
 @dataclass(frozen=True)

@@ -122,25 +122,31 @@ class Batches(keras.utils.PyDataset):
     def valid(self, i: int) -> int:
         return min(self.bs, len(self.order) - i * self.bs)
 
-    def batch(self, i: int):
+    def indices(self, i: int) -> np.ndarray:
+        """Cache rows of batch i (the last evaluation batch padded with repeats of its last row)."""
         idx = self.order[i * self.bs:(i + 1) * self.bs]
         if len(idx) < self.bs and not self.drop:
             idx = np.concatenate([idx, np.repeat(idx[-1:], self.bs - len(idx))])
+        return idx
+
+    def weights(self, idx: np.ndarray) -> np.ndarray:
+        lab = self.labels[idx]
+        return self.cw[np.where(lab >= 0, lab, len(self.cw) - 1)]
+
+    def batch(self, i: int):
+        idx = self.indices(i)
         srt = np.argsort(idx, kind="stable")           # read the memory map in file order
         inv = np.empty_like(srt)
         inv[srt] = np.arange(len(srt))
         cache = self.data.cache
-        x = {"image": cache.images[idx[srt]][inv][..., None]}
-        lab = self.labels[idx]
-        x["class_weight"] = self.cw[np.where(lab >= 0, lab, len(self.cw) - 1)]
+        x = {"image": cache.images[idx[srt]][inv][..., None], "class_weight": self.weights(idx)}
         col = self.data.mask_column
         if col:
             x["mask"] = cache.masks[col][idx[srt]][inv][..., None]
             x["mask_weight"] = cache.has_mask[col][idx].astype(np.float32)
         else:
             x["mask_weight"] = np.zeros(len(idx), np.float32)
-        y = self.onehot[np.clip(lab, 0, None)]
-        return x, y
+        return x, self.onehot[np.clip(self.labels[idx], 0, None)]
 
     def __getitem__(self, i: int):
         if self.epoch is None:

@@ -12,13 +12,12 @@ the whole network, whose head shares its weights with the probe's.
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from covidcxr.training.data import RunData
+from covidcxr.training.data import Batches, RunData
 
 
 def head_model(net: keras.Model) -> keras.Model:
@@ -57,39 +56,15 @@ def features(net: keras.Model, data: RunData, cache_root: Path, batch_size: int,
     return out
 
 
-class FeatureBatches(keras.utils.PyDataset):
-    """``Batches`` over feature vectors: the same order rule (seed, epoch), class weights, padding."""
+class FeatureBatches(Batches):
+    """``Batches`` over feature vectors instead of images: the same order rule (seed, epoch), class
+    weights and padding; nothing to prefetch."""
 
-    def __init__(self, data: RunData, feats: np.ndarray, rows: np.ndarray, batch_size: int, *, shuffle=False,
-                 seed=0, class_weight=None):
-        super().__init__(workers=1, use_multiprocessing=False)
-        self.data, self.feats, self.rows, self.bs, self.shuffle, self.seed = data, feats, np.asarray(rows), \
-            int(batch_size), shuffle, seed
-        self.labels = data.labels()
-        self.onehot = np.eye(len(data.classes), dtype=np.float32)
-        cw = class_weight or {}
-        self.cw = np.array([float(cw.get(c, 1.0)) for c in data.classes], np.float32)
-        self.drop = shuffle and len(self.rows) >= self.bs
-        self.order = self.rows
+    def __init__(self, data: RunData, feats: np.ndarray, rows: np.ndarray, batch_size: int, **kwargs):
+        super().__init__(data, rows, batch_size, prefetch=0, **kwargs)
+        self.feats = feats
 
-    def set_epoch(self, epoch: int) -> None:
-        self.order = (self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))]
-                      if self.shuffle else self.rows)
-
-    def __len__(self) -> int:
-        n = len(self.rows)
-        return n // self.bs if self.drop else math.ceil(n / self.bs)
-
-    def valid(self, i: int) -> int:
-        return min(self.bs, len(self.order) - i * self.bs)
-
-    def __getitem__(self, i: int):
-        idx = self.order[i * self.bs:(i + 1) * self.bs]
-        if len(idx) < self.bs and not self.drop:
-            idx = np.concatenate([idx, np.repeat(idx[-1:], self.bs - len(idx))])
-        lab = self.labels[idx]
-        x = {"image": self.feats[idx], "class_weight": self.cw[lab], "mask_weight": np.zeros(len(idx), np.float32)}
-        return x, self.onehot[lab]
-
-    def close(self) -> None:
-        pass
+    def batch(self, i: int):
+        idx = self.indices(i)
+        x = {"image": self.feats[idx], "class_weight": self.weights(idx), "mask_weight": np.zeros(len(idx), np.float32)}
+        return x, self.onehot[np.clip(self.labels[idx], 0, None)]

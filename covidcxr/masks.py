@@ -1,24 +1,10 @@
-"""Predicted masks after the model: back to an image's own size, as PNG, and drawn over the X-ray."""
+"""Predicted masks as PNG files, and drawn over the X-ray (sizing: covidcxr.data.preprocess.mask_from_probs)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-
-THRESHOLD = 0.5
-
-
-def to_size(prob: np.ndarray, height: int, width: int, threshold: float = THRESHOLD) -> np.ndarray:
-    """Mask probabilities at model resolution [h, w] -> boolean mask [height, width]
-    (bilinear resize of the probabilities, then the threshold; as the SavedModel does)."""
-    import tensorflow as tf
-
-    prob = np.asarray(prob, np.float32)
-    if prob.ndim == 3:
-        prob = prob[..., 0]
-    full = tf.image.resize(prob[..., None], (int(height), int(width)), method="bilinear").numpy()[..., 0]
-    return full >= threshold
 
 
 def save_png(mask: np.ndarray, path: str | Path) -> Path:

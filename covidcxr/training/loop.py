@@ -274,7 +274,9 @@ class Loop:
         return state
 
     def _run_phase(self, phase: Phase, state: LoopState, history: History, scalars: Scalars, twin):
-        controls = Controls(**state.controls) if state.controls else Controls(self.cfg.patience)
+        known = Controls.__dataclass_fields__
+        controls = (Controls(**{k: v for k, v in state.controls.items() if k in known}) if state.controls
+                    else Controls(self.cfg.patience))
         times = []
         while state.epoch_in_phase < phase.epochs:
             row, seconds, stop, twin = self._epoch(phase, state, controls, twin)

@@ -13,7 +13,7 @@ resumed run restores, so resuming means skipping the finished phases and continu
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import keras
 import numpy as np
@@ -118,7 +118,6 @@ class Controls:
     lr_patience: int = 3
     min_delta: float = 1e-4
     min_lr: float = 1e-7
-    events: list[str] = field(default_factory=list)
 
     def update(self, monitor_value: float, val_loss: float, lr: float) -> tuple[bool, float]:
         """After an epoch: (stop now?, learning rate for the next epoch)."""

@@ -2,6 +2,8 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# Test processes (pytest-xdist): 2 fits the 2-core CI machine (9m53s against 16m55s for one).
+TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.covidcxr-installed
 
 .PHONY: demo test install clean-venv
@@ -18,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m covidcxr.train --arch resnet50
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -122,6 +122,10 @@ def test_resume_applies_a_longer_budget_and_refuses_other_changes(reference, tmp
     assert train.main(["--resume", "--run-dir", str(run), "--lr", "0.1"]) == 2
     err = capsys.readouterr().err
     assert "--lr 0.1 (the run has 0.0005)" in err
+    other = tmp_path / "other-data"
+    other.mkdir()
+    assert train.main(["--resume", "--run-dir", str(run), "--data", str(other)]) == 2
+    assert f"--data {other}" in capsys.readouterr().err  # a changed --data is refused, never ignored
     assert train.main(["--resume", "--run-dir", str(run), "--epochs", "5"]) == 2  # its export exists
     assert "export directory" in capsys.readouterr().err
     assert train.main(["--resume", "--run-dir", str(run), "--epochs", "1", "--export-dir", "none"]) == 2

@@ -1,6 +1,5 @@
 """Chest-X-ray foundation models: RAD-DINO (Hugging Face DINOv2), MedSigLIP, zero-shot, prompted SAM,
 ViT token segmenters, embedding cache. Tiny randomly initialised models only (28-64 px)."""
-import io
 import json
 import shutil
 from pathlib import Path
@@ -10,10 +9,8 @@ import pandas as pd
 import pytest
 
 from covidcxr.errors import ConfigError, DataError
+from tests.tiny_foundation import tiny_clip, tiny_sam, tiny_siglip
 
-LINES = ["a chest x-ray showing the lungs", "a frontal chest radiograph with covid-19 pneumonia",
-         "no abnormality clear lungs normal chest", "lung opacity consolidation ground-glass infiltrate",
-         "viral pneumonia bilateral interstitial opacities", "an x-ray image of the chest with a lung disease"]
 HF_DIM, HF_PATCH, HF_MLP, HF_SIZE = 16, 14, 32, 28
 
 
@@ -24,37 +21,19 @@ def _gray(n, size, seed=0):
 @pytest.fixture(scope="module")
 def siglip_parts():
     """Tiny SigLIP (both towers, 32 px, patch 16, D=16) with a SentencePiece vocabulary trained here."""
-    import keras_hub
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(LINES), model_writer=buf, vocab_size=60, model_type="WORD",
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>",
-                                   unk_piece="<unk>", hard_vocab_limit=False, minloglevel=2)
-    tok = keras_hub.models.SigLIPTokenizer(proto=buf.getvalue())
-    vision = keras_hub.models.SigLIPVisionEncoder(patch_size=16, hidden_dim=16, num_layers=1, num_heads=2,
-                                                  intermediate_dim=32, image_shape=(32, 32, 3))
-    text = keras_hub.models.SigLIPTextEncoder(vocabulary_size=tok.vocabulary_size(), embedding_dim=16, hidden_dim=16,
-                                              num_layers=1, num_heads=2, intermediate_dim=32, max_sequence_length=8)
-    return keras_hub.models.SigLIPBackbone(vision, text), tok
+    return tiny_siglip()
 
 
 @pytest.fixture(scope="module")
 def presets(siglip_parts, tmp_path_factory):
     """Preset folders: siglip (backbone + tokenizer), siglip_notok (backbone only), clip, and a Hugging Face
     DINOv2 folder (config.json + model.safetensors written from numpy) with its weight arrays."""
-    import keras_hub
-
     root = tmp_path_factory.mktemp("presets")
     backbone, tok = siglip_parts
     backbone.save_to_preset(str(root / "siglip"))
     tok.save_to_preset(str(root / "siglip"))
     backbone.save_to_preset(str(root / "siglip_notok"))
-    vision = keras_hub.models.CLIPVisionEncoder(patch_size=16, hidden_dim=16, num_layers=1, num_heads=2,
-                                                intermediate_dim=32, image_shape=(32, 32, 3))
-    text = keras_hub.models.CLIPTextEncoder(vocabulary_size=50, embedding_dim=16, hidden_dim=16, num_layers=1,
-                                            num_heads=2, intermediate_dim=32, max_sequence_length=8)
-    keras_hub.models.CLIPBackbone(vision, text, projection_dim=8).save_to_preset(str(root / "clip"))
+    tiny_clip(50, 8).save_to_preset(str(root / "clip"))
     arrays = _write_hf_dinov2(root / "rad-dino")
     return root, arrays
 
@@ -244,20 +223,6 @@ def test_zero_shot_sigmoid_scores(presets, siglip_parts):
         S.check_prompts({"COVID-19": ["a"]}, ["COVID-19", "Non-COVID", "Normal"])
 
 
-def _tiny_sam(size=64):
-    import keras_hub
-
-    enc = keras_hub.models.ViTDetBackbone(hidden_size=16, num_layers=2, intermediate_dim=32, num_heads=2,
-                                          global_attention_layer_indices=[1], patch_size=16, num_output_channels=8,
-                                          window_size=2, image_shape=(size, size, 3))
-    prompt = keras_hub.layers.SAMPromptEncoder(hidden_size=8, image_embedding_size=(size // 16, size // 16),
-                                               input_image_size=(size, size), mask_in_channels=16)
-    decoder = keras_hub.layers.SAMMaskDecoder(num_layers=2, hidden_size=8, intermediate_dim=32, num_heads=2,
-                                              embedding_dim=8, num_multimask_outputs=3, iou_head_depth=3,
-                                              iou_head_hidden_dim=8)
-    return keras_hub.models.SAMBackbone(image_encoder=enc, prompt_encoder=prompt, mask_decoder=decoder)
-
-
 def test_text_prompted_segmentation(siglip_parts, tmp_path):
     from covidcxr.foundation import prompted as P
 
@@ -270,7 +235,7 @@ def test_text_prompted_segmentation(siglip_parts, tmp_path):
     np.testing.assert_allclose(boxes, [[0, 24, 48, 48]])
     np.testing.assert_allclose(points, [[[36, 36], [12, 36], [12, 12]]])
     np.testing.assert_array_equal(labels, [[1, 1, 0]])
-    sam = _tiny_sam(64)
+    sam = tiny_sam(64)
     masks, sim, boxes, points, labels = P.segment_with_prompt(backbone, tok, sam, gray, "opacity")
     assert masks.shape == (3, 48, 48) and masks.dtype == bool and boxes.shape == (3, 4) and points.shape == (3, 3, 2)
     only_points = P.sam_segment(sam, gray, points=points, labels=labels)

@@ -28,21 +28,6 @@ def resnet():
     return build_classifier(get_spec("resnet50"), 3, 64, None)
 
 
-@pytest.fixture
-def saved_figures(monkeypatch):
-    """Every matplotlib Figure saved during the test, kept for inspection after the real save."""
-    from matplotlib.figure import Figure
-
-    figures, save = [], Figure.savefig
-
-    def record(self, *args, **kwargs):
-        figures.append(self)
-        return save(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", record)
-    return figures
-
-
 @pytest.mark.parametrize("arch,size,grid", [("mobilenetv3small", 32, 1), ("resnet50", 64, 2), ("vit_b16", 32, 2)])
 def test_heatmaps_on_registry_classifiers(arch, size, grid, resnet):
     keras.utils.set_random_seed(2)

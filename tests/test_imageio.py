@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from PIL import Image
 
 from covidcxr.data.imageio import ImageReadError, inspect_file, read_image, read_mask
 from tests.conftest import write_png

@@ -2,27 +2,12 @@
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.text import Text
 
 from covidcxr import plots
 
 CLASSES = ["COVID", "Normal", "Viral pneumonia"]
 CONTEXT = "test split, n=135"
-
-
-@pytest.fixture
-def saved_figures(monkeypatch):
-    """Every Figure saved during the test, kept for inspection after the real save."""
-    figures, save = [], Figure.savefig
-
-    def record(self, *args, **kwargs):
-        figures.append(self)
-        return save(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", record)
-    return figures
 
 
 def flat(text: str) -> str:

@@ -1,6 +1,5 @@
 """python -m covidcxr.zeroshot end to end: CLIP and MedSigLIP zero-shot classification, MedSigLIP + SAM
 text-prompted segmentation, and the inputs it refuses. Tiny random models (32-64 px), synthetic data."""
-import io
 import json
 import re
 import string
@@ -11,28 +10,14 @@ import pytest
 from PIL import Image
 
 from covidcxr import zeroshot
+from tests.tiny_foundation import tiny_clip, tiny_sam, tiny_siglip
 
-LINES = ["a chest x-ray showing the lungs", "a frontal chest radiograph with covid-19 pneumonia",
-         "no abnormality clear lungs normal chest", "lung opacity consolidation ground-glass infiltrate",
-         "viral pneumonia bilateral interstitial opacities", "an x-ray image of the chest with a lung disease"]
 ODD = ("Normal", "Normal-1.png")  # resized to 80x56, its lung mask to 40x28: masks at each file's own size
 
 
 def _siglip_preset(path):
     """Tiny SigLIP (both towers, 32 px, patch 16) with a SentencePiece tokenizer trained here; scale 10, bias -2."""
-    import keras_hub
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(LINES), model_writer=buf, vocab_size=60, model_type="WORD",
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>",
-                                   unk_piece="<unk>", hard_vocab_limit=False, minloglevel=2)
-    tok = keras_hub.models.SigLIPTokenizer(proto=buf.getvalue())
-    vision = keras_hub.models.SigLIPVisionEncoder(patch_size=16, hidden_dim=16, num_layers=1, num_heads=2,
-                                                  intermediate_dim=32, image_shape=(32, 32, 3))
-    text = keras_hub.models.SigLIPTextEncoder(vocabulary_size=tok.vocabulary_size(), embedding_dim=16, hidden_dim=16,
-                                              num_layers=1, num_heads=2, intermediate_dim=32, max_sequence_length=8)
-    backbone = keras_hub.models.SigLIPBackbone(vision, text)
+    backbone, tok = tiny_siglip()
     backbone.siglip_head.logit_scale.assign(np.log(10.0))
     backbone.siglip_head.logit_bias.assign(-2.0)
     backbone.save_to_preset(str(path))
@@ -50,28 +35,13 @@ def _clip_preset(path):
         vocab[c + "</w>"] = len(vocab)
     vocab["ab"], vocab["ab</w>"] = len(vocab), len(vocab) + 1
     tok = keras_hub.models.CLIPTokenizer(vocabulary=vocab, merges=["a b"])
-    vision = keras_hub.models.CLIPVisionEncoder(patch_size=16, hidden_dim=16, num_layers=1, num_heads=2,
-                                                intermediate_dim=32, image_shape=(32, 32, 3))
-    text = keras_hub.models.CLIPTextEncoder(vocabulary_size=len(vocab), embedding_dim=16, hidden_dim=16, num_layers=1,
-                                            num_heads=2, intermediate_dim=32, max_sequence_length=24)
-    keras_hub.models.CLIPBackbone(vision, text, projection_dim=8).save_to_preset(str(path))
+    tiny_clip(len(vocab), 24).save_to_preset(str(path))
     tok.save_to_preset(str(path))
     return path
 
 
 def _sam_preset(path, size=64):
-    import keras_hub
-
-    enc = keras_hub.models.ViTDetBackbone(hidden_size=16, num_layers=2, intermediate_dim=32, num_heads=2,
-                                          global_attention_layer_indices=[1], patch_size=16, num_output_channels=8,
-                                          window_size=2, image_shape=(size, size, 3))
-    prompt = keras_hub.layers.SAMPromptEncoder(hidden_size=8, image_embedding_size=(size // 16, size // 16),
-                                               input_image_size=(size, size), mask_in_channels=16)
-    decoder = keras_hub.layers.SAMMaskDecoder(num_layers=2, hidden_size=8, intermediate_dim=32, num_heads=2,
-                                              embedding_dim=8, num_multimask_outputs=3, iou_head_depth=3,
-                                              iou_head_hidden_dim=8)
-    keras_hub.models.SAMBackbone(image_encoder=enc, prompt_encoder=prompt, mask_decoder=decoder) \
-        .save_to_preset(str(path))
+    tiny_sam(size).save_to_preset(str(path))
     return path
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from covidcxr import cli
+from covidcxr.artifacts import staged
 from covidcxr.errors import ConfigError, DataError
 from covidcxr.evaluation.report import report_skipped
 from covidcxr.foundation.clip import DEFAULT_LOGIT_SCALE, default_prompts, load_clip, text_embeddings
@@ -189,7 +190,7 @@ def classify(a) -> Path:
     backbone, tok = load_clip(a.preset) if a.model == "clip" else S.load_siglip(a.preset)
     kind = "zero-shot CLIP" if a.model == "clip" else "zero-shot MedSigLIP (SigLIP sigmoid scores)"
     print(f"{kind}: {a.preset} on {len(rows.df)} images of split '{rows.split}' from {rows.description}")
-    with R.staged(out, a.overwrite) as tmp:
+    with staged(out, a.overwrite) as tmp:
         failed: list = []
         keys, probs, scores, scoring = _embed(a, backbone, tok, prompts, rows.df, failed)
         skipped = rows.problems + failed
@@ -334,7 +335,7 @@ def segment(a) -> Path:
     col = f"{target}_mask" if target else None
     print(f"segmenting {len(rows.df)} images of split '{rows.split}' from {rows.description}: prompt {a.prompt!r} "
           f"({len(phrasings)} phrasing(s)), scored against {col or 'nothing'}")
-    with R.staged(out, a.overwrite) as tmp:
+    with staged(out, a.overwrite) as tmp:
         w = _MaskWriter(tmp, col)
         txt = S.text_embeddings(backbone, tok, {"prompt": phrasings})[0]
         failed, shown, dice = _segment_all(a, rows, backbone, txt, sam, size, w)

@@ -5,7 +5,6 @@
   as problems so that every unreadable image is listed.
 - ``check_family``: a preset must hold the model family the command was asked for (CLIP or
   SigLIP), refused before any weights load, naming both.
-- ``staged``: the output folder is written as ``OUT.partial`` and renamed only when complete.
 - ``decoded_batches``: images decoded on the host by a thread pool (covidcxr.data.preprocess,
   as training and prediction decode them), at most ~3 batches ahead of the model, so memory
   does not grow with the number of files; unreadable ones are collected with their reason.
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr.artifacts import check_free, staged  # noqa: F401  (staged: zeroshot writes through it)
+from covidcxr.artifacts import check_free
 from covidcxr.errors import ConfigError, DataError
 
 FAMILIES = {"clip": ("CLIPBackbone", "CLIP", "clip_vit_base_patch16"),

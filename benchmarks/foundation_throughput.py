@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import children  # noqa: E402
 from benchmarks.train_throughput import run_child  # noqa: E402
 
 NATIVE = {"rad_dino": 518, "medsiglip": 448}
@@ -60,9 +61,8 @@ def encoders(a) -> None:
         cmd = [sys.executable, __file__, "_encoder_worker", "--arch", arch, "--batch", str(a.batch),
                "--steps", str(a.steps)]
         rc, wall, rss, text = run_child(cmd, timeout=a.timeout)
-        m = re.search(r"^RESULT (.*)$", text, re.M)
-        if rc == 0 and m:
-            r = json.loads(m.group(1))
+        r = children.result(text)
+        if rc == 0 and r:
             print(f"| {arch} | {r['size']} | {r['params_m']} | {r['build_s']} | {r['first_call_s']} | "
                   f"{r['images_per_s']} | {rss:.0f} |", flush=True)
         else:

@@ -31,14 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks import children  # noqa: E402
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cxr-sample"
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 
@@ -49,26 +50,8 @@ def env(backend: str) -> dict:
 
 
 def run_child(cmd: list[str], backend: str, timeout: float | None = None) -> tuple[int, float, float, str]:
-    """(exit code, wall s, peak RSS MB, stdout+stderr) of a child process (``os.wait4``: its own peak RSS)."""
-    import threading
-
-    t = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env(backend))
-        timer = threading.Timer(timeout, proc.kill) if timeout else None
-        if timer:
-            timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        if timer:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        return proc.returncode, time.perf_counter() - t, usage.ru_maxrss / 1024, out.read()
-
-
-def result(text: str) -> dict | None:
-    m = re.search(r"^RESULT (.*)$", text, re.M)
-    return json.loads(m.group(1)) if m else None
+    """(exit code, wall s, peak RSS MB, output) of a child on ``backend``."""
+    return children.run_child(cmd, env(backend), timeout)
 
 
 def image_files(data: Path, limit: int) -> list[str]:
@@ -178,13 +161,13 @@ def speed(a) -> None:
           flush=True)
     for arch, model in models.items():
         rc, _, _, text = run_child(child("baseline", a, model=model, files=files), a.backend, a.timeout)
-        base = result(text)
+        base = children.result(text)
         if rc or base is None:
             print(f"| {arch} | baseline failed (exit {rc}): {text.strip()[-300:]} |", flush=True)
             continue
         for kind in a.kinds.split(","):
             rc, _, rss, text = run_child(child("cli", a, model=model, files=files, kind=kind), a.backend, a.timeout)
-            r = result(text)
+            r = children.result(text)
             if rc or r is None or r["rc"] != 0:
                 print(f"| {arch} | {kind} | failed (exit {rc}): {text.strip()[-300:]} |", flush=True)
                 continue

@@ -21,34 +21,21 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks import children  # noqa: E402
+
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def run_child(cmd: list[str], timeout: float | None = None) -> tuple[int, float, float, str]:
-    """(exit code, wall s, peak RSS MB, stdout+stderr) of a child process."""
-    import threading
-
-    t = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=ENV)
-        timer = threading.Timer(timeout, proc.kill) if timeout else None
-        if timer:
-            timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)  # reaps the child and returns its own peak RSS
-        if timer:
-            timer.cancel()
-        rc = proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t
-        out.seek(0)
-        text = out.read()
-    return rc, wall, usage.ru_maxrss / 1024, text
+    """(exit code, wall s, peak RSS MB, output) of a child on the CPU (``children.run_child`` with ENV)."""
+    return children.run_child(cmd, ENV, timeout)
 
 
 def _synthetic(n_per_class: int) -> Path:
@@ -109,9 +96,8 @@ def sweep(a) -> None:
         cmd = [sys.executable, __file__, "_sweep_worker", "--arch", arch, "--size", str(a.size),
                "--batch", str(a.batch), "--steps", str(a.steps)] + (["--data", a.data] if a.data else [])
         rc, wall, rss, text = run_child(cmd, timeout=a.timeout)
-        m = re.search(r"^RESULT (.*)$", text, re.M)
-        if rc == 0 and m:
-            r = json.loads(m.group(1))
+        r = children.result(text)
+        if rc == 0 and r:
             print(f"| {arch} | {r['params_m']} | {r['build_s']} | {r['first_step_s']} | {r['s_per_step']} | "
                   f"{r['images_per_s']} | {rss:.0f} |", flush=True)
         else:
@@ -214,7 +200,6 @@ def main():
     p.add_argument("--per-class", type=int, default=70, help="versus: synthetic images per class without --data")
     p.add_argument("--timeout", type=float, default=300, help="sweep: seconds per architecture")
     a = p.parse_args()
-    sys.path.insert(0, str(REPO))
     {"sweep": sweep, "versus": versus, "_sweep_worker": sweep_worker, "_tfdata_worker": tfdata_worker}[a.mode](a)
 
 

@@ -19,9 +19,9 @@ def test_read_8bit_gray_and_rgb_agree(tmp_path):
 def test_read_16bit_is_scaled_by_its_bit_depth(tmp_path):
     arr = np.linspace(100, 4095, 32 * 32).reshape(32, 32).astype(np.uint16)  # 12-bit data in a 16-bit PNG
     img = read_image(write_png(tmp_path / "i16.png", arr))
-    np.testing.assert_allclose(img, arr / 4095.0, atol=1e-6)  # not stretched: the film's own range is kept
+    np.testing.assert_allclose(img, arr / 4095.0, atol=0.5 / 65535 + 1e-7)  # not stretched (16-bit grid): the film's own range is kept
     low = read_image(write_png(tmp_path / "low.png", (arr // 8).astype(np.uint16)))  # 9-bit data
-    np.testing.assert_allclose(low, (arr // 8) / 511.0, atol=1e-6)
+    np.testing.assert_allclose(low, (arr // 8) / 511.0, atol=0.5 / 65535 + 1e-7)
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):

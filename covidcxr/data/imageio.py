@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile
 
+from covidcxr.data import preprocess, resample
 from covidcxr.errors import DataError
 
 # A truncated file must fail, not be silently padded with grey.
@@ -61,7 +62,7 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, str]:
         pass  # no usable VOI LUT/window: fall back to the full range
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         arr = arr.max() - arr
-    return _stretch(arr), f"DICOM/{getattr(ds, 'PhotometricInterpretation', '?')}"
+    return preprocess.g16_to_float(preprocess.float_to_g16(_stretch(arr))), f"DICOM/{getattr(ds, 'PhotometricInterpretation', '?')}"
 
 
 def _stretch(arr: np.ndarray) -> np.ndarray:
@@ -72,22 +73,21 @@ def _stretch(arr: np.ndarray) -> np.ndarray:
 
 
 def _pil_to_gray(img: Image.Image) -> np.ndarray:
-    """PIL image of any mode -> float32 HxW in [0, 1], the values the SavedModel's in-graph
-    decoder gives for the same file (covidcxr/data/tfgraph.py): 8-bit / 255; 16-bit by its real
-    bit depth (a 12-bit film in a 16-bit PNG is / 4095, so 8- and 16-bit copies agree); RGB by
-    TensorFlow's luma weights; alpha ignored."""
-    from covidcxr.data.preprocess import scale_by_bit_depth, to_gray
-
+    """PIL image of any mode -> float32 HxW in [0, 1] on the 16-bit grid, the values the
+    SavedModel's in-graph decoder gives for the same file (covidcxr/data/tfgraph.py): 8-bit v ->
+    257 v; 16-bit gray by its real bit depth (a 12-bit film in a 16-bit PNG is scaled from 4095, so
+    8- and 16-bit copies agree); RGB(A) and palette by Pillow's integer luma; alpha ignored.
+    (Pillow reads 16-bit colour PNGs as 8-bit, their high bytes; the graph does the same.)"""
     mode = img.mode
     if mode == "F":  # float TIFF: no defined range
-        return _stretch(np.asarray(img, dtype=np.float32))
+        return preprocess.g16_to_float(preprocess.float_to_g16(_stretch(np.asarray(img, dtype=np.float32))))
     if mode in SIXTEEN_BIT_MODES:
-        return scale_by_bit_depth(np.asarray(img))
+        return preprocess.g16_to_float(preprocess.sixteen_to_g16(np.asarray(img)))
     if mode == "1":
         return np.asarray(img, dtype=np.float32)
     if mode not in ("L", "LA", "RGB", "RGBA"):
-        img = img.convert("RGB")
-    return to_gray(np.asarray(img, dtype=np.float32) / np.float32(255.0))
+        img = img.convert("RGBA" if "A" in mode or "transparency" in img.info else "RGB")
+    return preprocess.g16_to_float(preprocess.u8_to_g16(np.asarray(img)))
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -122,19 +122,22 @@ def decode_file(path: str | Path) -> tuple[np.ndarray | None, str]:
 def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read a mask (any mode, any values): uint8 (H, W) in {0, 1}.
 
-    RGB masks are reduced to gray; values are thresholded at half range; the
-    mask is resized with nearest neighbour to ``size`` = (width, height).
+    Decoded as an image (RGB masks reduced to gray), thresholded at half range (16-bit grid
+    value 32768 and above), and resized with nearest neighbour (integer centre rule, as in the
+    SavedModel) to ``size`` = (width, height).
     """
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
-            if size is not None and img.size != tuple(size):
-                img = img.resize(tuple(size), Image.NEAREST)
-            arr = _pil_to_gray(img)
+            g16 = preprocess.float_to_g16(_pil_to_gray(img))
     except Exception as exc:
         raise ImageReadError(f"{path}: cannot read mask ({_reason(exc)})") from exc
-    return (arr >= 0.5).astype(np.uint8)
+    mask = (g16 >= preprocess.mask_threshold_g16()).astype(np.uint8)
+    if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
+        w, h = size
+        mask = mask[resample.nearest_index(mask.shape[0], h)][:, resample.nearest_index(mask.shape[1], w)]
+    return mask
 
 
 def _reason(exc: Exception) -> str:

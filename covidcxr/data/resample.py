@@ -1,0 +1,120 @@
+"""Exact resampling: the integer arithmetic that makes the host and the SavedModel agree to the pixel.
+
+Decoded images live on a 16-bit grid (``g16`` in 0..65535; an 8-bit value ``v`` is ``257 v``).
+Resizing is an antialiased bilinear (triangle) filter, widened by the downscale factor, pixel
+centres at +0.5, taps outside the image dropped and the rest renormalised: the filter of
+``PIL.Image.resize(BILINEAR)`` and ``tf.image.resize(antialias=True)``. What is new is how it is
+computed. The weight of input pixel ``x`` for output pixel ``j`` (``n_in`` -> ``n_out``) is the
+integer
+
+    n(j, x) = max(0, 2M - |(2x + 1) n_out - (2j + 1) n_in|),   M = max(n_in, n_out),
+
+quantised to ``WEIGHT_BITS`` fixed-point bits with an exact integer sum (the remainder goes to the
+first largest tap). Both passes then multiply integers by integers: every product and partial sum
+is an integer below 2^53, so float64 sums are exact in any order (BLAS, sparse, XLA, Eigen), and
+the one rounding at the end is integer arithmetic. ``tfgraph.py`` computes the same integers in
+TensorFlow ops; nothing in either depends on a library's float rounding or summation order.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from scipy import sparse
+
+G16_MAX = 65535
+WEIGHT_BITS = 16
+ONE = 1 << WEIGHT_BITS            # the fixed-point 1.0 of a weight
+HALF_OUT = 1 << (2 * WEIGHT_BITS - 1)
+OUT_SHIFT = float(1 << (2 * WEIGHT_BITS))
+
+
+def tap_numerators(n_in: int, n_out: int) -> np.ndarray:
+    """int64 [n_out, n_in] triangle-filter numerators n(j, x) (mostly zero)."""
+    m = max(n_in, n_out)
+    x = np.arange(n_in, dtype=np.int64)[None, :]
+    j = np.arange(n_out, dtype=np.int64)[:, None]
+    return np.maximum(0, 2 * m - np.abs((2 * x + 1) * n_out - (2 * j + 1) * n_in))
+
+
+def fixed_point(num: np.ndarray) -> np.ndarray:
+    """Numerators [n_out, n_in] -> int64 weights summing to exactly ONE per row: floor of the
+    normalised weight, the remainder added to the first of the largest taps."""
+    total = num.sum(axis=1, keepdims=True)
+    w = (num << WEIGHT_BITS) // total
+    rest = ONE - w.sum(axis=1)
+    first_max = np.argmax(num, axis=1)          # numpy: the first of equal maxima
+    w[np.arange(num.shape[0]), first_max] += rest
+    return w
+
+
+BANDED_MAX_TAPS = 6   # up to this many taps per output pixel, gathering rows beats a sparse product
+
+
+@functools.lru_cache(maxsize=128)
+def weights(n_in: int, n_out: int):
+    """The [n_out, n_in] fixed-point resampling as float64 (integer values), in the form that
+    is fastest to apply: ``("banded", first tap [n_out], weights [n_out, K])`` for few taps per
+    output (upsampling, mild downscaling), else ``("sparse", csr matrix)``."""
+    w = fixed_point(tap_numerators(n_in, n_out))
+    nz = w > 0
+    first = np.argmax(nz, axis=1)
+    taps = int((n_in - 1 - np.argmax(nz[:, ::-1], axis=1) - first).max()) + 1
+    if taps > BANDED_MAX_TAPS:
+        return "sparse", sparse.csr_matrix(w.astype(np.float64))
+    idx = np.minimum(first[:, None] + np.arange(taps)[None, :], n_in - 1)
+    band = np.take_along_axis(w, idx, axis=1) * (first[:, None] + np.arange(taps)[None, :] < n_in)
+    return "banded", first, band.astype(np.float64)
+
+
+def _apply(table, src: np.ndarray) -> np.ndarray:
+    """Resample axis 0 of float64 [n_in, k] -> [n_out, k]: exact integer sums."""
+    if table[0] == "sparse":
+        return table[1] @ src
+    _, first, band = table
+    n_in = src.shape[0]
+    out = band[:, :1] * src[first]
+    for k in range(1, band.shape[1]):
+        out += band[:, k:k + 1] * src[np.minimum(first + k, n_in - 1)]
+    return out
+
+
+def resize_g16(g16: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
+    """[H, W] on the 16-bit grid (integer values, any dtype) -> int64 [height, width] on the same
+    grid (round half up)."""
+    width = height if width is None else width
+    src = np.asarray(g16, np.float64)
+    h, w = src.shape
+    if (h, w) == (height, width):
+        return src.astype(np.int64)
+    tmp = _apply(weights(h, height), src) if h != height else src * ONE          # rows first: contiguous
+    acc = _apply(weights(w, width), np.ascontiguousarray(tmp.T)).T if w != width else tmp * ONE
+    acc = acc + HALF_OUT
+    acc *= 1.0 / OUT_SHIFT                      # a power of two: exact
+    return np.floor(acc, out=acc).astype(np.int64)
+
+
+def nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Nearest-neighbour source index of each output pixel (centres at +0.5), in integers."""
+    return ((2 * np.arange(n_out, dtype=np.int64) + 1) * n_in) // (2 * n_out)
+
+
+def g16_to_u8(g16: np.ndarray) -> np.ndarray:
+    """16-bit grid -> uint8, round half up (v / 257 is never exactly half-way)."""
+    return ((2 * np.asarray(g16, np.int64) + 257) // 514).astype(np.uint8)
+
+
+def rational_to_u8(num: np.ndarray, den) -> np.ndarray:
+    """uint8 of 255 * num / den (0 <= num <= den), round half up, in integers."""
+    num = np.asarray(num, np.int64)
+    return ((510 * num + den) // (2 * den)).astype(np.uint8)
+
+
+def clahe_grid(n: int, tiles: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """CLAHE's tile geometry along one axis of ``n`` pixels: tile length t, and per pixel the two
+    neighbouring tile indices and the weight of the second in units of 1/(2t) (exact integers)."""
+    t = -(-n // tiles)
+    f = 2 * np.arange(n, dtype=np.int64) + 1 - t          # (i + 0.5) / t - 0.5, times 2t
+    i0 = np.clip(np.floor_divide(f, 2 * t), 0, tiles - 1)
+    w1 = np.clip(f - 2 * t * i0, 0, 2 * t)
+    return t, i0, np.minimum(i0 + 1, tiles - 1), w1

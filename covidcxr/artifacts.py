@@ -3,12 +3,15 @@
 A **run** (``experiments/runs/<name>/``, written by ``covidcxr.train``)::
 
     config.json  manifest.csv  model_card.json  history.csv  best.keras  metrics.json  curves.png
-    state.json + resume.npz (continue with --resume)  skipped.csv  train_fingerprints.npz
-    tensorboard/  lung_segmenter/ + crop_masks/ (lung-cropped classifiers)
+    state.json + resume.npz (continue with --resume; a finished run's resume.npz is removed unless
+    --keep-resume-state)  skipped.csv  train_fingerprints.npz  tensorboard/
+    lung_segmenter/ + crop_masks/ (lung-cropped classifiers)
 
 An **export** (``saved_models/<name>/``, written by ``covidcxr.export``)::
 
     model.keras  model_card.json  train_fingerprints.npz  serving/1/ (TF SavedModel)  [lung_segmenter/]
+
+(described for users in saved_models/README.md; ``covidcxr.load_model`` loads either folder's Keras model.)
 
 ``locate`` accepts either folder, a ``.keras`` file beside a model card, or a bare SavedModel
 folder (``serving/1`` or its parent's ``serving``), and says which it found.
@@ -34,6 +37,7 @@ BEST = "best.keras"
 STATE = "state.json"
 RESUME = "resume.npz"
 METRICS = "metrics.json"
+EXPORT_STATUS = "export_status.json"   # in a run folder: where its export went, or why it failed
 CURVES = "curves.png"
 SKIPPED = "skipped.csv"
 FINGERPRINTS = "train_fingerprints.npz"

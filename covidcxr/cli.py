@@ -1,6 +1,7 @@
 """The one command-line runner every entry point goes through.
 
-- a user error (``CovidCXRError``) prints one line, ``error: ...``, and exits 2;
+- a user error (``CovidCXRError``) prints one line, ``error: ...``, and exits 2 (or the error's own
+  ``exit_code``: 3 when a training run finished and only its export failed);
 - Ctrl-C exits 130 with one line (and the command's own hint, e.g. the real resume command);
 - TensorFlow / absl / CUDA / JAX start-up noise is silenced unless ``--verbose``.
 
@@ -15,7 +16,7 @@ import os
 import sys
 import warnings
 
-from covidcxr.errors import CovidCXRError
+from covidcxr.errors import EXIT_USAGE, CovidCXRError
 
 
 class Interrupted(KeyboardInterrupt):
@@ -74,7 +75,7 @@ def entry(build_parser, run, keras_needed: bool = True):
             code = run(args)
         except CovidCXRError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return getattr(exc, "exit_code", EXIT_USAGE)
         except Interrupted as exc:
             print(f"\ninterrupted: {exc.hint}", file=sys.stderr)
             return 130

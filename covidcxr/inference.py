@@ -58,6 +58,7 @@ class Batch:
     probs: np.ndarray | None = None          # [n, K]
     masks: np.ndarray | None = None          # [n, h, w] mask probabilities at model resolution
     failed: list[Decoded] = field(default_factory=list)
+    image_pixels: np.ndarray | None = None   # SavedModel run with pixels=True: its input before a lung crop
 
 
 def default_workers() -> int:
@@ -82,7 +83,9 @@ class Predictor:
         self.kind = "savedmodel" if use_sm else "keras"
         self.model = self.fn = self.segmenter = None
         if self.kind == "savedmodel":
-            self.fn = _load_savedmodel(self.located.savedmodel_path)
+            self._loaded = _load_savedmodel(self.located.savedmodel_path)   # keeps the variables alive
+            self.signatures = self._loaded.signatures
+            self.fn = self.signatures["serving_default"]
         else:
             self.model = load_keras(self.located.keras_path)
             if self.card.lung_crop == "model":
@@ -150,9 +153,10 @@ class Predictor:
     # ---------------------------------------------------------------- the model (main thread)
 
     def run(self, items: Iterable[Item], *, keep_gray=False, fingerprint=False, view=None,
-            lungs_out=False) -> Iterator[Batch]:
+            lungs_out=False, pixels=False) -> Iterator[Batch]:
         """Batches of outputs. ``view``: (degrees, zoom) fixed transform (test-time augmentation);
-        ``lungs_out``: black out each image's lung mask (the shortcut probe). Both need a Keras model."""
+        ``lungs_out``: black out each image's lung mask (the shortcut probe). Both need a Keras model.
+        ``pixels``: for a SavedModel, also its own input pixels (``Batch.x``, ``Batch.image_pixels``)."""
         if (view is not None or lungs_out) and self.kind != "keras":
             raise DataError("test-time augmentation and the lungs-out probe need the Keras model (model.keras): "
                             "pass the run or export folder instead of the bare SavedModel.")
@@ -160,16 +164,16 @@ class Predictor:
         for d in self._decoded(items, keep_gray=keep_gray, fingerprint=fingerprint, lungs=lungs_out):
             (failed if d.reason else batch).append(d)
             if len(batch) == self.batch_size:
-                yield self._run_batch(batch, failed, view, lungs_out)
+                yield self._run_batch(batch, failed, view, lungs_out, pixels)
                 batch, failed = [], []
         if batch or failed:
-            yield self._run_batch(batch, failed, view, lungs_out)
+            yield self._run_batch(batch, failed, view, lungs_out, pixels)
 
-    def _run_batch(self, done: list[Decoded], failed: list[Decoded], view, lungs_out) -> Batch:
+    def _run_batch(self, done: list[Decoded], failed: list[Decoded], view, lungs_out, pixels=False) -> Batch:
         if not done:
             return Batch([], None, failed=failed)
         if self.kind == "savedmodel":
-            return self._run_savedmodel(done, failed)
+            return self._run_savedmodel(done, failed, pixels)
         x = np.stack([d.image for d in done])[..., None]
         if self.card.lung_crop == "given":
             x = x * np.stack([d.lungs for d in done])[..., None]
@@ -207,16 +211,60 @@ class Predictor:
         probs = seg.task.unpack(seg._call(np.stack([d.seg_image for d in done])[..., None])).masks
         return np.stack([P.mask_from_probs(p, self.card.image_size) for p in probs]).astype(np.uint8)
 
-    def _run_savedmodel(self, done: list[Decoded], failed: list[Decoded]) -> Batch:
+    def _savedmodel_feed(self, done: list[Decoded]) -> dict:
         import tensorflow as tf
 
         feed = {"image_bytes": tf.constant([d.raw for d in done])}
         if self.needs_lung_masks:
             feed["lung_mask_bytes"] = tf.constant([Path(d.item.lung_mask).read_bytes() for d in done])
-        res = self.fn(**feed)
+        return feed
+
+    def _run_savedmodel(self, done: list[Decoded], failed: list[Decoded], pixels=False) -> Batch:
+        import tensorflow as tf
+
+        try:
+            feed = self._savedmodel_feed(done)
+            res = self.fn(**feed)
+            pix = self.signatures["pixels"](**feed) if pixels else {}
+        except (tf.errors.InvalidArgumentError, OSError) as exc:
+            if len(done) == 1:
+                return Batch([], None, failed=failed + [Decoded(done[0].item, reason=_tf_reason(exc))])
+            parts = [self._run_savedmodel([d], [], pixels) for d in done]   # one bad file fails only itself
+            return _join(parts, failed)
         probs = res["probabilities"].numpy().astype(np.float64) if "probabilities" in res else None
         masks = res["mask"].numpy().astype(np.float32) if "mask" in res else None
-        return Batch(done, None, probs, masks, failed)
+        x = pix["pixels"].numpy() if pix else None
+        return Batch(done, x, probs, masks, failed, pix["image_pixels"].numpy() if pix else None)
+
+    def from_pixels(self, x: np.ndarray) -> dict:
+        """A SavedModel's model alone on uint8-range pixels [n, S, S, 1] (its ``from_pixels`` endpoint)."""
+        import tensorflow as tf
+
+        if "from_pixels" not in self.signatures:
+            raise DataError(f"{self.located.root}: this SavedModel has no from_pixels endpoint (exported before "
+                            f"covidcxr 0.3); export it again with python -m covidcxr.export.")
+        res = self.signatures["from_pixels"](pixels=tf.constant(np.asarray(x, np.float32)))
+        out = {k: v.numpy() for k, v in res.items() if k in ("probabilities", "mask")}
+        return out
+
+
+def _tf_reason(exc: Exception) -> str:
+    text = getattr(exc, "message", "") or str(exc)
+    return "the SavedModel cannot decode this file (" + text.strip().splitlines()[0][:160] + ")"
+
+
+def _join(parts: list[Batch], failed: list[Decoded]) -> Batch:
+    """One batch from single-item batches (some failed)."""
+    ok = [b for b in parts if b.done]
+    failed = failed + [f for b in parts for f in b.failed]
+    if not ok:
+        return Batch([], None, failed=failed)
+
+    def cat(name):
+        vals = [getattr(b, name) for b in ok]
+        return None if vals[0] is None else np.concatenate(vals)
+
+    return Batch([d for b in ok for d in b.done], cat("x"), cat("probs"), cat("masks"), failed, cat("image_pixels"))
 
 
 def load_keras(path: str | Path):
@@ -238,4 +286,4 @@ def _load_savedmodel(path: Path):
     except ImportError as exc:
         raise DataError(f"{path} is a TensorFlow SavedModel and TensorFlow is not installed; pass the run or "
                         f"export folder (model.keras) instead, or pip install tensorflow.") from exc
-    return tf.saved_model.load(str(path)).signatures["serving_default"]
+    return tf.saved_model.load(str(path))

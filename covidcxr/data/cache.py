@@ -28,7 +28,7 @@ import numpy as np
 
 from covidcxr.errors import DataError
 
-VERSION = 3  # bump when decoding or preprocessing changes what is stored
+VERSION = 4  # bump when decoding or preprocessing changes what is stored (4: the exact 16-bit-grid resize)
 CHUNK = 16
 
 

@@ -16,12 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from covidcxr import artifacts as A
 from covidcxr.errors import CovidCXRError, DataError
+from covidcxr.exporting.check import check_export, require
 
-TOLERANCE = 1e-4  # max |probability / mask difference| between SavedModel and Keras on the same file
 
 
 def export_run(src: str | Path, out: str | Path, overwrite: bool = False, checks: list[str] | None = None,
@@ -64,7 +62,7 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
                  log=print) -> Path:
     import keras
 
-    from covidcxr.exporting.signatures import classifier_fn, segmenter_fn
+    from covidcxr.exporting.signatures import classifier_fns, segmenter_fns
     from covidcxr.inference import load_keras
 
     if loc.keras_path is None:
@@ -78,7 +76,7 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
             raise DataError(f"{loc.root}: this classifier crops with a lung segmenter and its lung_segmenter/ is "
                             f"missing; export from the run folder.")
         segmenter = (load_keras(loc.segmenter_dir / A.EXPORT_MODEL), A.ModelCard.load(loc.segmenter_dir))
-    fn = classifier_fn(model, card, segmenter) if card.task == "classify" else segmenter_fn(model, card)
+    fns = classifier_fns(model, card, segmenter) if card.task == "classify" else segmenter_fns(model, card)
     paths, masks = (checks, [""] * len(checks)) if checks else default_checks(loc)
     with A.staged(out, overwrite) as tmp:
         model.save(tmp / A.EXPORT_MODEL)
@@ -92,32 +90,10 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
         archive.track(model)
         if segmenter is not None:
             archive.track(segmenter[0])
-        archive.add_endpoint("serving_default", fn)
+        for name, fn in fns.items():
+            archive.add_endpoint(name, fn)
         archive.write_out(str(tmp / A.SERVING), verbose=False)
-        worst = check_export(tmp, paths, masks)
-        if worst is not None and worst > TOLERANCE:
-            raise CovidCXRError(f"exported SavedModel differs from the Keras model by {worst:.2e} (> {TOLERANCE}) on "
-                                f"the check images; export discarded.")
-    log(f"exported {out} (SavedModel in {out / A.SERVING}"
-        + (f"; checked on {len(paths)} images, max difference {worst:.1e})" if worst is not None else ")"))
+        check = check_export(tmp, paths, masks)
+        require(check)
+    log(f"exported {out} (SavedModel in {out / A.SERVING}; " + (check.summary() if check else "not checked: no check images") + ")")
     return out
-
-
-def check_export(folder: Path, paths: list[str], masks: list[str]) -> float | None:
-    """Max difference between the SavedModel (bytes in) and the Keras model (host-decoded pixels)
-    on ``paths``; None when there is nothing to check."""
-    from covidcxr.inference import Item, Predictor
-
-    if not paths:
-        return None
-    items = [Item(p, m) for p, m in zip(paths, masks)]
-    ref = list(Predictor(folder, batch_size=len(items)).run(items))[0]
-    got = list(Predictor(folder, batch_size=len(items), prefer="savedmodel").run(items))[0]
-    if ref.failed or got.failed:
-        bad = (ref.failed or got.failed)[0]
-        raise DataError(f"export check: {bad.item.path}: {bad.reason}; pass --check with readable image files.")
-    worst = 0.0
-    for a, b in ((ref.probs, got.probs), (ref.masks, got.masks)):
-        if a is not None:
-            worst = max(worst, float(np.abs(a - b).max()))
-    return worst

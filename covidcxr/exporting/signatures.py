@@ -9,6 +9,11 @@ fed to the model as uint8-range grayscale; the model normalises for its backbone
   runs its embedded lung segmenter first;
 - segmenter / multi-task: -> ``mask`` (model resolution), ``mask_png`` (a PNG at each input's
   own size), ``height``, ``width`` (+ ``probabilities``, ``label``).
+
+Two more endpoints split that in two, for the export check and for clients that want to verify
+their own preprocessing: ``pixels`` (the same inputs -> ``pixels``, the uint8 model input;
+``image_pixels`` before a lung crop and ``crop_mask``) and ``from_pixels`` (``pixels`` float32
+[B, S, S, 1] in 0..255 -> the model's outputs).
 """
 from __future__ import annotations
 
@@ -19,13 +24,14 @@ from covidcxr.data import tfgraph as G
 
 
 def _images(image_bytes, size: int, contrast: str):
-    """Batch of bytes -> (float32 [B, S, S, 1] model input, heights [B], widths [B])."""
+    """Batch of bytes -> (uint8 [B, S, S, 1] model input pixels, heights [B], widths [B])."""
     def one(b):
-        img = G.decode_bytes(b)
-        return tf.cast(G.prepare(img, size, contrast), tf.float32), tf.shape(img)[0], tf.shape(img)[1]
+        g16 = G.decode_g16(b)
+        pixels = G.contrast_g16(G.resize_g16(g16, size), size, contrast)
+        return pixels, tf.shape(g16)[0], tf.shape(g16)[1]
 
     return tf.map_fn(one, image_bytes, fn_output_signature=(
-        tf.TensorSpec([size, size, 1], tf.float32), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)))
+        tf.TensorSpec([size, size, 1], tf.uint8), tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)))
 
 
 def _probs(model, x, classes):
@@ -33,58 +39,96 @@ def _probs(model, x, classes):
     return {"probabilities": probs, "label": tf.gather(classes, tf.argmax(probs, axis=-1))}
 
 
-def classifier_fn(model, card: ModelCard, segmenter=None):
-    """``segmenter``: (Keras model, its ModelCard) for a classifier trained on predicted lung masks."""
+def _mask_output(out, multitask: bool):
+    return tf.cast(out["mask"] if multitask or isinstance(out, dict) else out, tf.float32)
+
+
+def classifier_fns(model, card: ModelCard, segmenter=None) -> dict:
+    """The classifier's endpoints: ``serving_default`` (bytes -> probabilities, label),
+    ``pixels`` (bytes -> the uint8 model input, before and after the lung crop) and
+    ``from_pixels`` (uint8-range float32 input -> probabilities, label): the export check compares
+    the pixels with the host's and the outputs on the same pixels, each on its own.
+    ``segmenter``: (Keras model, its ModelCard) for a classifier trained on predicted lung masks."""
     size, contrast, classes = card.image_size, card.contrast, tf.constant(card.classes)
     spec = tf.TensorSpec([None], tf.string, name="image_bytes")
-    if card.lung_crop == "given":
-        @tf.function(input_signature=[spec, tf.TensorSpec([None], tf.string, name="lung_mask_bytes")])
-        def serve_given(image_bytes, lung_mask_bytes):
-            x, _, _ = _images(image_bytes, size, contrast)
-            masks = tf.map_fn(lambda b: G.resize_mask(G.decode_mask(b), size), lung_mask_bytes,
-                              fn_output_signature=tf.TensorSpec([size, size, 1], tf.float32))
-            return _probs(model, x * masks, classes)
+    pix_spec = tf.TensorSpec([None, size, size, 1], tf.float32, name="pixels")
 
-        return serve_given
-    if card.lung_crop == "model":
+    def crop_mask(image_bytes, lung_mask_bytes=None):
+        if card.lung_crop == "given":
+            return tf.map_fn(lambda b: tf.cast(G.resize_mask(G.decode_mask(b), size), tf.uint8), lung_mask_bytes,
+                             fn_output_signature=tf.TensorSpec([size, size, 1], tf.uint8))
         seg, seg_card = segmenter
+        sx, _, _ = _images(image_bytes, seg_card.image_size, seg_card.contrast)
+        probs = _mask_output(seg(tf.cast(sx, tf.float32), training=False), False)
+        return tf.cast(G.mask_from_probs(probs, size), tf.uint8)
+
+    def pixels_of(image_bytes, lung_mask_bytes=None):
+        x, _, _ = _images(image_bytes, size, contrast)
+        if card.lung_crop == "":
+            return {"pixels": x, "image_pixels": x}
+        mask = crop_mask(image_bytes, lung_mask_bytes)
+        return {"pixels": x * mask, "image_pixels": x, "crop_mask": mask}
+
+    @tf.function(input_signature=[pix_spec])
+    def from_pixels(pixels):
+        return _probs(model, pixels, classes)
+
+    if card.lung_crop == "given":
+        mask_spec = tf.TensorSpec([None], tf.string, name="lung_mask_bytes")
+
+        @tf.function(input_signature=[spec, mask_spec])
+        def pixels(image_bytes, lung_mask_bytes):
+            return pixels_of(image_bytes, lung_mask_bytes)
+
+        @tf.function(input_signature=[spec, mask_spec])
+        def serve(image_bytes, lung_mask_bytes):
+            return _probs(model, tf.cast(pixels_of(image_bytes, lung_mask_bytes)["pixels"], tf.float32), classes)
+    else:
+        @tf.function(input_signature=[spec])
+        def pixels(image_bytes):
+            return pixels_of(image_bytes)
 
         @tf.function(input_signature=[spec])
-        def serve_cropped(image_bytes):
-            x, _, _ = _images(image_bytes, size, contrast)
-            sx, _, _ = _images(image_bytes, seg_card.image_size, seg_card.contrast)
-            out = seg(sx, training=False)
-            probs = tf.cast(out["mask"] if isinstance(out, dict) else out, tf.float32)
-            return _probs(model, x * G.mask_from_probs(probs, size), classes)
+        def serve(image_bytes):
+            return _probs(model, tf.cast(pixels_of(image_bytes)["pixels"], tf.float32), classes)
 
-        return serve_cropped
-
-    @tf.function(input_signature=[spec])
-    def serve(image_bytes):
-        x, _, _ = _images(image_bytes, size, contrast)
-        return _probs(model, x, classes)
-
-    return serve
+    return {"serving_default": serve, "pixels": pixels, "from_pixels": from_pixels}
 
 
-def segmenter_fn(model, card: ModelCard):
+def segmenter_fns(model, card: ModelCard) -> dict:
+    """A segmenter's or multi-task model's endpoints, as classifier_fns; ``serving_default`` also
+    gives ``mask_png``, the mask at each input's own size."""
     size, contrast, classes = card.image_size, card.contrast, tf.constant(card.classes)
     multitask = card.task == "multitask"
+    spec = tf.TensorSpec([None], tf.string, name="image_bytes")
 
-    def png(args):
-        m, hh, ww = args
-        full = G.mask_from_probs(m[None], tf.stack([hh, ww]))[0]
-        return tf.io.encode_png(tf.cast(full, tf.uint8) * 255)
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    def serve(image_bytes):
-        x, h, w = _images(image_bytes, size, contrast)
+    def outputs(x):
         out = model(x, training=False)
-        mask = tf.cast(out["mask"] if multitask else out, tf.float32)
-        res = {"mask": mask[..., 0], "height": h, "width": w,
-               "mask_png": tf.map_fn(png, (mask, h, w), fn_output_signature=tf.TensorSpec([], tf.string))}
+        res = {"mask": _mask_output(out, multitask)[..., 0]}
         if multitask:
             res.update(_probs(lambda *a, **k: out["label"], x, classes))
         return res
 
-    return serve
+    def png(args):
+        m, hh, ww = args
+        full = G.mask_from_probs(m[None, ..., None], tf.stack([hh, ww]))[0]
+        return tf.io.encode_png(tf.cast(full, tf.uint8) * 255)
+
+    @tf.function(input_signature=[spec])
+    def serve(image_bytes):
+        x, h, w = _images(image_bytes, size, contrast)
+        res = outputs(tf.cast(x, tf.float32))
+        res.update(height=h, width=w, mask_png=tf.map_fn(png, (res["mask"], h, w),
+                                                         fn_output_signature=tf.TensorSpec([], tf.string)))
+        return res
+
+    @tf.function(input_signature=[spec])
+    def pixels(image_bytes):
+        x, _, _ = _images(image_bytes, size, contrast)
+        return {"pixels": x, "image_pixels": x}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32, name="pixels")])
+    def from_pixels(pixels):
+        return outputs(pixels)
+
+    return {"serving_default": serve, "pixels": pixels, "from_pixels": from_pixels}

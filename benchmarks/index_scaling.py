@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -87,7 +88,7 @@ def _run(cmd: list[str]) -> tuple[float, float, str]:
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout}\n{stderr}")
+        sys.exit(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{stdout}\n{stderr}")
     return wall, usage.ru_maxrss / 1024, stdout
 
 

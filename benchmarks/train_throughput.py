@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -160,7 +161,7 @@ def versus(a) -> None:
            "--image-size", str(a.size), "--batch-size", str(a.batch), "--epochs", str(a.epochs),
            "--fine-tune-epochs", "0", "--patience", str(a.epochs + 1), "--run-dir", str(run_dir),
            "--export-dir", "none", "--cache-dir", str(work / "cache")]
-    print("ours:", " ".join(cmd), flush=True)
+    print("ours:", shlex.join(cmd), flush=True)
     rc, wall, rss, text = run_child(cmd)
     if rc:
         sys.exit(text[-3000:])

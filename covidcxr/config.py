@@ -78,6 +78,7 @@ class TrainConfig:
     loss_weights: str = "label=1,mask=1"  # multitask
     run_dir: str = ""
     export_dir: str = ""
+    keep_resume_state: bool = False    # keep resume.npz after the run finishes (removed by default)
     demo: bool = False
     command: str = ""
 

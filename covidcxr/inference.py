@@ -226,7 +226,7 @@ class Predictor:
             feed = self._savedmodel_feed(done)
             res = self.fn(**feed)
             pix = self.signatures["pixels"](**feed) if pixels else {}
-        except (tf.errors.InvalidArgumentError, OSError) as exc:
+        except (tf.errors.OpError, UnicodeDecodeError, OSError) as exc:  # TF's message may quote the bad bytes
             if len(done) == 1:
                 return Batch([], None, failed=failed + [Decoded(done[0].item, reason=_tf_reason(exc))])
             parts = [self._run_savedmodel([d], [], pixels) for d in done]   # one bad file fails only itself
@@ -249,7 +249,7 @@ class Predictor:
 
 
 def _tf_reason(exc: Exception) -> str:
-    text = getattr(exc, "message", "") or str(exc)
+    text = getattr(exc, "message", "") or str(exc) or type(exc).__name__
     return "the SavedModel cannot decode this file (" + text.strip().splitlines()[0][:160] + ")"
 
 

@@ -5,9 +5,11 @@
 
 PATH: a run or export folder, a ``.keras`` file or a SavedModel folder (``--prefer savedmodel``
 uses an export's SavedModel instead of its model.keras). INPUTs: image files and folders (searched
-recursively), taken in sorted path order. ``--workers`` threads decode a few batches ahead of the
-model, which runs once per ``--batch-size`` batch (covidcxr/inference.py); each finished batch is
-appended to the output and flushed, so memory does not grow with the number of files.
+recursively, except a dataset's mask folders: ``masks/``, ``lung masks/`` and ``infection masks/``
+beside an ``images/`` folder are left out and listed), taken in sorted path order. ``--workers``
+threads decode a few batches ahead of the model, which runs once per ``--batch-size`` batch
+(covidcxr/inference.py); each finished batch is appended to the output and flushed, so memory does
+not grow with the number of files.
 
 Output (``--format csv|parquet``, default from the --out suffix): path, label, prob_<class>...
 (classifiers, multi-task), mask_path, mask_fraction, height, width (segmenters, multi-task), floats
@@ -243,14 +245,16 @@ def run(args) -> int:
         raise ConfigError(f"--batch-size {args.batch_size} / --workers {args.workers}: must be at least 1.")
     pred = Predictor(args.model, args.batch_size, args.workers, args.prefer)
     _check_flags(args, pred)
-    entries, bad = input_list(args.inputs)
+    entries, bad, masks = input_list(args.inputs)
+    _report_masks(masks, out)
     mine = [p for p in entries if in_shard(p, k, n)]
     scorer = _scorer(args, pred, out, entries)
     columns = ["path"] + (["label"] + [f"prob_{c}" for c in pred.classes] if pred.card.task != "segment" else []) \
         + (MASK_COLUMNS if pred.card.task != "classify" else [])
     meta = {"model": model_identity(pred, args.model), "calibration": scorer.temperature, "format": fmt,
             "columns": columns, "shard": [k, n], "inputs": {"count": len(entries), "sha256": list_digest(entries)},
-            "shard_count": len(mine), "rows": 0, "skipped": 0, "complete": False}
+            "shard_count": len(mine), "rows": 0, "skipped": 0, "complete": False,
+            "masks_left_out": {"files": sum(masks.values()), "folders": masks}}
     table, skipped = open_table(out, columns, fmt), CsvTable(sidecar(out, "skipped.csv"), SKIP_COLUMNS)
     if args.overwrite:
         remove(out)
@@ -302,6 +306,19 @@ def _score(args, pred, scorer: Scorer, tables, todo: list[str], bad: dict) -> di
         table.close()
         skipped.close()
     return stats
+
+
+def _report_masks(masks: dict[str, int], out: Path) -> None:
+    """Say which mask folders of the input folders were left out (count and names; all in the meta)."""
+    if not masks:
+        return
+    print(f"left out {sum(masks.values())} mask file(s) in {len(masks)} mask folder(s) (a dataset's lung and "
+          f"infection masks, not X-rays; all listed in {sidecar(out, 'meta.json')}; a file passed by its own "
+          f"path is scored):", file=sys.stderr)
+    for folder, count in list(masks.items())[:SHOW_BAD]:
+        print(f"  - {folder} ({count} files)", file=sys.stderr)
+    if len(masks) > SHOW_BAD:
+        print(f"  - ... and {len(masks) - SHOW_BAD} more folder(s)", file=sys.stderr)
 
 
 def _lung_mask(folder: Path | None, path: str) -> str:

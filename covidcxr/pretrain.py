@@ -22,6 +22,7 @@ import argparse
 import functools
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -352,7 +353,8 @@ def pretrain(arch: str, data: str, out: str | Path, image_size: int = 224, epoch
             "loss": losses, "seconds": round(time.perf_counter() - t0, 1), "batchnorm": bn_note}
     Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (chance level {math.log(2 * batch_size - 1):.4f}); "
-          f"encoder weights: {out}\nfine-tune: python -m covidcxr.train --arch {arch} --weights {out} --data DIR")
+          f"encoder weights: {out}\nfine-tune: "
+          + shlex.join(["python", "-m", "covidcxr.train", "--arch", arch, "--weights", str(out), "--data", "DIR"]))
     return out
 
 

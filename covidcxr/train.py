@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from pathlib import Path
 
 from covidcxr import cli
 from covidcxr.config import AugmentConfig, TrainConfig
 from covidcxr.errors import ConfigError, DataError
+from covidcxr.models import catalog
 
 # --resume applies these (a longer budget; where outputs go; how this machine runs it); any other changed flag is refused
-RESUMABLE = {"epochs", "fine_tune_epochs", "export_dir", "cache_dir", "workers", "mixed_precision", "jit_compile"}
+RESUMABLE = {"epochs", "fine_tune_epochs", "export_dir", "cache_dir", "workers", "mixed_precision", "jit_compile",
+             "keep_resume_state"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,9 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--data", default=None, help="dataset folder (Kaggle, COVID-QU-Ex or folder-per-class) or manifest CSV; "
                                   "omitted: the synthetic demo set")
-    a("--arch", default="resnet50", help="classify: a registry name (resnet50, efficientnetb0..b7, densenet121, "
-                                         "mobilenetv3small, convnexttiny, resnet18, vit_b16, swin_tiny, dinov2_small, "
-                                         "...); segment/multitask: unet, or unet_/unetpp_/deeplabv3plus_<backbone>")
+    a("--arch", default="resnet50", help=catalog.arch_help())
     a("--task", default="classify", choices=["classify", "segment", "multitask"])
     a("--target", default="lung", choices=["lung", "infection"], help="segment/multitask: which masks to learn")
     a("--seg-loss", default="bce_dice", choices=["bce_dice", "dice", "focal"], help="segment/multitask mask loss")
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--export-dir", default=None, help="export directory (default saved_models/<run-name>; 'none' to skip)")
     a("--overwrite", action="store_true", help="replace an existing run directory / export")
     a("--resume", action="store_true", help="continue the run in --run-dir from its last completed epoch")
+    a("--keep-resume-state", action="store_true",
+      help="keep resume.npz (every weight and optimizer moment: 283 MB for resnet50) when the run finishes, so that "
+           "--resume --epochs N can extend it; by default it is removed then (an interrupted run always keeps it)")
     return p
 
 
@@ -119,7 +123,8 @@ def config_from_args(args) -> TrainConfig:
         mixed_precision=args.mixed_precision, jit_compile=args.jit_compile, cache_dir=args.cache_dir or "",
         workers=args.workers, lung_crop=_crop(args.lung_crop), demo=demo, target=args.target, seg_loss=args.seg_loss,
         loss_weights=args.loss_weights, run_dir=args.run_dir or "", export_dir=args.export_dir or "",
-        command="python -m covidcxr.train " + " ".join(args.argv))
+        keep_resume_state=args.keep_resume_state,
+        command=shlex.join(["python", "-m", "covidcxr.train", *args.argv]))
 
 
 def resumed_config(args, parser) -> TrainConfig:
@@ -151,6 +156,9 @@ def resumed_config(args, parser) -> TrainConfig:
 def run(args) -> int:
     from covidcxr.training.run import train
 
+    if args.arch == catalog.LIST:
+        print(catalog.format_table())
+        return 0
     parser = build_parser()
     cfg = resumed_config(args, parser) if args.resume else config_from_args(args)
     cfg.validate()

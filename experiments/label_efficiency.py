@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
                        "--label-fraction", str(f), "--seed", str(s), "--run-dir", str(run), "--export-dir", "none",
                        "--overwrite"] + (["--preset", a.preset] if a.preset else ["--weights", a.weights]) \
                     + (["--freeze-encoder"] if a.freeze_encoder else []) + extra
-                print(" ".join(cmd), flush=True)
+                print(shlex.join(cmd), flush=True)
                 t0 = time.perf_counter()
                 rc = subprocess.call(cmd)
                 (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")

@@ -109,3 +109,38 @@ def test_backbone_input_layer_normalises_gray_uint8(mode):
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-5)
     if mode == "caffe":  # keras.applications' caffe preprocessing of an RGB image with R = G = B = 255
         np.testing.assert_allclose(out[0, 0, 2], [255 - 103.939, 255 - 116.779, 255 - 123.68], rtol=1e-5)
+
+
+LOAD = """
+import sys
+import numpy as np
+import covidcxr
+assert "keras" not in sys.modules and "tensorflow" not in sys.modules  # importing the package stays cheap
+import keras
+try:
+    keras.saving.load_model(sys.argv[1])
+    raise SystemExit("keras.saving.load_model loaded it without covidcxr's layers: the public loader is moot")
+except TypeError:
+    pass
+for path in sys.argv[1:]:
+    model = covidcxr.load_model(path)
+    probs = model.predict(np.full((2, 32, 32, 1), 128, np.uint8), verbose=0)
+    print(type(model).__name__, probs.shape, round(float(probs.sum()), 4))
+"""
+
+
+def test_public_loader_in_a_fresh_process(tmp_path):
+    """covidcxr.load_model loads a saved model (file or folder) where keras.saving.load_model raises TypeError."""
+    import subprocess
+    import sys
+
+    from covidcxr.artifacts import ModelCard
+
+    spec = get_spec("mobilenetv3small")
+    build_classifier(spec, 3, 32, None).save(tmp_path / "model.keras")
+    ModelCard(["a", "b", "c"], spec.name, image_size=32, normalization=spec.normalization).save(tmp_path)
+    keras.backend.clear_session()
+    r = subprocess.run([sys.executable, "-c", LOAD, str(tmp_path / "model.keras"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-2:] == ["Functional (2, 3) 2.0"] * 2

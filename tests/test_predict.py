@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.conftest import random_cxr, write_png
+from tests.conftest import random_cxr, shared_path, write_png
 
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 
@@ -225,3 +225,51 @@ def test_gradcam_and_calibration(models, images, tmp_path):
                                apply_temperature(a.filter(like="prob_").to_numpy(), 3.0), atol=1e-6)
     cams = sorted((tmp_path / "cams").glob("*_gradcam.png"))
     assert len(cams) == 11 and sum(c.name.startswith("dup_") for c in cams) == 2
+
+
+def _mask_layouts(root: Path) -> Path:
+    """A Kaggle class (images/ + masks/) and a COVID-QU-Ex split (images/, lung masks/, infection masks/),
+    3 films each: 6 X-rays and 9 masks, with a plain folder named 'masks' (no images/ beside it) of 1 film."""
+    for i in range(3):
+        write_png(root / "COVID" / "images" / f"c{i}.png", random_cxr(i, 40))
+        write_png(root / "COVID" / "masks" / f"c{i}.png", random_cxr(10 + i, 32))
+        for sub in ("images", "lung masks", "infection masks"):
+            write_png(root / "Train" / "Normal" / sub / f"n{i}.png", random_cxr(20 + i, 36))
+    write_png(root / "notes" / "masks" / "film.png", random_cxr(30, 40))  # not a layout's mask folder
+    return root
+
+
+def test_input_list_leaves_out_layout_mask_folders(tmp_path):
+    from covidcxr.prediction.shards import input_list
+
+    root = _mask_layouts(tmp_path / "data")
+    entries, bad, masks = input_list([str(root), str(root / "COVID" / "masks" / "c1.png")])
+    assert not bad and len(entries) == 3 + 3 + 1 + 1
+    assert str(root / "COVID" / "masks" / "c1.png") in entries  # passed by its own path: scored
+    assert str(root / "notes" / "masks" / "film.png") in entries
+    assert not any("lung masks" in e or "infection masks" in e for e in entries)
+    assert masks == {str(root / "COVID" / "masks"): 3, str(root / "Train" / "Normal" / "infection masks"): 3,
+                     str(root / "Train" / "Normal" / "lung masks"): 3}
+
+
+def test_predict_on_a_dataset_folder_scores_no_masks(models, synth_dir, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    assert predict("--model", models["cls"], synth_dir, "--out", out, "--batch-size", 8, "--quiet") == 0
+    films = sorted(str(p) for p in synth_dir.rglob("images/*.png"))
+    mask_dirs = sorted({str(p.parent) for p in synth_dir.rglob("masks/*.png")})
+    assert mask_dirs and rows(out)["path"].tolist() == films
+    err = capsys.readouterr().err
+    n_masks = len(list(synth_dir.rglob("masks/*.png")))
+    assert f"left out {n_masks} mask file(s) in {len(mask_dirs)} mask folder(s)" in err and mask_dirs[0] in err
+    meta = json.loads((tmp_path / "p.csv.meta.json").read_text())
+    assert meta["masks_left_out"] == {"files": n_masks, "folders": {d: len(list(Path(d).glob("*.png")))
+                                                                    for d in mask_dirs}}
+
+
+def test_real_covid_qu_ex_folder_lists_only_films():
+    from covidcxr.prediction.shards import input_list
+
+    root = shared_path("covid-qu-ex-sample")
+    entries, bad, masks = input_list([str(root)])
+    assert not bad and len(entries) == 360 and all("/images/" in e for e in entries)
+    assert sum(masks.values()) == 600 and len(masks) == 12

@@ -28,10 +28,11 @@ def in_tmp(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def reference(synth_dir, tmp_path_factory):
-    """One uninterrupted 3-epoch run with its export (module-wide, reused by several tests)."""
+    """One uninterrupted 3-epoch run with its export (module-wide, reused by several tests); it keeps its
+    resume state so that the tests can extend it."""
     root = tmp_path_factory.mktemp("ref")
     assert train.main(["--data", str(synth_dir), *SCRATCH, "--run-dir", str(root / "run"),
-                       "--export-dir", str(root / "export")]) == 0
+                       "--export-dir", str(root / "export"), "--keep-resume-state"]) == 0
     return root
 
 
@@ -88,9 +89,10 @@ def _wait_for_epoch(state: Path, proc, n: int, timeout: float = 300):
     return False
 
 
-def test_same_seed_same_history_and_a_killed_run_resumes_to_it(reference, synth_dir, tmp_path):
+def test_same_seed_same_history_and_a_killed_run_resumes_to_it(reference, synth_dir, tmp_path, capsys):
     """A second run with the same seed, killed (SIGKILL, as a pre-empted job) after an epoch and
-    resumed: its history.csv, rows before and after the kill, equals the reference run's."""
+    resumed: its history.csv, rows before and after the kill, equals the reference run's. The killed
+    run kept its resume.npz; the finished one removes it (no --keep-resume-state), and says so."""
     cmd = [sys.executable, "-m", "covidcxr.train", "--data", str(synth_dir), *SCRATCH, "--run-dir", "r",
            "--export-dir", "none"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -105,6 +107,10 @@ def test_same_seed_same_history_and_a_killed_run_resumes_to_it(reference, synth_
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "r" / "history.csv").read_text() == (reference / "run" / "history.csv").read_text()
     assert json.loads((tmp_path / "r" / "state.json").read_text())["finished"] is True
+    assert not (tmp_path / "r" / "resume.npz").exists() and "removed" in r.stdout and "resume.npz" in r.stdout
+    assert train.main(["--resume", "--run-dir", str(tmp_path / "r"), "--epochs", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "has no resume.npz" in err and "--keep-resume-state" in err and len(err.strip().splitlines()) == 1
 
 
 def test_resume_applies_a_longer_budget_and_refuses_other_changes(reference, tmp_path, capsys, monkeypatch):
@@ -169,7 +175,7 @@ def test_two_phase_with_local_weights_file_and_unreadable_files(synth_copy, in_t
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--arch", "nope"], "unknown architecture 'nope'"),
+    (["--arch", "nope"], "--arch nope: unknown architecture for --task classify"),
     (["--batch-size", "0"], "--batch-size 0"),
     (["--epochs", "0", "--fine-tune-epochs", "0"], "nothing to train"),
     (["--epochs", "-1"], "--epochs -1"),
@@ -197,11 +203,83 @@ def test_bad_data_and_resume(in_tmp, capsys):
 
 
 def test_help_lists_flags_and_archs():
-    r = subprocess.run([sys.executable, "-m", "covidcxr.train", "--help"], capture_output=True, text=True)
+    from covidcxr.models.catalog import seg_arch_names
+    from covidcxr.models.registry import arch_names
+
+    r = subprocess.run([sys.executable, "-m", "covidcxr.train", "--help"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "400"})  # wide: no name is broken across lines
     for flag in ("--data", "--arch", "--task", "--image-size", "--batch-size", "--epochs", "--fine-tune-epochs",
                  "--unfreeze", "--lr", "--weights", "--seed", "--run-dir", "--export-dir", "--overwrite",
-                 "--resume", "--cache-dir", "--no-mixed-precision", "--no-jit-compile", "efficientnetb0"):
+                 "--resume", "--cache-dir", "--no-mixed-precision", "--no-jit-compile", "--keep-resume-state"):
         assert flag in r.stdout
+    arch_help = r.stdout.split("\n  --arch ARCH", 1)[1].split("\n  --task", 1)[0]
+    words = set(arch_help.replace(",", " ").replace(";", " ").split())
+    assert {"rad_dino", "medsiglip", "setr_rad_dino", "setr_medsiglip"} <= words
+    assert set(arch_names()) <= words and set(seg_arch_names()) <= words and "..." not in arch_help
+    assert "'list'" in arch_help and r.stderr == ""
+
+
+def test_arch_list_prints_the_registry(capsys):
+    from covidcxr.models.registry import spec_table
+
+    assert train.main(["--arch", "list"]) == 0
+    table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for name, spec in spec_table().items():
+        assert spec.source in table[name] and f"multiple of {spec.size_multiple}" in table[name], name
+    assert "keras.applications" in table["resnet50"] and "unet_" in table["resnet50"]
+    assert "keras-hub" in table["rad_dino"] and "setr_" in table["rad_dino"] and "hf://microsoft/rad-dino" in table["rad_dino"]
+    assert "segment/multitask" in table["unet"] and "classify" not in table["unet"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "resnet5O"], "did you mean resnet50?"),
+    (["--arch", "unet"], "--arch unet is a segmentation architecture: add --task segment"),
+    (["--task", "segment", "--arch", "rad_dino"], "segmentation name such as setr_rad_dino"),
+    (["--task", "segment", "--arch", "setr_nope"], "--arch setr_nope: unknown architecture for --task segment"),
+    (["--image-size", "40"], "--image-size 40 does not suit resnet50"),
+    (["--weights", "missing.weights.h5"], "--weights missing.weights.h5: no such file"),
+    (["--preset", "resnet_50_imagenet"], "--preset: resnet50 comes from keras.applications"),
+    (["--arch", "rad_dino", "--image-size", "28"], "--arch rad_dino: pass its weights with --preset"),
+    (["--task", "segment", "--arch", "unet", "--weights", "imagenet"], "--weights imagenet: unet has no pretrained"),
+])
+def test_model_choices_are_refused_before_any_data_work(synth_dir, in_tmp, capsys, monkeypatch, args, message):
+    from covidcxr.training import run
+
+    def no_data_work(*a, **k):
+        raise AssertionError("the data were read before --arch/--image-size/--weights were checked")
+
+    monkeypatch.setattr(run, "prepare_rows", no_data_work)
+    assert train.main(["--data", str(synth_dir), "--arch", "resnet50", *TINY, "--run-dir", "bad", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert "--arch list" in err or not message.startswith(("did you", "--arch setr_nope"))
+    assert not (in_tmp / "bad").exists()
+
+
+def test_printed_and_stored_commands_are_shell_quoted(synth_dir, tmp_path, capsys, monkeypatch):
+    """Paths with spaces (COVID-QU-Ex's 'Infection Segmentation Data'): config.json's command and the
+    Ctrl-C resume hint paste back into a shell as the same arguments."""
+    import shlex
+    import shutil
+
+    from covidcxr.training.loop import Loop
+
+    data = tmp_path / "Infection Segmentation Data"
+    shutil.copytree(synth_dir, data)
+    run_dir = tmp_path / "my runs" / "run 1"
+
+    def one_epoch_then_ctrl_c(self, state):
+        state.epochs_done = 1
+        state.save(self.run_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Loop, "run", one_epoch_then_ctrl_c)
+    argv = ["--data", str(data), *SCRATCH, "--run-dir", str(run_dir), "--export-dir", "none"]
+    assert train.main(argv) == 130
+    hint = capsys.readouterr().err.strip().splitlines()[-1].split("continue with: ", 1)[1]
+    assert shlex.split(hint) == ["python", "-m", "covidcxr.train", "--resume", "--run-dir", str(run_dir)]
+    command = json.loads((run_dir / "config.json").read_text())["command"]
+    assert shlex.split(command) == ["python", "-m", "covidcxr.train", *argv]
 
 
 def test_trains_on_real_covid_qu_ex(in_tmp):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def _cmd_download(args) -> int:
     from covidcxr.data.download import download
 
     out = download(args.dataset, args.out, args.overwrite)
-    print(f"downloaded {args.dataset} to {out}; next: python -m covidcxr.data index {out}")
+    print(f"downloaded {args.dataset} to {out}; next: {shlex.join(['python', '-m', 'covidcxr.data', 'index', str(out)])}")
     return 0
 
 

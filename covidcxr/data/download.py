@@ -1,6 +1,7 @@
 """Real dataset download through kagglehub, failing fast and helpfully offline."""
 from __future__ import annotations
 
+import shlex
 import shutil
 import socket
 from pathlib import Path
@@ -33,7 +34,7 @@ def _reachable(host: str = "www.kaggle.com", port: int = 443, timeout: float = 3
 def manual_instructions(name: str, out: Path) -> str:
     d = DATASETS[name]
     return (f"Download it by hand from {d['page']} (Kaggle account needed), unzip it and put it in "
-            f"{out} so that it holds {d['layout']}. Then run: python -m covidcxr.data index {out}")
+            f"{out} so that it holds {d['layout']}. Then run: {shlex.join(['python', '-m', 'covidcxr.data', 'index', str(out)])}")
 
 
 def download(name: str, out: str | Path, overwrite: bool = False) -> Path:

@@ -87,7 +87,7 @@ def _pil_to_gray(img: Image.Image) -> np.ndarray:
         return np.asarray(img, dtype=np.float32)
     if mode not in ("L", "LA", "RGB", "RGBA"):
         img = img.convert("RGBA" if "A" in mode or "transparency" in img.info else "RGB")
-    return preprocess.g16_to_float(preprocess.u8_to_g16(np.asarray(img)))
+    return preprocess.u8_to_float(np.asarray(img))
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -22,6 +22,7 @@ SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "va
 IMAGE_DIRS = ("images",)
 LUNG_MASK_DIRS = ("masks", "lung masks", "lung_masks", "lung-masks")
 INFECTION_MASK_DIRS = ("infection masks", "infection_masks", "infection-masks")
+MASK_DIRS = LUNG_MASK_DIRS + INFECTION_MASK_DIRS
 IGNORED_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
 
 
@@ -165,8 +166,27 @@ def _scan_class_dir(class_dir: Path, label: str, split: str, scan: Scan) -> None
         scan.records.append(Record(str(p), label, lung.get(p, ""), inf.get(p, ""), split))
 
 
-def scan_dataset(root: str | Path) -> Scan:
-    """Walk a dataset folder. Files are listed, not decoded (see ``inspect_file``)."""
+def walk_images(folder: str | Path) -> tuple[list[Path], dict[str, int]]:
+    """(every image file under ``folder``, any depth; {mask folder: image files in it}) for inputs that
+    are not a dataset (``predict``). The mask folders ``scan_dataset`` pairs with an ``images/`` folder
+    (``masks/``, ``lung masks/``, ``infection masks/`` beside it) are not descended into: their files
+    are masks, not X-rays, and are returned as counts so that the caller can say what it left out."""
+    images: list[Path] = []
+    masks: dict[str, int] = {}
+    for top, dirs, files in os.walk(folder):
+        if any(d.lower() in IMAGE_DIRS for d in dirs):
+            for d in [d for d in dirs if d.lower() in MASK_DIRS]:
+                dirs.remove(d)
+                masks[os.path.join(top, d)] = sum(is_image_file(f) for _, _, fs in os.walk(os.path.join(top, d))
+                                                  for f in fs)
+        images += [Path(top) / f for f in files if is_image_file(f)]
+    return images, masks
+
+
+def scan_dataset(root: str | Path, min_classes: int = 2) -> Scan:
+    """Walk a dataset folder. Files are listed, not decoded (see ``inspect_file``). Fewer than
+    ``min_classes`` classes with images is refused (training needs two; scoring an external set
+    of one class, e.g. only positives, passes 1)."""
     layout, eff_root = detect_layout(root)
     scan = Scan(str(eff_root), layout)
     if layout == "covid-qu-ex":
@@ -189,7 +209,7 @@ def scan_dataset(root: str | Path) -> Scan:
     if not scan.records:
         raise DataError(f"{eff_root}: no images found ({layout} layout). "
                         f"Check the folder holds the dataset's image files.")
-    if len(scan.classes) < 2:
+    if len(scan.classes) < min_classes:
         raise DataError(f"{eff_root}: only one class with images ({scan.classes[0]}); "
                         f"at least two classes are needed.")
     return scan

@@ -9,6 +9,7 @@ by ``index``; relative paths are resolved against the manifest's folder.
 from __future__ import annotations
 
 import os
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,10 +72,10 @@ def _check_masks(records, workers, progress, problems) -> None:
 
 def build_manifest(data: str | Path, fractions: tuple[float, ...], seed: int = 42,
                    workers: int | None = None, progress: bool = True,
-                   dedup_kwargs: dict | None = None) -> tuple[pd.DataFrame, IndexReport]:
+                   dedup_kwargs: dict | None = None, min_classes: int = 2) -> tuple[pd.DataFrame, IndexReport]:
     """Scan ``data``, check every file, group duplicates, split. Bad files are
-    reported in the IndexReport and left out of the manifest."""
-    scan: Scan = scan_dataset(data)
+    reported in the IndexReport and left out of the manifest. ``min_classes``: see ``scan_dataset``."""
+    scan: Scan = scan_dataset(data, min_classes)
     report = IndexReport(scan.root, scan.layout, list(scan.problems))
     infos = inspect_files([r.path for r in scan.records], workers, progress)
     good = []
@@ -141,7 +142,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a manifest CSV; resolve relative paths against its folder; check columns."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: manifest not found. Create one with 'python -m covidcxr.data index DATA --out {path}'.")
+        raise DataError(f"{path}: manifest not found. Create one with "
+                        f"{shlex.join(['python', '-m', 'covidcxr.data', 'index', 'DATA', '--out', str(path)])}")
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:

@@ -51,11 +51,16 @@ def luma_u8(rgb: np.ndarray) -> np.ndarray:
     return (c[..., 0] * LUMA[0] + c[..., 1] * LUMA[1] + c[..., 2] * LUMA[2] + 0x8000) >> 16
 
 
-def u8_to_g16(arr: np.ndarray) -> np.ndarray:
-    """uint8 [H, W] (gray), [H, W, 2] (gray + alpha) or [H, W, 3|4] (RGB(A)) -> the 16-bit grid."""
+def gray_u8(arr: np.ndarray) -> np.ndarray:
+    """uint8 [H, W] (gray), [H, W, 2] (gray + alpha) or [H, W, 3|4] (RGB(A)) -> 8-bit gray [H, W]."""
     arr = np.asarray(arr)
-    gray = arr if arr.ndim == 2 else (arr[..., 0] if arr.shape[-1] < 3 else luma_u8(arr))
-    return np.asarray(gray, np.int64) * 257
+    return arr if arr.ndim == 2 else (arr[..., 0] if arr.shape[-1] < 3 else luma_u8(arr))
+
+
+def u8_to_float(arr: np.ndarray) -> np.ndarray:
+    """8-bit image -> the decoded float32 [H, W]: v / 255 in float32, the same correctly rounded
+    value as g16_to_float(257 v) (the two divide the same number), without the 16-bit detour."""
+    return np.asarray(gray_u8(arr), np.float32) / np.float32(255.0)
 
 
 def g16_to_float(g16: np.ndarray) -> np.ndarray:

@@ -136,7 +136,10 @@ def mask_from_probs(probs: tf.Tensor, size) -> tf.Tensor:
     """[B, h, w, 1] probabilities -> [B, H, W, 1] float {0, 1}: the exact resize on the 16-bit
     grid, then 0.5 (as preprocess.mask_from_probs). ``size``: an int or [H, W]."""
     height, width = (size, size) if isinstance(size, int) else (size[0], size[1])
-    one = lambda p: tf.cast(resize_g16(to_g16(p), height, width) >= mask_threshold_g16(), tf.float32)  # noqa: E731
+
+    def one(p):
+        return tf.cast(resize_g16(to_g16(p), height, width) >= mask_threshold_g16(), tf.float32)
+
     return tf.map_fn(one, tf.cast(probs, tf.float32))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,12 +31,13 @@ def export_run(src: str | Path, out: str | Path, overwrite: bool = False, checks
     if keras.backend.backend() == "tensorflow":
         return export_model(A.locate(src), out, overwrite, checks, log)
     if importlib.util.find_spec("tensorflow") is None:
+        later = shlex.join(["python", "-m", "covidcxr.export", str(src), "--out", str(out)])
         log(f"NOTE: no export written: the SavedModel needs TensorFlow, which is not installed here. Export later "
-            f"with: pip install tensorflow; KERAS_BACKEND=tensorflow python -m covidcxr.export {src} --out {out}")
+            f"with: pip install tensorflow; KERAS_BACKEND=tensorflow {later}")
         return None
     cmd = [sys.executable, "-m", "covidcxr.export", str(src), "--out", str(out)] + (["--overwrite"] if overwrite else [])
     cmd += [a for c in (checks or []) for a in ("--check", c)]
-    log(f"exporting under the TensorFlow backend: {' '.join(cmd)}")
+    log(f"exporting under the TensorFlow backend: {shlex.join(cmd)}")
     r = subprocess.run(cmd, env={**os.environ, "KERAS_BACKEND": "tensorflow"}, capture_output=True, text=True)
     if r.returncode:
         raise CovidCXRError(f"export failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,23 +57,40 @@ class ArchSpec:
     hub_config: dict = field(default_factory=dict)
     size_multiple: int = 32          # --image-size must be a multiple of this
     min_size: int = 32
-    published_weights: dict = field(default_factory=dict)  # file name -> hash
+    published_weights: Mapping = field(default_factory=dict)  # file name -> hash
 
 
 def _ka(name, ctor, norm, skips, files=None, **kw):
     return ArchSpec(name, "keras.applications", norm, ctor, tuple(skips),
-                    published_weights=files or {}, **kw)
+                    published_weights={} if files is None else files, **kw)
 
 
-def _published(module: str, key, pattern_top: str, pattern_notop: str, table: str = "WEIGHTS_HASHES") -> dict:
-    """File name -> hash from the constants Keras downloads with."""
-    import importlib
+class _Published(Mapping):
+    """File name -> hash of a keras.applications weights file, read from the constants Keras downloads
+    with on first use, so that listing the registry (``train --help``, ``--arch list``) imports no Keras."""
 
-    try:
-        hashes = getattr(importlib.import_module(f"keras.src.applications.{module}"), table)[key]
-    except Exception:  # pragma: no cover - Keras moved its constants: skip the check
-        return {}
-    return {pattern_top: hashes[0], pattern_notop: hashes[1]}
+    def __init__(self, module: str, key, top: str, notop: str, table: str = "WEIGHTS_HASHES"):
+        self._where = (module, key, top, notop, table)
+
+    @functools.cached_property
+    def _hashes(self) -> dict:
+        import importlib
+
+        module, key, top, notop, table = self._where
+        try:
+            hashes = getattr(importlib.import_module(f"keras.src.applications.{module}"), table)[key]
+        except Exception:  # pragma: no cover - Keras moved its constants: skip the check
+            return {}
+        return {top: hashes[0], notop: hashes[1]}
+
+    def __getitem__(self, name: str) -> str:
+        return self._hashes[name]
+
+    def __iter__(self):
+        return iter(self._hashes)
+
+    def __len__(self) -> int:
+        return len(self._hashes)
 
 
 def _foundation_specs() -> list[ArchSpec]:
@@ -92,28 +110,28 @@ def _specs() -> dict[str, ArchSpec]:
     resnet_skips = ("conv1_relu", "conv2_block3_out", "conv3_block4_out")
     specs = [
         _ka("resnet50", "ResNet50", "caffe", resnet_skips + ("conv4_block6_out",),
-            _published("resnet", "resnet50", "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+            _Published("resnet", "resnet50", "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
                        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")),
         _ka("resnet101", "ResNet101", "caffe", resnet_skips + ("conv4_block23_out",),
-            _published("resnet", "resnet101", "resnet101_weights_tf_dim_ordering_tf_kernels.h5",
+            _Published("resnet", "resnet101", "resnet101_weights_tf_dim_ordering_tf_kernels.h5",
                        "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5")),
         _ka("densenet121", "DenseNet121", "torch", ("conv1_relu", "pool2_relu", "pool3_relu", "pool4_relu"),
             {"densenet121_weights_tf_dim_ordering_tf_kernels.h5": "9d60b8095a5708f2dcce2bca79d332c7",
              "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5": "30ee3e1110167f948a6b9946edeeb738"}),
         _ka("mobilenetv3small", "MobileNetV3Small", "raw255",
             ("conv_bn", "expanded_conv_project_bn", "expanded_conv_2_add", "expanded_conv_7_add"),
-            _published("mobilenet_v3", "small_224_1.0_float", "weights_mobilenet_v3_small_224_1.0_float.h5",
+            _Published("mobilenet_v3", "small_224_1.0_float", "weights_mobilenet_v3_small_224_1.0_float.h5",
                        "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5")),
         _ka("convnexttiny", "ConvNeXtTiny", "raw255",
             ("convnext_tiny_stage_0_block_2_identity", "convnext_tiny_stage_1_block_2_identity",
              "convnext_tiny_stage_2_block_8_identity"),
-            _published("convnext", "convnext_tiny", "convnext_tiny.h5", "convnext_tiny_notop.h5")),
+            _Published("convnext", "convnext_tiny", "convnext_tiny.h5", "convnext_tiny_notop.h5")),
     ]
     eff_skips = ("block2a_expand_activation", "block3a_expand_activation",
                  "block4a_expand_activation", "block6a_expand_activation")
     for b in range(8):
         specs.append(_ka(f"efficientnetb{b}", f"EfficientNetB{b}", "raw255", eff_skips,
-                         _published("efficientnet", f"b{b}", f"efficientnetb{b}.h5", f"efficientnetb{b}_notop.h5")))
+                         _Published("efficientnet", f"b{b}", f"efficientnetb{b}.h5", f"efficientnetb{b}_notop.h5")))
     specs += [
         ArchSpec("resnet18", "keras-hub", "torch", "ResNetBackbone",
                  ("conv1_relu", "stack0_block1_out", "stack1_block1_out", "stack2_block1_out"),
@@ -149,18 +167,29 @@ def _specs() -> dict[str, ArchSpec]:
 
 
 @functools.lru_cache(maxsize=1)
+def _table() -> dict[str, ArchSpec]:
+    """The entries, without importing Keras (published hashes are read when first needed)."""
+    return _specs()
+
+
+@functools.lru_cache(maxsize=1)
 def registry() -> dict[str, ArchSpec]:
-    """All registered architectures (built lazily: reads Keras' published hashes, so Keras is imported here
-    anyway; the foundation normalisations such as ``rad_dino`` are registered at the same time)."""
+    """All registered architectures, with the foundation normalisations such as ``rad_dino`` registered
+    (that imports Keras: ``covidcxr.models.layers``)."""
     from covidcxr.foundation.presets import register_foundation_normalizations
 
-    specs = _specs()
     register_foundation_normalizations()
-    return specs
+    return _table()
 
 
 def arch_names() -> list[str]:
-    return list(registry())
+    """Every registry name, in table order (imports no Keras)."""
+    return list(_table())
+
+
+def spec_table() -> dict[str, ArchSpec]:
+    """The entries as they stand (imports no Keras; ``registry()`` before building a model)."""
+    return dict(_table())
 
 
 def get_spec(name: str) -> ArchSpec:
@@ -223,18 +252,25 @@ def _preset_of(weights) -> str | None:
     return w if w.startswith(HUB_SCHEMES) else None
 
 
-def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
-    """Feature extractor for ``spec`` at ``image_size``; ``weights`` imagenet/None/path/PRESET+name/handle."""
-    import keras
-
-    check_image_size(spec, image_size)
-    shape = (image_size, image_size, 3)
+def check_weights(spec: ArchSpec, weights: str | None) -> str | None:
+    """Refuse a preset for a keras.applications backbone and a missing or wrong local weights file,
+    before anything is built; returns the preset ``weights`` names (or None)."""
     preset = _preset_of(weights)
     if preset is not None and spec.source != "keras-hub":
         raise ConfigError(f"--preset: {spec.name} comes from keras.applications, which has no presets; use "
                           f"--weights imagenet|none|PATH.")
     if weights not in (None, "imagenet") and preset is None:
         verify_weights_file(spec, weights)
+    return preset
+
+
+def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
+    """Feature extractor for ``spec`` at ``image_size``; ``weights`` imagenet/None/path/PRESET+name/handle."""
+    import keras
+
+    check_image_size(spec, image_size)
+    shape = (image_size, image_size, 3)
+    preset = check_weights(spec, weights)
     try:
         if spec.source == "keras.applications":
             ctor = getattr(keras.applications, spec.constructor)

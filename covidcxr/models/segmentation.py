@@ -1,6 +1,6 @@
 """Segmentation and multi-task models, written in Keras 3 layers (any backend).
 
-Names, all resolved by ``seg_spec``:
+Names (listed in ``covidcxr.models.catalog``), all resolved by ``seg_spec``:
 
 - ``unet``: the classic encoder-decoder from scratch (``depth``, ``base_filters``);
 - ``unet_<backbone>``, ``unetpp_<backbone>``, ``deeplabv3plus_<backbone>``: a registry
@@ -30,14 +30,10 @@ import keras
 from keras import layers
 
 from covidcxr.errors import ConfigError
+from covidcxr.models.catalog import SEG_BACKBONES, SEG_KINDS, TOKEN_BACKBONES, TOKEN_KIND, seg_arch_names
 from covidcxr.models.layers import BackboneInput, gray_input
-from covidcxr.models.registry import ArchSpec, build_backbone, get_spec, registry
+from covidcxr.models.registry import ArchSpec, build_backbone, get_spec
 
-SEG_KINDS = ("unet", "unetpp", "deeplabv3plus")
-SEG_BACKBONES = ("resnet50", "resnet101", "efficientnetb0", "efficientnetb1", "efficientnetb2", "densenet121",
-                 "mobilenetv3small", "resnet18")
-TOKEN_KIND = "setr"  # decoder for ViT token encoders (no skips)
-TOKEN_BACKBONES = ("dinov2_small", "dinov2_base", "rad_dino", "medsiglip", "vit_b16", "clip_vit_b16")
 
 
 @dataclass(frozen=True)
@@ -55,11 +51,6 @@ class SegSpec:
     @property
     def source(self) -> str:
         return "covidcxr" if self.backbone is None else f"covidcxr {self.kind} on {self.backbone.source}"
-
-
-def seg_arch_names() -> list[str]:
-    return (["unet"] + [f"{k}_{b}" for k in SEG_KINDS for b in SEG_BACKBONES if b in registry()]
-            + [f"{TOKEN_KIND}_{b}" for b in TOKEN_BACKBONES if b in registry()])
 
 
 def _token_seg_spec(name: str, kind: str, bb: str) -> SegSpec:

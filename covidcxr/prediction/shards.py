@@ -13,25 +13,28 @@ from itertools import islice
 from pathlib import Path
 
 from covidcxr.artifacts import atomic_write_text
+from covidcxr.data.layouts import walk_images
 from covidcxr.errors import ConfigError, DataError
 from covidcxr.prediction.outputs import (CHUNK, SKIP_COLUMNS, CsvTable, check_free, mismatch, open_table, read_meta,
                                          remove, sidecar)
 
 
-def input_list(inputs: list[str]) -> tuple[list[str], dict[str, str]]:
-    """(every input path, sorted and unique; {path: reason} for those already known bad). Folders give
-    their image files (recursive); a missing path or an empty folder is an entry of its own, so that it
-    is listed as skipped by the one shard it falls in."""
-    from covidcxr.data.imageio import is_image_file
-
-    entries, bad = set(), {}
+def input_list(inputs: list[str]) -> tuple[list[str], dict[str, str], dict[str, int]]:
+    """(every input path, sorted and unique; {path: reason} for those already known bad; {mask folder:
+    files} left out). Folders give their image files (recursive) except those in a dataset layout's
+    mask folders (``<Class>/masks/``, ``lung masks/``, ``infection masks/`` beside ``images/``): they
+    are listed as left out, and a mask passed by its own path is scored. A missing path or an empty
+    folder is an entry of its own, so that it is listed as skipped by the one shard it falls in."""
+    entries, bad, masks = set(), {}, {}
     for arg in inputs:
         p = Path(arg)
-        found = {str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f)} if p.is_dir() else set()
-        entries |= found or {str(p)}
+        found, left = walk_images(p) if p.is_dir() else ([], {})
+        masks.update(left)
+        entries |= {str(f) for f in found} or {str(p)}
         if not p.exists() or (p.is_dir() and not found):
-            bad[str(p)] = "no such file or folder" if not p.exists() else "folder holds no image files"
-    return sorted(entries), bad
+            bad[str(p)] = "no such file or folder" if not p.exists() else "folder holds no image files" + (
+                " outside its mask folders" if left else "")
+    return sorted(entries), bad, dict(sorted(masks.items()))
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

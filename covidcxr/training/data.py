@@ -10,6 +10,7 @@ batches an uninterrupted one would.
 from __future__ import annotations
 
 import math
+import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -206,7 +207,7 @@ def load_manifest(data: str | None, split: str, seed: int, demo_root: Path, log=
         log(f"duplicate groups: {len(groups)} ({sum(map(len, groups.values()))} images), kept within one split")
         if report.crossing_groups:
             log(f"WARNING: {len(report.crossing_groups)} duplicate groups cross the dataset's own split "
-                f"(see python -m covidcxr.data audit {src})")
+                f"(see {shlex.join(['python', '-m', 'covidcxr.data', 'audit', str(src)])})")
     classes = sorted(df["label"].unique())
     counts = df[df["split"] == "train"]["label"].value_counts()
     empty = [c for c in classes if counts.get(c, 0) == 0]

@@ -1,12 +1,13 @@
 """The training loop: phases of epochs, a validation pass after each, checkpoints, resuming.
 
-Each epoch is one ``fit`` call on the ``Trainee`` over that epoch's batches, then one pass of
-the plain network over the validation batches (loss, accuracy, macro-F1/AUC, Dice/IoU), then,
-in this order: the best checkpoint (``best.keras``, the float32 network), one history row, the
-resume state (every variable of the model, its augmentation and dropout seeds and the
-optimizer, with the early-stopping and plateau counters), and last ``state.json``, the commit
-point. A run killed at any moment resumes from its last committed epoch and ends with the
-same ``history.csv`` as an uninterrupted run.
+Each epoch is one ``fit`` call on the ``Trainee`` over that epoch's batches (with a progress
+line inside it: covidcxr/training/progress.py), then one pass of the plain network over the
+validation batches (loss, accuracy, macro-F1/AUC, Dice/IoU), then, in this order: the best
+checkpoint (``best.keras``, the float32 network), one history row, the resume state (every
+variable of the model, its augmentation and dropout seeds and the optimizer, with the
+early-stopping and plateau counters), and last ``state.json``, the commit point. A run killed at
+any moment resumes from its last committed epoch and ends with the same ``history.csv`` as an
+uninterrupted run (a run that finishes removes its resume state unless ``keep_resume_state``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from covidcxr import artifacts as A
 from covidcxr.training.phases import PHASE_CODES, Controls, Phase, apply_trainable, make_optimizer
+from covidcxr.training.progress import StepProgress
 
 
 @dataclass
@@ -300,8 +302,10 @@ class Loop:
         opt = getattr(self.trainee.optimizer, "inner_optimizer", self.trainee.optimizer)
         lr = opt.base_learning_rate
         self.train.set_epoch(state.epochs_done)
+        progress = StepProgress(len(self.train), self.train.bs, f"epoch {state.epochs_done + 1} [{phase.name}]  ")
         t0 = time.perf_counter()
-        logs = {k: float(v[-1]) for k, v in self.trainee.fit(self.train, epochs=1, verbose=0, shuffle=False).history.items()}
+        fit = self.trainee.fit(self.train, epochs=1, verbose=0, shuffle=False, callbacks=[progress])
+        logs = {k: float(v[-1]) for k, v in fit.history.items()}
         seconds = time.perf_counter() - t0
         val = validate(self.trainee.net, self.val, self.task, self.cfg)
         row = {"epoch": state.epochs_done, "phase": PHASE_CODES[phase.name], "lr": lr,

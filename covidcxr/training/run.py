@@ -7,6 +7,7 @@ folder is created, and a start that fails before its first epoch removes the fol
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -19,7 +20,8 @@ import pandas as pd
 from covidcxr import artifacts as A
 from covidcxr.cli import Interrupted
 from covidcxr.config import AugmentConfig, TrainConfig
-from covidcxr.errors import ConfigError, DataError, RunExistsError
+from covidcxr.errors import ConfigError, CovidCXRError, DataError, ExportFailedError, RunExistsError
+from covidcxr.training.network import build_network, check_model
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -33,6 +35,9 @@ def resolve_dirs(cfg: TrainConfig, overwrite: bool, resume: bool) -> tuple[Path,
         if not (run_dir / A.STATE).exists() or not (run_dir / A.CONFIG).exists():
             raise ConfigError(f"--resume: {run_dir} holds no interrupted run (no {A.STATE}/{A.CONFIG}); pass the "
                               f"--run-dir of the run to continue.")
+        if not (run_dir / A.RESUME).exists():
+            raise ConfigError(f"--resume: {run_dir} has no {A.RESUME} (a finished run's is removed unless it was "
+                              f"trained with --keep-resume-state); start a new run with another --run-dir.")
     elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise RunExistsError(f"run directory {run_dir} already exists; pass --overwrite to replace it, --resume to "
                              f"continue it, or another --run-dir.")
@@ -98,39 +103,6 @@ def write_fingerprints(run_dir: Path, data) -> None:
 # ---------------------------------------------------------------- model
 
 
-def build_network(cfg: TrainConfig, task, n_classes: int, log):
-    """(network, resolved weights string) from --weights auto | imagenet | none | PATH | preset."""
-    from covidcxr.models.registry import imagenet_available
-
-    spec = task.spec(cfg.arch, cfg.image_size)
-    backbone = getattr(spec, "backbone", spec)  # segmentation specs wrap a registry backbone (or none)
-
-    def build(weights, bn):
-        return task.build(cfg.arch, cfg.image_size, n_classes, weights, cfg.dropout, bn)
-
-    w = cfg.weights
-    if w == "none" or backbone is None:
-        if w not in ("none", "auto"):
-            raise ConfigError(f"--weights {w}: {cfg.arch} has no pretrained encoder; use --weights none.")
-        return build(None, cfg.bn_momentum), "none"
-    if w == "auto" and backbone.name in ("rad_dino", "medsiglip"):
-        raise ConfigError(f"--arch {cfg.arch}: pass its weights with --preset (a local folder, or "
-                          f"{'hf://microsoft/rad-dino' if backbone.name == 'rad_dino' else 'medsiglip_900m_448'}); "
-                          f"a randomly initialised foundation model is not what this architecture is for "
-                          f"(use --weights none to train one from scratch anyway).")
-    if w == "auto":
-        try:
-            if backbone.source == "keras-hub" and not imagenet_available(backbone):
-                raise ConfigError("keras-hub presets are not fetched automatically")
-            return build("imagenet", None), "imagenet"
-        except ConfigError as exc:
-            log(f"WARNING: --weights auto: ImageNet weights unavailable ({str(exc)[:160]}...). Training FROM "
-                f"SCRATCH instead (--weights none). Pass --weights imagenet to make this an error, or --weights "
-                f"PATH for a local file.")
-            return build(None, cfg.bn_momentum), "none"
-    return build(w, None), w
-
-
 def _card(cfg: TrainConfig, task, classes, backend: str) -> A.ModelCard:
     spec = task.spec(cfg.arch, cfg.image_size)
     norm = spec.normalization
@@ -149,6 +121,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False, log=p
 
     cfg.validate()
     task = get_task(cfg.task)
+    if not resume:  # a resumed run's model is in its folder (its --weights file may be gone)
+        check_model(cfg, task)
     run_dir, export_dir = resolve_dirs(cfg, overwrite, resume)
     cfg = replace(cfg, run_dir=str(run_dir), export_dir=str(export_dir) if export_dir else "none",
                   monitor=cfg.monitor or task.default_monitor)
@@ -172,7 +146,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False, log=p
         return _train(cfg, task, df, classes, problems, run_dir, export_dir, resume, log)
     except KeyboardInterrupt:
         if (run_dir / A.STATE).exists():
-            raise Interrupted(f"continue with: python -m covidcxr.train --resume --run-dir {run_dir}") from None
+            hint = shlex.join(["python", "-m", "covidcxr.train", "--resume", "--run-dir", str(run_dir)])
+            raise Interrupted(f"continue with: {hint}") from None
         _remove_stub(run_dir, created, log)
         raise
     except BaseException:
@@ -210,8 +185,21 @@ def _train(cfg, task, df, classes, problems, run_dir, export_dir, resume, log) -
         report_skipped(run_dir, problems + data.skipped, log)
     check_split_sizes(data)
     loop = _fit(cfg, task, data, run_dir, resume, log)
-    _finish(cfg, task, data, run_dir, export_dir, loop, log)
+    export_failure = _finish(cfg, task, data, run_dir, export_dir, loop, log)
+    if not cfg.keep_resume_state:
+        _drop_resume_state(run_dir, log)
+    if export_failure is not None:
+        raise export_failure
     return run_dir
+
+
+def _drop_resume_state(run_dir: Path, log) -> None:
+    """A finished run needs no resume.npz (every weight and optimizer moment); an interrupted one keeps it."""
+    path = run_dir / A.RESUME
+    if path.exists():
+        size = path.stat().st_size
+        path.unlink()
+        log(f"removed {path} ({size / 1e6:.1f} MB of resume state: the run finished; --keep-resume-state keeps it)")
 
 
 def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
@@ -328,7 +316,7 @@ def split_metrics(net, data, split: str, task, batch_size: int, features=None) -
     return m
 
 
-def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) -> None:
+def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) -> ExportFailedError | None:
     from covidcxr.inference import load_keras
     from covidcxr.plots import plot_history
 
@@ -349,11 +337,27 @@ def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) 
     A.atomic_write_text(run_dir / A.METRICS, json.dumps(metrics, indent=2))
     write_fingerprints(run_dir, data)
     plot_history(run_dir / A.HISTORY, run_dir / A.CURVES)
-    if export_dir is not None:
-        from covidcxr.exporting import export_run
-
-        export_run(run_dir, export_dir, overwrite=True, log=log)
+    failure = _export(run_dir, export_dir, log) if export_dir is not None else None
     log(f"run directory: {run_dir}")
+    return failure
+
+
+def _export(run_dir: Path, export_dir: Path, log) -> ExportFailedError | None:
+    """Export after training. A failure does not undo the run: the run folder is complete, its
+    export_status.json says what failed, and the error returned gives the command that retries."""
+    from covidcxr.exporting import export_run
+
+    retry = shlex.join(["python", "-m", "covidcxr.export", str(run_dir), "--out", str(export_dir)])
+    try:
+        export_run(run_dir, export_dir, overwrite=True, log=log)
+    except CovidCXRError as exc:
+        status = {"ok": False, "export_dir": str(export_dir), "error": str(exc), "retry": retry}
+        A.atomic_write_text(run_dir / A.EXPORT_STATUS, json.dumps(status, indent=2))
+        log(f"EXPORT FAILED (the training run itself finished and is complete): {exc}", file=sys.stderr)
+        log(f"retry the export with: {retry}", file=sys.stderr)
+        return ExportFailedError(f"training finished ({run_dir}), but its export failed; retry with: {retry}")
+    A.atomic_write_text(run_dir / A.EXPORT_STATUS, json.dumps({"ok": True, "export_dir": str(export_dir)}, indent=2))
+    return None
 
 
 def loop_state_best(run_dir: Path) -> dict:

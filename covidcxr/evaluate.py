@@ -7,14 +7,19 @@ training image of the model are counted, listed (train_overlap.csv) and left out
 ``--include-train-overlap``. ``--label-map`` scores the model on another dataset's classes
 (external validation). Writes, into ``--out`` (default ``<model dir>/eval-<split>``):
 
-  metrics.json      every figure, with 95% bootstrap intervals
+  metrics.json      every figure, with 95% bootstrap intervals and the majority-class baseline
   predictions.csv   path, true_label, pred_label, prob_<class>..., train_overlap
   skipped.csv       files that could not be read, with the reason
-  confusion_matrix.png  roc.png  pr.png  reliability.png  examples.png
+  confusion_matrix.png  roc.png  pr.png  reliability.png (n per bin)  examples.png
+  probabilities.png (a set of one class: its sensitivity and probability distribution; AUC and
+                    the like cannot be computed there, and metrics.json and the report say why)
   gradcam.png + gradcam/<class>/*.png   training_curves.png (run directories)
-  segmentation.png + overlays/<class>/*.png   (segmentation and multi-task models)
+  segmentation.png + overlays/<class>/*.png (the lowest-Dice images of each class),
+  dice_histogram.png, segmentation.csv (every image's Dice, IoU, HD95)   (segmentation and
+                    multi-task models; HD95 at the masks' native resolution and at the model's)
   calibration.json  the temperature fitted on the validation split (predict --calibrated)
-  report.html       all of it on one self-contained page
+  report.html       all of it on one self-contained page; a warning box first when the scored
+                    images are the model's validation images (they chose its checkpoint)
 
 The folder is written as ``OUT.partial`` and renamed only when complete.
 """

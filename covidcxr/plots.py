@@ -229,33 +229,110 @@ def plot_pr(y, probs, class_names: list[str], out: str | Path, context: str = ""
     return _save(fig, out)
 
 
+FEW_IN_BIN = 10   # a reliability bin with fewer images is drawn hatched and faint: it is hardly evidence
+
+
+def _reliability_panel(ax, b: dict, name: str, e: float) -> None:
+    """Accuracy bars (opacity growing with the bin's images, hatched under ``FEW_IN_BIN``), the gap to
+    the mean confidence, and n at each bar's foot."""
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    edges, count = np.asarray(b["edges"]), np.asarray(b["count"], int)
+    width = edges[1] - edges[0]
+    acc = np.array([a if a is not None else 0 for a in b["accuracy"]])
+    conf = np.array([c if c is not None else 0 for c in b["confidence"]])
+    bars = ax.bar(edges[:-1], acc, width=width, align="edge", color="tab:blue", edgecolor="k")
+    gaps = ax.bar(edges[:-1], conf - acc, bottom=acc, width=width, align="edge", color="tab:red", edgecolor="r",
+                  hatch="//")
+    top = max(int(count.max()), 1)
+    for bar, gap, n in zip(bars, gaps, count):
+        alpha = 0.15 + 0.75 * np.sqrt(n / top)
+        bar.set_alpha(alpha)
+        gap.set_alpha(0.4 * alpha)
+        if 0 < n < FEW_IN_BIN:
+            bar.set_hatch("xx")
+            bar.set_linestyle("--")
+        if n:
+            ax.text(bar.get_x() + width / 2, 0.01, f"n={n}", rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(wrap_text(f"{name}: ECE {e:.3f} ({len(edges) - 1} bins, {int(count.sum())} images)", 4.2, 10),
+                 fontsize=10)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    handles = [Patch(facecolor="tab:blue", edgecolor="k", alpha=0.9, label="accuracy (opacity: images in the bin)"),
+               Patch(facecolor="tab:blue", edgecolor="k", alpha=0.2, hatch="xx", ls="--",
+                     label=f"fewer than {FEW_IN_BIN} images: hardly evidence"),
+               Patch(facecolor="tab:red", edgecolor="r", alpha=0.3, hatch="//", label="gap to confidence")]
+    ax.legend(handles, [wrap_text(h.get_label(), 2.2, 8) for h in handles], fontsize=8, loc="upper left")
+
+
 def plot_reliability(bins_before: dict, bins_after: dict | None, ece_before: float, ece_after: float | None,
                      temperature: float | None, out: str | Path, context: str = "") -> Path:
-    """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling."""
-    import numpy as np
-
+    """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling;
+    each bar says how many images it holds, and bins with few images look faint (``_reliability_panel``)."""
     panels = [("uncalibrated", bins_before, ece_before)]
     if bins_after is not None:
         panels.append((f"temperature T={temperature:.3f}", bins_after, ece_after))
     fig = titled_figure(5.2 * len(panels), 5, _titled("Reliability diagram", context))
     for ax, (name, b, e) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        edges = np.asarray(b["edges"])
-        width = edges[1] - edges[0]
-        acc = [a if a is not None else 0 for a in b["accuracy"]]
-        conf = [c if c is not None else 0 for c in b["confidence"]]
-        ax.bar(edges[:-1], acc, width=width, align="edge", color="tab:blue", alpha=0.8, edgecolor="k", label="accuracy")
-        ax.bar(edges[:-1], np.array(conf) - np.array(acc), bottom=acc, width=width, align="edge",
-               color="tab:red", alpha=0.3, edgecolor="r", hatch="//", label="gap to confidence")
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ax.set_xlabel("confidence (top-1 probability)")
-        ax.set_ylabel("accuracy")
-        ax.set_title(wrap_text(f"{name}: ECE {e:.3f} ({len(edges) - 1} bins)", 4.2, 10), fontsize=10)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        _legend(ax, 2.0, loc="upper left")
-        ax2 = ax.twinx()
-        ax2.plot(edges[:-1] + width / 2, b["count"], "o-", color="grey", ms=3, lw=0.8)
-        ax2.set_ylabel("images per bin", color="grey")
+        _reliability_panel(ax, b, name, e)
+    return _save(fig, out)
+
+
+def plot_dice_histogram(dice, labels, out: str | Path, target: str = "", context: str = "") -> Path:
+    """Dice per image, stacked by class (20 bins on [0, 1]), with each class's n and mean and the overall mean."""
+    import numpy as np
+
+    dice, labels = np.asarray(dice, float), np.asarray(labels)
+    classes = sorted(set(labels.tolist()))
+    colors = class_colors(classes)
+    fig = titled_figure(6.4, 4.6, _titled(f"Dice per image{f' ({target} masks)' if target else ''}", context))
+    ax = fig.subplots()
+    ax.hist([dice[labels == c] for c in classes], bins=np.linspace(0, 1, 21), stacked=True, edgecolor="white",
+            color=[colors[c] for c in classes],
+            label=[f"{c} (n={int((labels == c).sum())}, mean {dice[labels == c].mean():.3f})" for c in classes])
+    ax.axvline(dice.mean(), color="k", ls="--", lw=1, label=f"all images: mean {dice.mean():.3f} (n={len(dice)})")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("Dice")
+    ax.set_ylabel("images")
+    _legend(ax, 2.6, loc="upper left")
+    ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def plot_single_class(single: dict, out: str | Path, context: str = "") -> Path:
+    """A set of one class: the histogram of that class's predicted probability (quartiles marked) and
+    the predicted-class counts (``evaluation.figures.single_class``)."""
+    import numpy as np
+
+    c, pr = single["class"], single["probability"]
+    fig = titled_figure(11, 4.4, _titled(f"Every image is {c}: its predicted probability and the predicted class",
+                                         context))
+    hist, counts = fig.subplots(1, 2)
+    edges = np.asarray(pr["histogram"]["edges"])
+    hist.bar(edges[:-1], pr["histogram"]["counts"], width=np.diff(edges), align="edge", color="tab:blue",
+             edgecolor="k", alpha=0.8)
+    for q, ls in (("25%", ":"), ("50%", "--"), ("75%", ":")):
+        hist.axvline(pr["quantiles"][q], color="k", ls=ls, lw=1, label=f"{q} quantile {pr['quantiles'][q]:.3f}")
+    hist.set_xlim(0, 1)
+    hist.set_xlabel(f"p({c})")
+    hist.set_ylabel("images")
+    hist.set_title(wrap_text(f"mean {pr['mean']:.3f}, n={single['n']}", 5, 10), fontsize=10)
+    _legend(hist, 2.2, loc="upper left")
+    names = list(single["predicted_counts"])
+    values = [single["predicted_counts"][k] for k in names]
+    counts.barh(range(len(names)), values, color=["tab:green" if k == c else "tab:red" for k in names])
+    counts.set_yticks(range(len(names)), [wrap_text(k, 1.6, 9) for k in names])
+    counts.invert_yaxis()   # classes top to bottom in their order
+    for i, v in enumerate(values):
+        counts.text(v, i, f" {v}", va="center", fontsize=9)
+    counts.set_xlim(0, max(values + [1]) * 1.15)
+    counts.set_xlabel("images predicted as")
+    counts.set_title(wrap_text(f"sensitivity of {c}: {single['sensitivity']:.3f} ({single['correct']} of "
+                               f"{single['n']})", 5, 10), fontsize=10)
     return _save(fig, out)
 
 

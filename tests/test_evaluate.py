@@ -300,3 +300,89 @@ def test_evaluate_real_covid_qu_ex_val_split(tmp_path):
     ov = pd.read_csv(out / "train_overlap.csv")
     assert ov["path"].str.endswith("covid_2022.png").any() and m["n"] == 60 - m["train_overlap"]["excluded"]
     assert m["ci95"]["covid_class"] == "COVID-19"
+
+
+def test_val_only_data_says_it_scores_the_checkpoints_own_images(tiny_run, tmp_path, capsys):
+    """Data with only train and val (COVID-QU-Ex folders often come so): --split auto scores val, the images
+    that chose the checkpoint. metrics.json's warnings and the first lines of report.html say so; every
+    classification report shows the majority-class baseline; the probe judges against it."""
+    run = tiny_run / "run"
+    man = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
+    man[man["split"] != "test"].to_csv(tmp_path / "trainval.csv", index=False)
+    out = tmp_path / "ev"
+    assert ev.main(["--model", str(run), "--data", str(tmp_path / "trainval.csv"), "--out", str(out), "--bootstrap",
+                    "30", "--gradcam", "0", "--mask-lungs"]) == 0
+    assert "WARNING: SCORING THE CHECKPOINT'S OWN IMAGES" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    n_val = int((man["split"] == "val").sum())
+    assert m["split"] == "val" and m["n"] == n_val and m["checkpoint_images"]["n"] == n_val
+    assert "chose its checkpoint" in m["warnings"][0] and "no test split" in m["warnings"][0]
+    html = (out / "report.html").read_text()
+    first = "\n".join(html.splitlines()[:2])
+    assert 'class="alarm"' in first and "chose its checkpoint" in first and html.index("alarm\"") < html.index("<h1")
+    # the majority-class baseline: always the most frequent true class of the scored set
+    pred = pd.read_csv(out / "predictions.csv")
+    top = pred["true_label"].value_counts()
+    base = m["majority_baseline"]
+    assert base["accuracy"] == top.iloc[0] / len(pred) and top[base["class"]] == top.iloc[0]
+    assert base["macro_f1"] == skm.f1_score(pred["true_label"], [base["class"]] * len(pred), average="macro",
+                                            labels=m["classes"], zero_division=0)
+    assert "majority-class baseline (always predicting" in html
+    probe = m["mask_lungs"]
+    assert probe["majority_baseline"] == base and probe["bootstrap_replicates"] == 200
+    assert probe["lungs_masked"]["ci95"]["macro_auc"] is not None and "majority class" in probe["verdict"]
+    assert "1/" not in probe["verdict"] and "chance 0.25" not in probe["verdict"]
+
+
+def _one_class_checks(m: dict, out: Path, cls: str, n: int) -> None:
+    one = m["single_class"]
+    pred = pd.read_csv(out / "predictions.csv")
+    assert m["n"] == one["n"] == len(pred) == n and one["class"] == cls
+    assert one["sensitivity"] == (pred["pred_label"] == cls).mean() == one["correct"] / n
+    assert one["predicted_counts"] == {c: int((pred["pred_label"] == c).sum()) for c in m["classes"]}
+    assert one["sensitivity_ci95"]["low"] <= one["sensitivity"] <= one["sensitivity_ci95"]["high"]
+    p = pred[f"prob_{cls}"]
+    assert abs(one["probability"]["mean"] - p.mean()) < 1e-12 and sum(one["probability"]["histogram"]["counts"]) == n
+    assert abs(one["probability"]["quantiles"]["50%"] - p.median()) < 1e-12
+    assert any(k.startswith("ROC-AUC") for k in one["not_computable"])
+    assert f"specificity of {cls}" in one["not_computable"]
+    assert "accuracy" not in m and any("only one class" in w for w in m["warnings"])
+    assert (out / "probabilities.png").exists() and not (out / "roc.png").exists()
+    html = (out / "report.html").read_text()
+    assert f"One class only: {cls}" in html and "Cannot be computed on one class" in html and "ROC-AUC" in html
+
+
+def test_an_external_set_of_one_class_is_scored_not_refused(tiny_run, tmp_path, capsys):
+    from tests.conftest import random_cxr, write_png
+
+    ext = tmp_path / "ext"  # only positives of one data class, scored with a label map naming absent classes
+    for i in range(6):
+        write_png(ext / "opacity" / "images" / f"o{i}.png", random_cxr(300 + i, 64))
+    lm = "COVID=covid,Normal=healthy,Lung_Opacity+Viral Pneumonia=opacity"
+    out = tmp_path / "e"
+    assert ev.main(["--model", str(tiny_run / "run"), "--data", str(ext), "--label-map", lm, "--out", str(out),
+                    "--bootstrap", "20", "--gradcam", "1", "--tta"]) == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["external"] and m["label_map"]["absent"] == ["covid", "healthy"]
+    _one_class_checks(m, out, "Lung_Opacity+Viral Pneumonia", 6)
+    assert set(m["single_class"]["other_classes"]) == {"COVID", "Normal"} and m["tta"] is not None
+    assert "one class only" in capsys.readouterr().out
+    # no label map: a manifest holding one of the model's own classes
+    paths = [write_png(tmp_path / "one" / f"n{i}.png", random_cxr(400 + i, 64)) for i in range(5)]
+    pd.DataFrame({"path": paths, "label": "Normal", "split": "test"}).to_csv(tmp_path / "one.csv", index=False)
+    assert ev.main(["--model", str(tiny_run / "run"), "--data", str(tmp_path / "one.csv"), "--out",
+                    str(tmp_path / "k"), "--bootstrap", "0", "--gradcam", "0"]) == 0, capsys.readouterr().err
+    _one_class_checks(json.loads((tmp_path / "k" / "metrics.json").read_text()), tmp_path / "k", "Normal", 5)
+
+
+def test_real_lung_opacity_films_alone_are_scored(tiny_run, tmp_path):
+    """cxr-sample's 130 real Lung_Opacity films, alone (a symlinked one-class Kaggle folder)."""
+    src = shared_path("cxr-sample") / "Lung_Opacity"
+    (tmp_path / "ext").mkdir()
+    (tmp_path / "ext" / "Lung_Opacity").symlink_to(src, target_is_directory=True)
+    out = tmp_path / "e"
+    assert ev.main(["--model", str(tiny_run / "run"), "--data", str(tmp_path / "ext"), "--out", str(out),
+                    "--bootstrap", "0", "--gradcam", "0", "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    n = len(list((src / "images").glob("*.png")))
+    _one_class_checks(m, out, "Lung_Opacity", n)

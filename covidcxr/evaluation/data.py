@@ -72,7 +72,8 @@ def load_external(data: str | Path, seed: int = 42, progress: bool = True):
         raise DataError(f"--data {data}: no such file or folder.")
     if path.is_file():
         return read_manifest(path), f"manifest {path}", True, []
-    df_all, rep = build_manifest(path, (0.7, 0.15, 0.15), seed=seed, progress=progress)
+    # One class is enough to be scored (an external set of positives only): see single_class.
+    df_all, rep = build_manifest(path, (0.7, 0.15, 0.15), seed=seed, progress=progress, min_classes=1)
     has_split = rep.split_source.startswith("dataset's own split")
     desc = f"{rep.layout} folder {rep.root} ({rep.split_source if has_split else 'no split of its own'})"
     return df_all, desc, has_split, [(p.path, p.reason) for p in rep.problems]
@@ -108,6 +109,7 @@ class LabelMap:
     model_groups: list[list[int]]     # model class indices per evaluation class
     data_groups: list[list[str]]      # data class names per evaluation class
     text: str = ""
+    absent: list[str] = field(default_factory=list)   # data classes of the map this data has no images of
 
     def data_label(self, label: str) -> str:
         for name, group in zip(self.names, self.data_groups):
@@ -117,6 +119,10 @@ class LabelMap:
 
     def probs(self, model_probs: np.ndarray) -> np.ndarray:
         return np.stack([model_probs[:, g].sum(axis=1) for g in self.model_groups], axis=1)
+
+    def warnings(self) -> list[str]:
+        return [f"the label map names data class(es) {self.absent} that this data has no images of (an external "
+                f"set often holds only some classes); they are scored as absent"] if self.absent else []
 
 
 def _parse_pairs(text: str) -> list[tuple[str, str]]:
@@ -135,30 +141,39 @@ def _parse_pairs(text: str) -> list[tuple[str, str]]:
     return [(a.strip(), b.strip()) for a, b in pairs]
 
 
-def parse_label_map(text: str, model_classes: list[str], data_classes: list[str]) -> LabelMap:
-    """Every model class and every data class must appear exactly once."""
-    names, mg, dg, seen_m, seen_d = [], [], [], [], []
-    for left, right in _parse_pairs(text):
-        m, d = [c.strip() for c in left.split("+")], [c.strip() for c in right.split("+")]
-        bad_m = [c for c in m if c not in model_classes]
-        bad_d = [c for c in d if c not in data_classes]
-        if bad_m:
-            raise ConfigError(f"--label-map: {bad_m} are not classes of the model ({model_classes}).")
-        if bad_d:
-            raise ConfigError(f"--label-map: {bad_d} are not classes of the data ({data_classes}).")
-        names.append(left)
-        mg.append([model_classes.index(c) for c in m])
-        dg.append(d)
-        seen_m += m
-        seen_d += d
+def _check_coverage(seen_m: list[str], seen_d: list[str], model_classes: list[str], data_classes: list[str]):
+    """Every model class and every data class of the data exactly once; data classes the data lacks are
+    allowed (returned) only when every class it has is mapped (else they are most likely typos)."""
+    unknown = sorted({c for c in seen_d if c not in data_classes})
     for kind, seen, every in (("model", seen_m, model_classes), ("data", seen_d, data_classes)):
         twice = sorted({c for c in seen if seen.count(c) > 1})
         missing = [c for c in every if c not in seen]
         if twice:
             raise ConfigError(f"--label-map: {kind} class(es) {twice} appear more than once.")
+        if missing and kind == "data" and unknown:
+            raise ConfigError(f"--label-map: {unknown} are not classes of the data ({data_classes}), and data "
+                              f"class(es) {missing} are not mapped.")
         if missing:
-            raise ConfigError(f"--label-map: {kind} class(es) {missing} are not mapped; map every class (merge with '+').")
-    return LabelMap(names, mg, dg, text)
+            raise ConfigError(f"--label-map: {kind} class(es) {missing} are not mapped; map every class (merge with "
+                              f"'+').")
+    return unknown
+
+
+def parse_label_map(text: str, model_classes: list[str], data_classes: list[str]) -> LabelMap:
+    """Every model class and every data class must appear exactly once (data classes this data
+    lacks may appear too: see ``_check_coverage``)."""
+    names, mg, dg, seen_m, seen_d = [], [], [], [], []
+    for left, right in _parse_pairs(text):
+        m, d = [c.strip() for c in left.split("+")], [c.strip() for c in right.split("+")]
+        bad_m = [c for c in m if c not in model_classes]
+        if bad_m:
+            raise ConfigError(f"--label-map: {bad_m} are not classes of the model ({model_classes}).")
+        names.append(left)
+        mg.append([model_classes.index(c) for c in m])
+        dg.append(d)
+        seen_m += m
+        seen_d += d
+    return LabelMap(names, mg, dg, text, _check_coverage(seen_m, seen_d, model_classes, data_classes))
 
 
 def check_classes(df: pd.DataFrame, classes: list[str]) -> list[str]:
@@ -223,3 +238,23 @@ def data_summary(df_all: pd.DataFrame, df: pd.DataFrame, has_split: bool, skippe
         out["duplicate_groups_crossing_splits"] = int(sum(1 for _, s in df_all[df_all["group"].isin(dup.index)]
                                                           .groupby("group") if s["split"].nunique() > 1))
     return out
+
+
+def checkpoint_images(ed: EvalData, scored: pd.DataFrame, val_matched: int, requested: str) -> dict | None:
+    """The scored images that chose the model's checkpoint (its validation images, by the run's
+    manifest or by fingerprint), with the warning that says so; None when there are none."""
+    by_run = int((scored["split"] == "val").sum()) if ed.run_data and "split" in scored else 0
+    n = max(by_run, int(val_matched))
+    if not n:
+        return None
+    how = ("the run's own val split, by its manifest" if by_run >= val_matched else
+           "found by its training fingerprints: the same file or a near-duplicate")
+    counts = ed.df_all["split"].value_counts() if ed.has_split else {}
+    present = ", ".join(f"{k} {counts[k]}" for k in ("train", "val", "test") if k in counts)
+    why = (f" --split auto scored 'val' because this data has no test split (splits present: {present})."
+           if requested == "auto" and ed.split == "val" else "")
+    text = (f"SCORING THE CHECKPOINT'S OWN IMAGES: {n} of the {len(scored)} scored images are validation images of "
+            f"this model ({how}). They chose its checkpoint (the best epoch), so every figure here is optimistic, not "
+            f"a held-out estimate.{why} Evaluate on images the model never saw: a test split or external data.")
+    return {"n": n, "of": int(len(scored)), "by_run_manifest": by_run, "by_fingerprint": int(val_matched),
+            "warning": text}

@@ -16,12 +16,14 @@ import numpy as np
 import pandas as pd
 
 from covidcxr import artifacts as A
+from covidcxr.calibration import apply_temperature, ece, reliability_bins, save_temperature
 from covidcxr.errors import ConfigError, DataError
 from covidcxr.evaluation import data as D
 from covidcxr.evaluation import figures as F
-from covidcxr.evaluation import probes, visuals
+from covidcxr.evaluation import probes, segscore, visuals
 from covidcxr.evaluation.passes import forward, subset
 from covidcxr.evaluation.report import SCHEMA, report_skipped, write, write_metrics
+from covidcxr.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc, plot_single_class
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Evaluator:
             return ed.df[has].reset_index(drop=True), None, list(card.classes)
         if self.o.label_map:
             lmap = D.parse_label_map(self.o.label_map, card.classes, sorted(ed.df_all["label"].unique()))
+            self.warnings += lmap.warnings()
             return ed.df.reset_index(drop=True), lmap, lmap.names
         self.warnings += D.check_classes(ed.df, card.classes)
         return ed.df.reset_index(drop=True), None, list(card.classes)
@@ -120,11 +123,13 @@ class Evaluator:
                             f"match images that trained the model"
                             + (" (pass --include-train-overlap to score them anyway, knowing the figures are "
                                "optimistic)" if excluded else "") + ".")
+        checkpoint = self._checkpoint_images(ed, df, p, overlap)
         m = {"schema": SCHEMA, "model": str(o.model), "model_kind": self.pred.kind, "task": card.task,
              "data": ed.description, "split": ed.split, "classes": classes, "external": lmap is not None,
              "label_map": None if lmap is None else {"text": lmap.text, "model_groups": lmap.model_groups,
-                                                    "data_groups": lmap.data_groups},
-             "train_overlap": overlap, "skipped": skipped, "warnings": self.warnings}
+                                                    "data_groups": lmap.data_groups, "absent": lmap.absent},
+             "train_overlap": overlap, "checkpoint_images": checkpoint, "skipped": skipped, "warnings": self.warnings,
+             "bootstrap": {"replicates": o.bootstrap, "seed": o.seed, "stratified": True} if o.bootstrap else None}
         context = f"{ed.split} split, n={len(p.rows)}" + (" (external)" if lmap else "")
         if card.task != "segment":
             self._classification(m, ed, df, p, lmap, classes, out, context)
@@ -134,6 +139,14 @@ class Evaluator:
             m["segmentation"] = None
         self._finish(m, ed, df, out)
         return m
+
+    def _checkpoint_images(self, ed: D.EvalData, df: pd.DataFrame, p, overlap: dict) -> dict | None:
+        """Scored images that chose the checkpoint: the first warning, on the console and in the report."""
+        found = D.checkpoint_images(ed, df.iloc[p.rows], overlap.get("validation_matched", 0), self.o.split)
+        if found:
+            self.warnings.insert(0, found["warning"])
+            self.log("WARNING: " + found["warning"])
+        return found
 
     def _guard(self, df: pd.DataFrame, p, out: Path):
         """Leave out (unless --include-train-overlap) the images that match a training image."""
@@ -163,17 +176,33 @@ class Evaluator:
         return subset(p, ~drop), info
 
     def _classification(self, m, ed, df, p, lmap, classes, out: Path, context: str) -> None:
-        from covidcxr.calibration import apply_temperature, ece, reliability_bins, save_temperature
-        from covidcxr.plots import plot_confusion, plot_pr, plot_reliability, plot_roc
-
         o = self.o
         merge = lmap.probs if lmap else (lambda x: x)
         labels = df["label"].iloc[p.rows]
         y = F.label_index([lmap.data_label(c) for c in labels] if lmap else labels, classes)
         probs = merge(p.probs)
-        m.update(F.classification(y, probs, classes, o.bootstrap, o.seed))
-        m["bootstrap"] = {"replicates": o.bootstrap, "seed": o.seed, "stratified": True} if o.bootstrap else None
         self._predictions(out, df, p, classes, probs)
+        if len(np.unique(y)) == 1:
+            self._one_class(m, y, probs, classes, out, context)
+        else:
+            self._figures(m, ed, p, y, probs, lmap, merge, classes, out, context)
+        rows = df.iloc[p.rows].reset_index(drop=True)
+        m["tta"] = probes.tta(self.pred, df, p.rows, y, classes, merge, o.bootstrap, o.seed, o.quiet) if o.tta else None
+        m["mask_lungs"] = (probes.lungs_out(self.pred, df, p.rows, y, probs, classes, merge, o.bootstrap, o.seed,
+                                            o.quiet) if o.mask_lungs else None)
+        self._say(m)
+        visuals.examples(rows, y, probs, classes, out, context, seed=o.seed)
+        m["gradcam"] = None
+        if o.gradcam and self.card.task == "classify" and self.pred.kind == "keras":
+            of = [lmap.names[next(i for i, g in enumerate(lmap.model_groups) if k in g)] for k in
+                  range(len(self.card.classes))] if lmap else None
+            m["gradcam"] = visuals.gradcam(self.pred, rows, y, p.probs, classes, o.gradcam, o.gradcam_layer, out,
+                                           o.seed, context, of)
+
+    def _figures(self, m, ed, p, y, probs, lmap, merge, classes, out: Path, context: str) -> None:
+        """Every figure of two or more classes, the temperature fit and the plots."""
+        o = self.o
+        m.update(F.classification(y, probs, classes, o.bootstrap, o.seed))
         fitted, note = self._temperature(ed, lmap)
         cal = {"bins": 15, "ece_before": m["ece"], "note": note, "temperature": None, "ece_after": None}
         after = None
@@ -184,30 +213,40 @@ class Evaluator:
             after = reliability_bins(y, cal_probs)
             save_temperature(out / A.CALIBRATION, t, note, n_fit, m["ece"], cal["ece_after"])
         m["calibration"] = cal
-        rows = df.iloc[p.rows].reset_index(drop=True)
-        m["tta"] = probes.tta(self.pred, df, p.rows, y, classes, merge, o.bootstrap, o.seed, o.quiet) if o.tta else None
-        m["mask_lungs"] = (probes.lungs_out(self.pred, df, p.rows, y, probs, classes, merge, o.bootstrap, o.seed,
-                                            o.quiet) if o.mask_lungs else None)
-        self._say(m, cal)
         plot_reliability(m["reliability"], after, m["ece"], cal["ece_after"], cal["temperature"],
                          out / "reliability.png", context=context)
         plot_confusion(m["confusion_matrix"], classes, out / "confusion_matrix.png", context=context)
         plot_roc(y, probs, classes, out / "roc.png", context=context)
         plot_pr(y, probs, classes, out / "pr.png", context=context)
-        visuals.examples(rows, y, probs, classes, out, context, seed=o.seed)
-        m["gradcam"] = None
-        if o.gradcam and self.card.task == "classify" and self.pred.kind == "keras":
-            of = [lmap.names[next(i for i, g in enumerate(lmap.model_groups) if k in g)] for k in
-                  range(len(self.card.classes))] if lmap else None
-            m["gradcam"] = visuals.gradcam(self.pred, rows, y, p.probs, classes, o.gradcam, o.gradcam_layer, out,
-                                           o.seed, context, of)
 
-    def _say(self, m: dict, cal: dict) -> None:
-        auc = "n/a" if m["macro_auc"] is None else f"{m['macro_auc']:.4f}"
-        ci = (m.get("ci95") or {}).get("macro_f1")
-        self.log(f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
-                 + (f" [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else "") + f", macro-AUC {auc}, ECE {m['ece']:.4f}"
-                 + (f" -> {cal['ece_after']:.4f} at T={cal['temperature']:.3f}" if cal["temperature"] else ""))
+    def _one_class(self, m, y, probs, classes, out: Path, context: str) -> None:
+        """Images of one class only (an external set of positives, say): what can be scored, and a
+        clear list of what cannot (``figures.single_class``)."""
+        one = F.single_class(y, probs, classes)
+        m.update(n=one["n"], single_class=one)
+        m["calibration"] = {"bins": 15, "ece_before": None, "ece_after": None, "temperature": None,
+                            "note": "not fitted: every scored image is of one class"}
+        self.warnings.append(f"only one class in the scored images ({one['class']}, n={one['n']}): scored are its "
+                             f"sensitivity, the predicted-class counts and the probability distribution; not "
+                             f"computable: {'; '.join(one['not_computable'])} (see single_class.not_computable)")
+        plot_single_class(one, out / "probabilities.png", context=context)
+
+    def _say(self, m: dict) -> None:
+        if "single_class" in m:
+            one, ci = m["single_class"], m["single_class"]["sensitivity_ci95"]
+            self.log(f"one class only ({one['class']}, n={one['n']}): sensitivity {one['sensitivity']:.4f} "
+                     f"[{ci['low']:.3f}, {ci['high']:.3f}], mean p({one['class']}) {one['probability']['mean']:.3f}; "
+                     f"predicted: " + ", ".join(f"{k} {v}" for k, v in one["predicted_counts"].items())
+                     + "; AUC, specificity and precision of this class cannot be computed (see the report)")
+        else:
+            cal, auc = m["calibration"], "n/a" if m["macro_auc"] is None else f"{m['macro_auc']:.4f}"
+            ci, base = (m.get("ci95") or {}).get("macro_f1"), m["majority_baseline"]
+            self.log(f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
+                     + (f" [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else "")
+                     + f", macro-AUC {auc}, ECE {m['ece']:.4f}"
+                     + (f" -> {cal['ece_after']:.4f} at T={cal['temperature']:.3f}" if cal["temperature"] else "")
+                     + f" (majority-class baseline '{base['class']}': accuracy {base['accuracy']:.4f}, macro-F1 "
+                       f"{base['macro_f1']:.4f})")
         if m.get("tta"):
             self.log(f"TTA ({len(probes.TTA_VIEWS)} views): accuracy {m['tta']['accuracy']:.4f}, macro-F1 "
                      f"{m['tta']['macro_f1']:.4f}")
@@ -237,45 +276,17 @@ class Evaluator:
         return probes.fit_temperature(self.pred, val, self.card.classes, note, self.o.quiet)
 
     def _segmentation(self, m: dict, df, p, out: Path, context: str) -> None:
-        from covidcxr.data import preprocess as P
-        from covidcxr.data.imageio import read_mask
-
         target = self.card.target or "lung"
-        col = f"{target}_mask"
         rows = df.iloc[p.rows].reset_index(drop=True)
-        has = (rows[col].astype(str) != "").to_numpy() if col in rows else np.zeros(len(rows), bool)
-        truths, preds, labels, used = [], [], [], []
-        for i in np.flatnonzero(has):
-            try:
-                t = read_mask(rows[col].iloc[i])
-            except Exception as exc:
-                self.warnings.append(f"mask left out: {exc}")
-                continue
-            truths.append(t)
-            preds.append(P.mask_from_probs(p.masks[i], *t.shape))
-            labels.append(rows["label"].iloc[i])
-            used.append(i)
-        if not used:
-            m["segmentation"] = {"n": 0, "target": target, "note": f"no {target} masks in the evaluated images"}
-            self.warnings.append(m["segmentation"]["note"])
-            return
-        seg = F.segmentation(truths, preds, labels, self.o.bootstrap, self.o.seed)
-        per_image = seg.pop("per_image")
-        seg.update(target=target, threshold=0.5, scored_at="each ground-truth mask's own resolution (prediction "
-                   "resized bilinearly from the model's output, then thresholded at 0.5); HD95 in those pixels")
-        sub = rows.iloc[used].reset_index(drop=True)
-        seg["overlays"] = visuals.overlays(sub, col, p.masks[used], per_image, out, self.o.overlays, self.o.seed,
-                                           target, context)
+        seg = segscore.score(rows, f"{target}_mask", p.masks, target, self.o.bootstrap, self.o.seed, self.o.overlays,
+                             out, context, self.warnings)
         m["segmentation"] = seg
         if "n" not in m:
             m["n"] = int(len(p.rows))
-        hd = "n/a" if seg["hd95"] is None else f"{seg['hd95']:.2f} px"
-        self.log(f"{target} masks (n={seg['n']}): Dice {seg['dice']:.4f}, IoU {seg['iou']:.4f}, HD95 {hd}; "
-                 + ", ".join(f"{c} Dice {v['dice']:.3f}" for c, v in seg["per_class"].items()))
+        if seg["n"]:
+            self.log(segscore.console_line(seg))
 
     def _finish(self, m: dict, ed, df, out: Path) -> None:
-        from covidcxr.plots import plot_history
-
         if self.loc.run_dir is not None and (self.loc.run_dir / A.HISTORY).exists():
             plot_history(self.loc.run_dir / A.HISTORY, out / "training_curves.png")
         m["data_summary"] = D.data_summary(ed.df_all, df, ed.has_split, m["skipped"])

@@ -77,9 +77,15 @@ def examples(df: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes, out: P
                            context=context)
 
 
-def overlays(df: pd.DataFrame, col: str, masks: np.ndarray, per_image: dict, out: Path, n: int, seed: int,
-             target: str, context: str) -> list[str]:
-    """Prediction (red) over ground truth (green) for up to ``n`` images, spread over the classes."""
+def worst(dice: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` of ``idx`` with the lowest Dice, lowest first (ties: in row order)."""
+    return idx[np.argsort(dice[idx], kind="stable")][:n]
+
+
+def overlays(df: pd.DataFrame, col: str, masks: np.ndarray, per_image: dict, out: Path, n: int,
+             target: str, context: str) -> dict:
+    """Prediction (red) over ground truth (green) for the worst cases: the ``ceil(n / classes)``
+    images of each class with the lowest Dice, lowest first. {files, selection}."""
     from PIL import Image
 
     from covidcxr.data import preprocess as P
@@ -87,12 +93,12 @@ def overlays(df: pd.DataFrame, col: str, masks: np.ndarray, per_image: dict, out
     from covidcxr.masks import overlay
     from covidcxr.plots import plot_image_grid
 
-    labels = df["label"].to_numpy()
+    labels, dice = df["label"].to_numpy(), np.asarray(per_image["dice"], float)
     per_class = int(np.ceil(n / max(1, len(set(labels))))) if n else 0
-    rng, rows, files = np.random.default_rng(seed), [], []
+    rows, files = [], []
     for c in sorted(set(labels)):
-        items = []
-        for j in _pick(rng, np.flatnonzero(labels == c), per_class):
+        items, pool = [], np.flatnonzero(labels == c)
+        for rank, j in enumerate(worst(dice, pool, per_class), 1):
             path = df["path"].iloc[j]
             gray = read_image(path)
             truth = read_mask(df[col].iloc[j], (gray.shape[1], gray.shape[0]))
@@ -101,10 +107,11 @@ def overlays(df: pd.DataFrame, col: str, masks: np.ndarray, per_image: dict, out
             name = f"overlays/{c}/{Path(path).stem}.png"
             Image.fromarray(pic).save(out / name)
             files.append(name)
-            items.append((pic, f"{Path(path).name}\nDice {per_image['dice'][j]:.3f}", "black"))
+            items.append((pic, f"{Path(path).name}\nDice {dice[j]:.3f} (#{rank} lowest of {len(pool)})", "black"))
         if items:
-            rows.append((c, items))
+            rows.append((f"{c}: lowest Dice", items))
+    which = "the lowest-Dice image" if per_class == 1 else f"the {per_class} lowest-Dice images"
     if rows:
-        plot_image_grid(rows, out / "segmentation.png", f"{target} masks: prediction red, ground truth green",
-                        context=context)
-    return files
+        plot_image_grid(rows, out / "segmentation.png", f"{target} masks, {which} of each class: prediction red, "
+                        f"ground truth green", context=context)
+    return {"files": files, "selection": f"{which} of each class (worst first)" if per_class else None}

@@ -208,6 +208,17 @@ def test_segment_refuses_missing_targets(synth_dir, tmp_path, monkeypatch, capsy
     assert rc == 2 and "unknown architecture" in capsys.readouterr().err
 
 
+def _same_pixels_served(export_dir, items):
+    """The SavedModel's own input pixels (after its lung crop) equal the host's, file by file."""
+    from covidcxr.inference import Predictor
+
+    host = next(Predictor(export_dir, batch_size=len(items)).run(items))
+    served = next(Predictor(export_dir, batch_size=len(items), prefer="savedmodel").run(items, pixels=True))
+    assert len(served.done) == len(items) and np.array_equal(host.x, served.x)
+    assert np.array_equal(host.x[..., 0] > 0, (served.x[..., 0] > 0))  # the crop itself, not only the image
+    assert np.abs(host.probs - served.probs).max() < 1e-4
+
+
 def _lung_crop_classifiers(tmp_path):
     """--lung-crop with the segment run's predicted masks and with the given masks: train, export
     (the SavedModel crops by itself / takes the mask), predict and evaluate agree."""
@@ -236,6 +247,9 @@ def _lung_crop_classifiers(tmp_path):
     a, b = pd.read_csv(tmp_path / "c1.csv"), pd.read_csv(tmp_path / "c2.csv")
     cols = [c for c in a.columns if c.startswith("prob_")]
     assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 1e-4
+    from covidcxr.inference import Item
+
+    _same_pixels_served(tmp_path / "crop-export", [Item(v) for v in val])
     # evaluate agrees with predict; the lungs-out probe does not apply to a lung-cropped classifier: refused
     assert evaluate.main(["--model", str(tmp_path / "crop"), "--data", str(full), "--split", "val", "--out",
                           str(tmp_path / "ev-crop"), "--bootstrap", "0", "--gradcam", "1"]) == 0
@@ -262,3 +276,4 @@ def _lung_crop_classifiers(tmp_path):
                          "--out", str(tmp_path / "g2.csv"), "--lung-masks", str(masks)]) == 0
     a, b = pd.read_csv(tmp_path / "g.csv"), pd.read_csv(tmp_path / "g2.csv")
     assert np.abs(a[cols].to_numpy() - b[cols].to_numpy()).max() < 1e-4
+    _same_pixels_served(tmp_path / "given-export", [Item(v, fm["lung_mask"][v]) for v in val])

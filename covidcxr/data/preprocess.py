@@ -70,11 +70,13 @@ def g16_to_float(g16: np.ndarray) -> np.ndarray:
 
 
 def float_to_g16(img01: np.ndarray) -> np.ndarray:
-    """float [H, W] in [0, 1] -> float64 integer values on the 16-bit grid: floor(x * 65535 + 0.5)
-    in float32 (exact for ``g16_to_float`` output; tfgraph.to_g16 does the same float32 steps)."""
-    x = np.clip(np.asarray(img01, np.float32), np.float32(0.0), np.float32(1.0)) * np.float32(R.G16_MAX)
-    x += np.float32(0.5)
-    return np.floor(x, out=x).astype(np.float64)
+    """float [H, W] in [0, 1] -> float64 integer values on the 16-bit grid: floor(x * 65535 + 0.5),
+    computed exactly (a float32 times 65535 is exact in float64); exact for ``g16_to_float``
+    output, and what tfgraph.to_g16 computes."""
+    x = np.asarray(img01, np.float64) * float(R.G16_MAX)
+    np.clip(x, 0.0, float(R.G16_MAX), out=x)
+    x += 0.5
+    return np.floor(x, out=x)
 
 
 def resize(img01: np.ndarray, size: int) -> np.ndarray:

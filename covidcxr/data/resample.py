@@ -48,50 +48,27 @@ def fixed_point(num: np.ndarray) -> np.ndarray:
     return w
 
 
-BANDED_MAX_TAPS = 6   # up to this many taps per output pixel, gathering rows beats a sparse product
-
-
 @functools.lru_cache(maxsize=128)
-def weights(n_in: int, n_out: int):
-    """The [n_out, n_in] fixed-point resampling as float64 (integer values), in the form that
-    is fastest to apply: ``("banded", first tap [n_out], weights [n_out, K])`` for few taps per
-    output (upsampling, mild downscaling), else ``("sparse", csr matrix)``."""
-    w = fixed_point(tap_numerators(n_in, n_out))
-    nz = w > 0
-    first = np.argmax(nz, axis=1)
-    taps = int((n_in - 1 - np.argmax(nz[:, ::-1], axis=1) - first).max()) + 1
-    if taps > BANDED_MAX_TAPS:
-        return "sparse", sparse.csr_matrix(w.astype(np.float64))
-    idx = np.minimum(first[:, None] + np.arange(taps)[None, :], n_in - 1)
-    band = np.take_along_axis(w, idx, axis=1) * (first[:, None] + np.arange(taps)[None, :] < n_in)
-    return "banded", first, band.astype(np.float64)
-
-
-def _apply(table, src: np.ndarray) -> np.ndarray:
-    """Resample axis 0 of float64 [n_in, k] -> [n_out, k]: exact integer sums."""
-    if table[0] == "sparse":
-        return table[1] @ src
-    _, first, band = table
-    n_in = src.shape[0]
-    out = band[:, :1] * src[first]
-    for k in range(1, band.shape[1]):
-        out += band[:, k:k + 1] * src[np.minimum(first + k, n_in - 1)]
-    return out
+def weights(n_in: int, n_out: int) -> sparse.csr_matrix:
+    """The [n_out, n_in] fixed-point resampling matrix as float64 (integer values), sparse: its
+    product with a C-contiguous image costs about one multiply-add per tap and pixel."""
+    return sparse.csr_matrix(fixed_point(tap_numerators(n_in, n_out)).astype(np.float64))
 
 
 def resize_g16(g16: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
-    """[H, W] on the 16-bit grid (integer values, any dtype) -> int64 [height, width] on the same
-    grid (round half up)."""
+    """[H, W] on the 16-bit grid (integer values, any dtype) -> float64 integer values [height,
+    width] on the same grid (round half up). Integer-valued float64 keeps the arithmetic exact and
+    is what the contrast step wants next."""
     width = height if width is None else width
     src = np.asarray(g16, np.float64)
     h, w = src.shape
     if (h, w) == (height, width):
-        return src.astype(np.int64)
-    tmp = _apply(weights(h, height), src) if h != height else src * ONE          # rows first: contiguous
-    acc = _apply(weights(w, width), np.ascontiguousarray(tmp.T)).T if w != width else tmp * ONE
+        return src.copy()
+    tmp = weights(h, height) @ src if h != height else src * ONE            # rows first: contiguous
+    acc = (weights(w, width) @ np.ascontiguousarray(tmp.T)).T if w != width else tmp * ONE
     acc = acc + HALF_OUT
     acc *= 1.0 / OUT_SHIFT                      # a power of two: exact
-    return np.floor(acc, out=acc).astype(np.int64)
+    return np.floor(acc, out=acc)
 
 
 def nearest_index(n_in: int, n_out: int) -> np.ndarray:
@@ -100,8 +77,13 @@ def nearest_index(n_in: int, n_out: int) -> np.ndarray:
 
 
 def g16_to_u8(g16: np.ndarray) -> np.ndarray:
-    """16-bit grid -> uint8, round half up (v / 257 is never exactly half-way)."""
-    return ((2 * np.asarray(g16, np.int64) + 257) // 514).astype(np.uint8)
+    """16-bit grid -> uint8: floor((2 v + 257) / 514), i.e. v / 257 rounded half up (never exactly
+    half-way). In float64 this floor is exact: a quotient that is not an integer is at least 1/514
+    away from one, far beyond the division's rounding."""
+    y = np.asarray(g16, np.float64) * 2.0
+    y += 257.0
+    y /= 514.0
+    return np.floor(y, out=y).astype(np.uint8)
 
 
 def rational_to_u8(num: np.ndarray, den) -> np.ndarray:

@@ -75,8 +75,8 @@ def decode_bytes(data: tf.Tensor) -> tf.Tensor:
 
 
 def to_g16(img01: tf.Tensor) -> tf.Tensor:
-    """float in [0, 1] -> int64 on the 16-bit grid: floor(x * 65535 + 0.5) in float32 (as preprocess.float_to_g16)."""
-    x = tf.clip_by_value(tf.cast(img01, tf.float32), 0.0, 1.0) * float(R.G16_MAX)
+    """float in [0, 1] -> int64 on the 16-bit grid: floor(x * 65535 + 0.5), exact in float64 (as preprocess.float_to_g16)."""
+    x = tf.clip_by_value(tf.cast(img01, tf.float64) * float(R.G16_MAX), 0.0, float(R.G16_MAX))
     return tf.cast(tf.floor(x + 0.5), tf.int64)
 
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from covidcxr import artifacts as A
 from covidcxr.errors import CovidCXRError, DataError
 from covidcxr.exporting.check import check_export, require
@@ -45,18 +47,26 @@ def export_run(src: str | Path, out: str | Path, overwrite: bool = False, checks
     return Path(out)
 
 
-def default_checks(loc: A.Located, n: int = 4) -> tuple[list[str], list[str]]:
-    """A few validation images (and their lung masks) of the run's manifest to check the export on."""
+CHECK_IMAGES = 24
+
+
+def default_checks(loc: A.Located, n: int = CHECK_IMAGES) -> tuple[list[str], list[str]]:
+    """Up to ``n`` held-out images (and their lung masks) of the run's manifest to check the export
+    on: one of each file kind first (mode and size, e.g. 8-bit gray 299 px, RGB, 16-bit), then
+    evenly spread over the rest, so the pixel check meets what the data holds."""
     man = loc.manifest_path
     if man is None:
         return [], []
-    import pandas as pd
-
     df = pd.read_csv(man, dtype=str, keep_default_na=False)
     df = df[df["split"].isin(["val", "test"])] if (df["split"].isin(["val", "test"])).any() else df
     if loc.card.lung_crop == "given":
         df = df[df.get("lung_mask", "") != ""]
-    df = df[[os.path.exists(p) for p in df["path"]]].head(n)
+    df = df[[os.path.exists(p) for p in df["path"]]]
+    kinds = [c for c in ("mode", "width", "height", "label") if c in df]
+    first = df.drop_duplicates(kinds).head(n) if kinds else df.head(0)
+    rest = df.drop(first.index)
+    step = max(1, len(rest) // max(1, n - len(first)))
+    df = pd.concat([first, rest.iloc[::step]]).head(n)
     return df["path"].tolist(), (df["lung_mask"].tolist() if "lung_mask" in df else [""] * len(df))
 
 

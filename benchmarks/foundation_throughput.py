@@ -33,7 +33,7 @@ def encoder_worker(a) -> None:
     import keras
     import numpy as np
 
-    from covidcxr.foundation.embeddings import pooled_feature_model
+    from covidcxr.training.embeddings import pooled_feature_model
     from covidcxr.models.registry import get_spec
 
     spec = get_spec(a.arch)

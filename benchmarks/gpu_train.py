@@ -58,9 +58,9 @@ def _data(n: int, size: int, root: Path):
 
 def _trainee(arch: str, task_name: str, size: int, n_classes: int):
     from covidcxr.config import TrainConfig
-    from covidcxr.training.augment import Augment
+    from covidcxr.augment import Augment
     from covidcxr.training.phases import Phase, make_optimizer
-    from covidcxr.training.tasks import get_task
+    from covidcxr.tasks import get_task
     from covidcxr.training.trainee import Trainee
 
     cfg, task = TrainConfig(arch=arch, task=task_name, image_size=size), get_task(task_name)

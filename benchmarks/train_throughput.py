@@ -56,10 +56,10 @@ def sweep_worker(a) -> None:
 
     from covidcxr.config import TrainConfig
     from covidcxr.data.manifest import build_manifest
-    from covidcxr.training.augment import Augment
+    from covidcxr.augment import Augment
     from covidcxr.training.data import Batches, open_run_data
     from covidcxr.training.phases import Phase, make_optimizer
-    from covidcxr.training.tasks import get_task
+    from covidcxr.tasks import get_task
     from covidcxr.training.trainee import Trainee
 
     data = Path(a.data) if a.data else _synthetic(a.batch // 4 + 1)

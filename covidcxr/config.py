@@ -113,7 +113,7 @@ class TrainConfig:
         parse_fractions(self.split)
         self.augment.validate()
         if self.task == "multitask":
-            from covidcxr.training.tasks import parse_loss_weights
+            from covidcxr.tasks import parse_loss_weights
 
             parse_loss_weights(self.loss_weights)
         return self

@@ -73,7 +73,7 @@ class Predictor:
 
     def __init__(self, path: str | Path | Located, batch_size: int = 32, workers: int | None = None,
                  prefer: str = "keras"):
-        from covidcxr.training.tasks import get_task
+        from covidcxr.tasks import get_task
 
         self.located = path if isinstance(path, Located) else locate(path)
         self.card: ModelCard = self.located.card
@@ -185,7 +185,7 @@ class Predictor:
         if view is not None and (view[0] or view[1] != 1.0):
             import keras
 
-            from covidcxr.training.augment import fixed_view
+            from covidcxr.augment import fixed_view
 
             feed = np.round(keras.ops.convert_to_numpy(fixed_view(x, *view))).astype(np.uint8)
         out = self.task.unpack(self._call(feed))

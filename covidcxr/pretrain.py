@@ -87,7 +87,7 @@ def crop_matrices(u, load: int, size: int, rotation_deg: float, min_area: float,
     rotated by up to ``rotation_deg`` about its centre. ``u``: uniform [B, >=5] in [0, 1)."""
     from keras import ops
 
-    from covidcxr.training.augment import affine_matrices
+    from covidcxr.augment import affine_matrices
 
     area = min_area + (1.0 - min_area) * u[:, 0]
     ratio = ops.exp((2.0 * u[:, 1] - 1.0) * math.log(max_ratio))
@@ -107,7 +107,7 @@ def render_views(images, size: int, u, cfg: dict = VIEW):
     ``blur_p`` of the views. ``sample_affine`` writes an L x L grid; the view is its top-left corner."""
     from keras import ops
 
-    from covidcxr.training.augment import sample_affine
+    from covidcxr.augment import sample_affine
 
     images = ops.cast(images, "float32")
     mats = crop_matrices(u, images.shape[1], size, cfg["rotation_deg"], cfg["min_area"], cfg["max_ratio"])

@@ -50,9 +50,9 @@ from covidcxr import cli
 from covidcxr.artifacts import staged
 from covidcxr.errors import ConfigError, DataError
 from covidcxr.evaluation.report import report_skipped
-from covidcxr.foundation.clip import DEFAULT_LOGIT_SCALE, default_prompts, load_clip, text_embeddings
+from covidcxr.vlm.clip import DEFAULT_LOGIT_SCALE, default_prompts, load_clip, text_embeddings
 
-# Re-exported: covidcxr.foundation.siglip.cxr_prompts imports default_prompts from here, and older callers
+# Re-exported: covidcxr.vlm.siglip.cxr_prompts imports default_prompts from here, and older callers
 # use zeroshot.load_clip / zeroshot.text_embeddings (CLIP).
 __all__ = ["build_parser", "classify", "default_prompts", "load_clip", "main", "run", "segment", "text_embeddings"]
 
@@ -142,8 +142,8 @@ def _base_metrics(a, rows, skipped: list, warnings: list, kind: str) -> dict:
 
 
 def _class_prompts(a, classes: list[str]) -> dict[str, list[str]]:
-    from covidcxr.foundation.prompted import read_prompt_file
-    from covidcxr.foundation.siglip import check_prompts
+    from covidcxr.vlm.prompted import read_prompt_file
+    from covidcxr.vlm.siglip import check_prompts
 
     if not a.prompts:
         return default_prompts(classes)
@@ -152,9 +152,9 @@ def _class_prompts(a, classes: list[str]) -> dict[str, list[str]]:
 
 def _embed(a, backbone, tokenizer, prompts, df, failed: list):
     """(kept row indices, probabilities [n, K], raw sigmoid scores [n, K] or None, scoring description)."""
-    from covidcxr.foundation import clip as C
-    from covidcxr.foundation import siglip as S
-    from covidcxr.foundation.zeroshot_run import decoded_batches
+    from covidcxr.vlm import clip as C
+    from covidcxr.vlm import siglip as S
+    from covidcxr.vlm.run import decoded_batches
 
     lib = C if a.model == "clip" else S
     txt = lib.text_embeddings(backbone, tokenizer, prompts)
@@ -178,8 +178,8 @@ def _embed(a, backbone, tokenizer, prompts, df, failed: list):
 
 def classify(a) -> Path:
     from covidcxr.evaluation.data import check_classes
-    from covidcxr.foundation import siglip as S
-    from covidcxr.foundation import zeroshot_run as R
+    from covidcxr.vlm import siglip as S
+    from covidcxr.vlm import run as R
 
     t0 = time.perf_counter()
     R.check_family(a.preset, a.model)  # reads config.json only: before indexing the data
@@ -215,7 +215,7 @@ def classify(a) -> Path:
 
 def _segment_batch(a, backbone, txt, sam, x):
     """SAM masks ``[n, S, S]`` bool and boxes ``[n, 4]`` (S frame) for one batch."""
-    from covidcxr.foundation import prompted as P
+    from covidcxr.vlm import prompted as P
 
     sim = np.einsum("bhwd,d->bhw", P.patch_embeddings(backbone, x, a.batch_size), txt)
     boxes, points, labels = P.prompts_from_map(sim, x.shape[1], a.threshold, a.top_k, a.negatives)
@@ -226,7 +226,7 @@ class _MaskWriter:
     """Writes each mask at its image's own size (masks/<class>/<name>.png) and scores it at its truth's own size."""
 
     def __init__(self, out: Path, col: str | None):
-        from covidcxr.foundation.zeroshot_run import SegScores
+        from covidcxr.vlm.run import SegScores
 
         self.out, self.col, self.scores = out, col, SegScores()
         self.names: set[str] = set()
@@ -284,7 +284,7 @@ def _seg_summary(a, w: _MaskWriter, target: str | None) -> dict:
 
 def _segment_all(a, rows, backbone, txt, sam, size: int, w: _MaskWriter) -> tuple[list, dict, dict]:
     """Every image through map -> prompts -> SAM -> mask; (unreadable, overlay masks, overlay Dice) by row."""
-    from covidcxr.foundation import zeroshot_run as R
+    from covidcxr.vlm import run as R
 
     df = rows.df
     truth = df[w.col].astype(str).ne("").to_numpy() if w.col and w.col in df else np.zeros(len(df), bool)
@@ -304,7 +304,7 @@ def _segment_all(a, rows, backbone, txt, sam, size: int, w: _MaskWriter) -> tupl
 
 def _prompt_sets(path: str | None) -> dict[str, list[str]] | None:
     """``--prompt-file``: {name: [prompt, ...]} adding to / overriding ``prompted.SEG_PROMPTS``."""
-    from covidcxr.foundation.prompted import read_prompt_file
+    from covidcxr.vlm.prompted import read_prompt_file
 
     if not path:
         return None
@@ -317,9 +317,9 @@ def _prompt_sets(path: str | None) -> dict[str, list[str]] | None:
 def segment(a) -> Path:
     import pandas as pd
 
-    from covidcxr.foundation import prompted as P
-    from covidcxr.foundation import siglip as S
-    from covidcxr.foundation import zeroshot_run as R
+    from covidcxr.vlm import prompted as P
+    from covidcxr.vlm import siglip as S
+    from covidcxr.vlm import run as R
 
     t0 = time.perf_counter()
     R.check_family(a.preset, "medsiglip")  # config.json only: before indexing the data

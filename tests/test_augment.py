@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from covidcxr.config import AugmentConfig
-from covidcxr.training.augment import Augment, affine_matrices, fixed_view, sample_affine
+from covidcxr.augment import Augment, affine_matrices, fixed_view, sample_affine
 
 STRONG = dict(rotation_deg=15, zoom=0.2, shift=0.1, hflip=True, brightness=0.0, contrast=0.0)
 
@@ -32,7 +32,7 @@ def test_a_mask_drawn_from_the_image_stays_aligned():
 def test_identity_at_inference_and_in_a_trainee():
     from covidcxr.models.classifier import build_classifier
     from covidcxr.models.registry import get_spec
-    from covidcxr.training.tasks import get_task
+    from covidcxr.tasks import get_task
     from covidcxr.training.trainee import Trainee
 
     x = (np.random.default_rng(0).random((2, 32, 32, 1)) * 255).astype("float32")
@@ -74,7 +74,7 @@ def test_affine_conventions_and_fixed_views():
 
 
 def test_the_same_alignment_on_the_jax_backend(tmp_path):
-    code = ("import numpy as np, keras; from covidcxr.training.augment import Augment\n"
+    code = ("import numpy as np, keras; from covidcxr.augment import Augment\n"
             "m = np.zeros((8, 48, 48, 1), np.float32); m[:, 10:30, 14:40] = 1\n"
             f"i, k = Augment(**{STRONG!r}, seed=3)(m * 255, m, training=True)\n"
             "i, k = keras.ops.convert_to_numpy(i), keras.ops.convert_to_numpy(k)\n"

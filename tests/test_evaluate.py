@@ -105,7 +105,7 @@ def test_figures_match_sklearn_and_plots_are_written(tmp_path):
 
 
 def test_probe_verdict_only_for_a_model_above_chance():
-    from covidcxr.evaluation.probes import verdict
+    from covidcxr.evaluation.checks import verdict
 
     at_chance = {"macro_auc": 0.458, "accuracy": 0.3, "ci95": {"macro_auc": {"low": 0.35, "high": 0.57}}}
     v = verdict(at_chance, {"macro_auc": 0.521, "accuracy": 0.33}, 3)  # AUC went *up* without the lungs

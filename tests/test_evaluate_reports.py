@@ -27,7 +27,7 @@ def _fig(acc, auc, auc_ci=None, acc_ci=None, majority=None):
 
 
 def test_lungs_out_verdict_judges_auc_against_chance_and_accuracy_against_the_majority_class():
-    from covidcxr.evaluation.probes import verdict
+    from covidcxr.evaluation.checks import verdict
 
     majority = {"class": "Non-COVID", "accuracy": 0.487, "macro_f1": 0.218, "tied_with": []}
     normal = _fig(0.297, 0.66, (0.58, 0.74), (0.21, 0.39), majority)

@@ -139,7 +139,7 @@ def test_folders_of_other_architectures_are_refused(presets, tmp_path):
 
 
 def test_siglip_and_clip_presets_are_not_interchangeable(presets):
-    from covidcxr.foundation.siglip import load_siglip
+    from covidcxr.vlm.siglip import load_siglip
     from covidcxr.models.registry import PRESET, build_backbone, get_spec
 
     root, _ = presets
@@ -162,8 +162,8 @@ def test_siglip_and_clip_presets_are_not_interchangeable(presets):
 def test_foundation_classifiers_probe_and_reload(presets, siglip_parts, tmp_path):
     import keras
 
-    from covidcxr.foundation.siglip import gray_to_siglip
-    from covidcxr.foundation.tokens import freeze_position_embeddings
+    from covidcxr.vlm.siglip import gray_to_siglip
+    from covidcxr.models.tokens import freeze_position_embeddings
     from covidcxr.models.classifier import build_classifier, freeze_backbone, unfreeze_top
     from covidcxr.models.registry import get_spec
 
@@ -192,7 +192,7 @@ def test_foundation_classifiers_probe_and_reload(presets, siglip_parts, tmp_path
 
 
 def test_zero_shot_sigmoid_scores(presets, siglip_parts):
-    from covidcxr.foundation import siglip as S
+    from covidcxr.vlm import siglip as S
 
     root, _ = presets
     backbone, tok = S.load_siglip(str(root / "siglip"))
@@ -224,7 +224,7 @@ def test_zero_shot_sigmoid_scores(presets, siglip_parts):
 
 
 def test_text_prompted_segmentation(siglip_parts, tmp_path):
-    from covidcxr.foundation import prompted as P
+    from covidcxr.vlm import prompted as P
 
     backbone, tok = siglip_parts
     gray = _gray(3, 48)
@@ -255,7 +255,7 @@ def test_text_prompted_segmentation(siglip_parts, tmp_path):
 def test_segmentation_prompt_refused_for_classification_models(presets, siglip_parts):
     import keras_hub
 
-    from covidcxr.foundation.prompted import check_segmentation_prompt
+    from covidcxr.vlm.prompted import check_segmentation_prompt
     from covidcxr.models.classifier import build_classifier
     from covidcxr.models.registry import get_spec
 
@@ -300,7 +300,7 @@ def test_vit_token_segmenters_train_a_step(presets):
 
 def _cache_fixture(tmp_path, n=6):
     """n small files, their content keys, and a compute_fn that records its calls and returns row value i."""
-    from covidcxr.foundation.embeddings import image_keys
+    from covidcxr.training.embeddings import image_keys
 
     files = [tmp_path / f"img{i}.png" for i in range(n)]
     for i, f in enumerate(files):
@@ -316,7 +316,7 @@ def _cache_fixture(tmp_path, n=6):
 
 
 def test_embedding_cache_computes_once_and_invalidates(tmp_path):
-    from covidcxr.foundation.embeddings import EmbeddingCache, image_keys, prep_key
+    from covidcxr.training.embeddings import EmbeddingCache, image_keys, prep_key
 
     files, state, compute = _cache_fixture(tmp_path)
     keys = state["keys"]
@@ -348,7 +348,7 @@ def test_embedding_cache_concurrent_writers_and_encoder_id(tmp_path):
 
     import keras
 
-    from covidcxr.foundation.embeddings import EmbeddingCache, encoder_id
+    from covidcxr.training.embeddings import EmbeddingCache, encoder_id
 
     _, state, compute = _cache_fixture(tmp_path)
 
@@ -376,7 +376,7 @@ def test_embedding_cache_concurrent_writers_and_encoder_id(tmp_path):
 
 
 def test_linear_probe_on_cached_embeddings(tmp_path):
-    from covidcxr.foundation.embeddings import EmbeddingCache
+    from covidcxr.training.embeddings import EmbeddingCache
     from covidcxr.foundation.probe import compare_probe_speed, train_linear_probe
 
     rng = np.random.default_rng(0)
@@ -391,7 +391,7 @@ def test_linear_probe_on_cached_embeddings(tmp_path):
 
 
 def test_cached_pooled_features_of_a_registry_encoder(presets, tmp_path):
-    from covidcxr.foundation.embeddings import EmbeddingCache, cached_features
+    from covidcxr.training.embeddings import EmbeddingCache, cached_features
     from covidcxr.models.registry import get_spec
 
     root, _ = presets

@@ -20,7 +20,7 @@ from covidcxr.calibration import apply_temperature, ece, reliability_bins, save_
 from covidcxr.errors import ConfigError, DataError
 from covidcxr.evaluation import data as D
 from covidcxr.evaluation import figures as F
-from covidcxr.evaluation import probes, segscore, visuals
+from covidcxr.evaluation import checks, segscore, visuals
 from covidcxr.evaluation.passes import forward, subset
 from covidcxr.evaluation.report import SCHEMA, report_skipped, write, write_metrics
 from covidcxr.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc, plot_single_class

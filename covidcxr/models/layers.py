@@ -17,6 +17,13 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# rad_dino: the preprocessor_config.json of https://huggingface.co/microsoft/rad-dino
+# (BitImageProcessor: resize shortest edge 518, centre crop 518, rescale 1/255, image_mean
+# [0.5307, 0.5307, 0.5307], image_std [0.2583, 0.2583, 0.2583]: one value because the
+# training images are grey). Copied from the published file, not downloaded at run time;
+# ``covidcxr.models.presets.check_hf_preprocessing`` compares it with a checkpoint's own file.
+_RAD_DINO_MEAN = (0.5307, 0.5307, 0.5307)
+_RAD_DINO_STD = (0.2583, 0.2583, 0.2583)
 NORMALIZATIONS: dict[str, tuple[float, tuple, tuple]] = {
     "caffe": (255.0, _CAFFE_MEAN_BGR, (1.0, 1.0, 1.0)),   # BGR means, 0..255 (gray: B = G = R)
     "torch": (1.0, _IMAGENET_MEAN, _IMAGENET_STD),
@@ -25,12 +32,8 @@ NORMALIZATIONS: dict[str, tuple[float, tuple, tuple]] = {
     "tf": (2.0, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),        # x/127.5 - 1
     "raw255": (255.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
     "unit": (1.0, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "rad_dino": (1.0, _RAD_DINO_MEAN, _RAD_DINO_STD),
 }
-
-
-def register_normalization(name: str, mean: tuple, std: tuple, scale: float = 1.0) -> None:
-    """Add a normalisation (e.g. a foundation model's own mean/std) under ``name``."""
-    NORMALIZATIONS[name] = (float(scale), tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
 def normalization_params(mode: str) -> tuple[float, tuple, tuple]:
@@ -44,7 +47,7 @@ class BackboneInput(keras.layers.Layer):
     """uint8-range gray ``[B, S, S, 1]`` -> ``[B, S, S, channels]`` normalised for a backbone.
 
     ``mode``: one of ``NORMALIZATIONS`` (or a dict ``{"scale", "mean", "std"}`` for a
-    normalisation registered at training time, stored in the config so the model loads
+    normalisation stored in the config as numbers so the model loads
     anywhere). Runs in float32 whatever the global dtype policy.
     """
 
@@ -82,11 +85,3 @@ class BackboneInput(keras.layers.Layer):
 def gray_input(image_size: int, name: str = "image"):
     """The model input: uint8-range grayscale, float32 so augmented (non-integer) values pass unchanged."""
     return keras.Input((image_size, image_size, 1), dtype="float32", name=name)
-
-
-def register_all() -> None:
-    """Import every module that registers Keras objects, so any saved covidcxr model loads."""
-    import covidcxr.foundation.tokens  # noqa: F401  (token encoders, SigLIP pooling, rad_dino normalisation)
-    import covidcxr.losses  # noqa: F401  (segmentation losses and MaskScore)
-    import covidcxr.training.augment  # noqa: F401
-    import covidcxr.training.phases  # noqa: F401  (WarmupAdamW)

@@ -14,7 +14,7 @@ keras-hub presets by name or handle are passed as ``PRESET + NAME`` (``--preset 
 ``hf://`` and ``kaggle://`` handles are also accepted as ``weights`` directly. A local
 folder may also hold a Hugging Face checkpoint (``config.json`` with ``model_type`` +
 ``model.safetensors``), read by keras-hub's transformers converter exactly as ``hf://``
-is (see ``covidcxr.foundation.presets``, which checks every preset before loading).
+is (see ``covidcxr.models.presets``, which checks every preset before loading).
 
 Chest-X-ray foundation encoders:
 
@@ -31,7 +31,7 @@ Chest-X-ray foundation encoders:
   or a local copy of it (``--preset /models/medsiglip``: ``save_to_preset`` folder of the
   full ``SigLIPBackbone``; its image tower is taken). Normalisation ``siglip`` ([-1, 1]);
   the image size must be the preset's (448). As a classifier backbone it returns the pooled
-  SigLIP image embedding as ``[B, 1, D]`` (see ``covidcxr.foundation.tokens``).
+  SigLIP image embedding as ``[B, 1, D]`` (see ``covidcxr.models.tokens``).
 """
 from __future__ import annotations
 
@@ -174,11 +174,7 @@ def _table() -> dict[str, ArchSpec]:
 
 @functools.lru_cache(maxsize=1)
 def registry() -> dict[str, ArchSpec]:
-    """All registered architectures, with the foundation normalisations such as ``rad_dino`` registered
-    (that imports Keras: ``covidcxr.models.layers``)."""
-    from covidcxr.foundation.presets import register_foundation_normalizations
-
-    register_foundation_normalizations()
+    """All registered architectures."""
     return _table()
 
 
@@ -286,7 +282,7 @@ def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
             return ctor(weights=str(weights), **kw)
         import keras_hub
 
-        from covidcxr.foundation.tokens import as_registry_backbone  # also registers foundation normalisations
+        from covidcxr.models.tokens import as_registry_backbone
 
         if weights == "imagenet":
             return as_registry_backbone(spec, hub_from_preset(spec, spec.hub_preset, shape), image_size, True)
@@ -312,10 +308,10 @@ _FIXED_SIZE = ("ResNetBackbone", "CLIPVisionEncoder", "SigLIPVisionEncoder")  # 
 def hub_from_preset(spec: ArchSpec, preset: str, shape):
     """A keras-hub backbone from a preset name, an ``hf://``/``kaggle://`` handle, a local preset folder
     (``save_to_preset``) or a local Hugging Face model folder; a CLIP/SigLIP preset gives its image tower.
-    Refuses a preset of another architecture before loading weights (``covidcxr.foundation.presets``)."""
+    Refuses a preset of another architecture before loading weights (``covidcxr.models.presets``)."""
     import keras_hub
 
-    from covidcxr.foundation.presets import check_hf_preprocessing, check_native_size, check_preset
+    from covidcxr.models.presets import check_hf_preprocessing, check_native_size, check_preset
 
     info = check_preset(spec, preset)
     check_hf_preprocessing(spec, info)

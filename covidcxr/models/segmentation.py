@@ -32,7 +32,10 @@ from keras import layers
 from covidcxr.errors import ConfigError
 from covidcxr.models.catalog import SEG_BACKBONES, SEG_KINDS, TOKEN_BACKBONES, TOKEN_KIND, seg_arch_names
 from covidcxr.models.layers import BackboneInput, gray_input
+from covidcxr.models.classifier import _is_bn, iter_layers
 from covidcxr.models.registry import ArchSpec, build_backbone, get_spec
+from covidcxr.models.tokens import (TOKEN_CONSTRUCTORS, PatchTokensToMap, call_encoder, is_token_encoder, patch_size_of,
+                                    siglip_backbone_model, siglip_encoder_of)
 
 
 
@@ -228,8 +231,6 @@ def build_setr(spec: ArchSpec, image_size: int, weights=None, decoder_filters=(2
                num_classes: int | None = None, dropout: float = 0.3) -> keras.Model:
     """SETR-PUP on a ViT token encoder: tokens (class/register tokens dropped) -> ``[g, g, D]`` map ->
     one (bilinear 2x up + conv-BN-ReLU) stage per ``decoder_filters`` entry -> resize to the input."""
-    from covidcxr.foundation.tokens import PatchTokensToMap, call_encoder, token_encoder  # registers rad_dino
-
     inputs = gray_input(image_size)
     x = BackboneInput(spec.normalization, name="preprocess")(inputs)
     enc, grid = token_encoder(spec, image_size, weights)
@@ -258,9 +259,35 @@ def build_segmenter(name: str, image_size: int, weights=None, num_classes: int |
                    TOKEN_KIND: build_setr}[s.kind]
         model = builder(s.backbone, image_size, weights, num_classes=num_classes, dropout=dropout, **kw)
     if bn_momentum is not None:
-        from covidcxr.models.classifier import _is_bn, iter_layers
-
         for layer in iter_layers(model):
             if _is_bn(layer):
                 layer.momentum = bn_momentum
     return model
+
+
+def token_encoder(spec, image_size: int, weights) -> tuple[keras.Model, int]:
+    """(nested sub-model ``backbone``: ``[B, S, S, 3]`` -> tokens ``[B, L, D]``, patch grid side g)."""
+    if not is_token_encoder(spec):
+        raise ConfigError(f"{spec.name} is not a ViT token encoder; token encoders: "
+                          f"{', '.join(TOKEN_CONSTRUCTORS)} backbones.")
+    patch = patch_size_of(spec)
+    if image_size % patch:
+        raise ConfigError(f"--image-size {image_size} does not suit {spec.name}: its patches are {patch} px, so use "
+                          f"a multiple of {patch} (e.g. {max(2, image_size // patch) * patch}).")
+    bb = build_backbone(spec, image_size, weights)
+    if spec.constructor == "SigLIPVisionEncoder":
+        enc = siglip_encoder_of(bb)
+        enc.head.trainable = False  # the pooling head is unused on patch tokens: keep it out of the optimiser
+        model = siglip_backbone_model(enc, image_size, pooled=False, name="backbone")
+    else:
+        if len(bb.outputs) != 1:
+            raise ConfigError(f"{spec.name}: the built backbone has {len(bb.outputs)} outputs; a token encoder "
+                              f"must return one token sequence.")
+        model = bb
+        model.name = "backbone"
+    grid = image_size // patch
+    seq = model.output.shape[1]
+    if seq is not None and seq < grid * grid:
+        raise ConfigError(f"{spec.name} returns {seq} tokens at {image_size} px, fewer than its {grid}x{grid} "
+                          f"patch grid; the registry entry's patch size is wrong.")
+    return model, grid

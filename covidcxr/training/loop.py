@@ -51,7 +51,7 @@ class LoopState:
 
 def predict_batches(net, batches, task):
     """Outputs of the plain network over every row of ``batches`` (padding removed)."""
-    from covidcxr.training.tasks import Outputs
+    from covidcxr.tasks import Outputs
 
     probs, masks = [], []
     batches.set_epoch(0)
@@ -111,7 +111,7 @@ def validate(net, batches, task, cfg) -> dict:
 def _weight(cfg, head: str) -> float:
     if cfg.task != "multitask":
         return 1.0
-    from covidcxr.training.tasks import parse_loss_weights
+    from covidcxr.tasks import parse_loss_weights
 
     return parse_loss_weights(cfg.loss_weights)[head]
 

@@ -65,8 +65,8 @@ def apply_trainable(net: keras.Model, phase: Phase) -> str:
 
 def _freeze_position_embeddings(backbone) -> str:
     """DINOv2 position embeddings stay frozen: keras-hub 0.32 does not save their fine-tuned
-    values faithfully (see covidcxr.foundation.tokens.freeze_position_embeddings)."""
-    from covidcxr.foundation.tokens import freeze_position_embeddings
+    values faithfully (see covidcxr.models.tokens.freeze_position_embeddings)."""
+    from covidcxr.models.tokens import freeze_position_embeddings
     from covidcxr.models.classifier import iter_layers
 
     found = [layer for layer in iter_layers(backbone) if type(layer).__name__ == "DINOV2Backbone"]

@@ -117,7 +117,7 @@ def _card(cfg: TrainConfig, task, classes, backend: str) -> A.ModelCard:
 def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False, log=print) -> Path:
     """Train as ``cfg`` says; returns the run folder. ``resume``: ``cfg`` is the saved config
     (with any extended epoch budget applied by the caller)."""
-    from covidcxr.training.tasks import get_task
+    from covidcxr.tasks import get_task
 
     cfg.validate()
     task = get_task(cfg.task)
@@ -206,7 +206,7 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
     import keras
 
     from covidcxr.training import devices as D
-    from covidcxr.training.augment import Augment
+    from covidcxr.augment import Augment
     from covidcxr.training.data import Batches, class_weights
     from covidcxr.training.loop import Loop, LoopState
     from covidcxr.training.phases import plan
@@ -235,7 +235,7 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
             _card(cfg, task, data.classes, device.backend).save(run_dir)
         probe = cfg.freeze_encoder and cfg.task == "classify"
         if probe:  # the head alone, on cached embeddings of the frozen encoder
-            from covidcxr.training.probe import head_model
+            from covidcxr.training.linear_head import head_model
 
             trainee = Trainee(head_model(net), Augment.from_config_object(AugmentConfig.none()), task)
         else:
@@ -244,7 +244,7 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
         if cfg.class_weights and task.classifies else None
     if probe:
         from covidcxr.data.cache import default_cache_dir
-        from covidcxr.training.probe import FeatureBatches, features
+        from covidcxr.training.linear_head import FeatureBatches, features
 
         feats = features(net, data, Path(cfg.cache_dir or default_cache_dir()) / "embeddings", cfg.batch_size, log)
         train = FeatureBatches(data, feats, data.rows("train"), cfg.batch_size, shuffle=True, seed=cfg.seed,
@@ -297,7 +297,7 @@ def split_metrics(net, data, split: str, task, batch_size: int, features=None) -
     if not len(rows):
         return None
     if features is not None:
-        from covidcxr.training.probe import FeatureBatches, head_model
+        from covidcxr.training.linear_head import FeatureBatches, head_model
 
         net, batches = head_model(net), FeatureBatches(data, features, rows, batch_size)
     else:

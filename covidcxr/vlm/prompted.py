@@ -73,7 +73,7 @@ def resolve_prompt(prompt: str | list[str], prompt_sets: dict[str, list[str]] | 
 
 def _kind_of_name(name: str) -> str:
     """Class a registry name or a preset (name, folder, handle) stands for; medsiglip loads both towers."""
-    from covidcxr.foundation.presets import describe_preset
+    from covidcxr.models.presets import describe_preset
     from covidcxr.models.registry import registry
 
     spec = registry().get(name)
@@ -105,8 +105,8 @@ def patch_embeddings(siglip_backbone, gray_uint8, batch_size: int = 8) -> np.nda
     """L2-normalised per-patch SigLIP embeddings ``[B, g, g, D]`` (MAP head on each patch token alone)."""
     from keras import ops
 
-    from covidcxr.foundation.siglip import gray_to_siglip, image_size_of
-    from covidcxr.foundation.tokens import SigLIPTokens
+    from covidcxr.vlm.siglip import gray_to_siglip, image_size_of
+    from covidcxr.models.tokens import SigLIPTokens
 
     enc = siglip_backbone.vision_encoder
     size, dim = image_size_of(siglip_backbone), int(enc.hidden_dim)
@@ -124,7 +124,7 @@ def patch_embeddings(siglip_backbone, gray_uint8, batch_size: int = 8) -> np.nda
 def similarity_map(siglip_backbone, tokenizer, gray_uint8, prompt: str | list[str],
                    prompt_sets: dict[str, list[str]] | None = None, batch_size: int = 8) -> np.ndarray:
     """Cosine similarity ``[B, g, g]`` float32 of each patch with the (ensembled) prompt text embedding."""
-    from covidcxr.foundation.siglip import text_embeddings
+    from covidcxr.vlm.siglip import text_embeddings
 
     txt = text_embeddings(siglip_backbone, tokenizer, {"prompt": resolve_prompt(prompt, prompt_sets)})[0]
     return np.einsum("bhwd,d->bhw", patch_embeddings(siglip_backbone, gray_uint8, batch_size), txt)

@@ -58,7 +58,7 @@ def load_rows(data: str, split: str, quiet: bool = False, seed: int = 42) -> Row
 
 def check_family(preset: str, model: str, flag: str = "--preset") -> None:
     """Refuse a preset that does not hold ``model``'s family (``FAMILIES``), or a folder without its tokenizer."""
-    from covidcxr.foundation.presets import describe_preset
+    from covidcxr.models.presets import describe_preset
 
     if os.path.isdir(preset):
         missing = [f for f in ("config.json", "tokenizer.json") if not os.path.exists(os.path.join(preset, f))]
@@ -206,7 +206,7 @@ def seg_target(prompt: str, phrasings: list[str], override: str | None = None) -
 
 def check_sam(preset: str) -> None:
     """Refuse (before any weights load) a ``--sam`` preset that is not a keras-hub SAMBackbone."""
-    from covidcxr.foundation.presets import describe_preset
+    from covidcxr.models.presets import describe_preset
 
     info = describe_preset(preset)
     if info.cls != "SAMBackbone":

@@ -56,7 +56,7 @@ def _refuse_non_siglip(preset: str, found: str) -> None:
 def load_siglip(preset: str):
     """(SigLIPBackbone, SigLIPTokenizer) from a keras-hub preset name, handle or local preset folder.
     A CLIP (or any non-SigLIP) preset and a folder without tokenizer files are refused."""
-    from covidcxr.foundation.presets import describe_preset
+    from covidcxr.models.presets import describe_preset
 
     info = describe_preset(preset)
     _refuse_non_siglip(preset, info.cls if info.fmt == "keras" else f"Hugging Face '{info.cls}' checkpoint")
@@ -163,7 +163,7 @@ def scores_to_probabilities(scores) -> np.ndarray:
 def cxr_prompts(classes: list[str]) -> dict[str, list[str]]:
     """Default chest-X-ray prompt ensembles for the Kaggle (COVID, Lung_Opacity, Normal, Viral Pneumonia) and
     COVID-QU-Ex (COVID-19, Non-COVID, Normal) class names; other names get prompts built from the name."""
-    from covidcxr.foundation.clip import default_prompts
+    from covidcxr.vlm.clip import default_prompts
 
     return default_prompts(list(classes))
 

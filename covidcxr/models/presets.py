@@ -34,25 +34,8 @@ HF_MODEL_TYPES = {
 IMAGE_TOWER = {"CLIPBackbone": "CLIPVisionEncoder", "SigLIPBackbone": "SigLIPVisionEncoder"}
 FAMILY = {"CLIPVisionEncoder": "CLIP", "SigLIPVisionEncoder": "SigLIP", "DINOV2Backbone": "DINOv2"}
 
-# Published preprocessing of foundation checkpoints, as (mean, std) per RGB channel on x/255.
-# rad_dino: the preprocessor_config.json of https://huggingface.co/microsoft/rad-dino
-# (BitImageProcessor: resize shortest edge 518, centre crop 518, rescale 1/255, image_mean
-# [0.5307, 0.5307, 0.5307], image_std [0.2583, 0.2583, 0.2583]: one value because the
-# training images are grey). Copied from the published file, not downloaded at run time;
-# ``check_hf_preprocessing`` compares them with a checkpoint's own file when it has one.
-FOUNDATION_NORMALIZATIONS = {
-    "rad_dino": ((0.5307, 0.5307, 0.5307), (0.2583, 0.2583, 0.2583)),
-}
 RAD_DINO_IMAGE_SIZE = 518  # crop_size of the same preprocessor_config.json (37 x 37 patches of 14 px)
 
-
-def register_foundation_normalizations() -> None:
-    """Add the foundation models' own normalisations to ``covidcxr.models.layers.NORMALIZATIONS``."""
-    from covidcxr.models.layers import NORMALIZATIONS, register_normalization
-
-    for name, (mean, std) in FOUNDATION_NORMALIZATIONS.items():
-        if name not in NORMALIZATIONS:
-            register_normalization(name, mean, std)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """ViT token encoders as covidcxr backbones: SigLIP's image tower, and patch tokens as a feature map.
 
-Importing this module registers the layers below and the foundation normalisations
-(``rad_dino``) with Keras, so a saved model that uses them loads: import it before
-``keras.saving.load_model`` of a rad_dino / medsiglip / ``setr_*`` model.
+Importing this module registers the layers below with Keras, so a saved model that uses them
+loads: import it before ``keras.saving.load_model`` of a rad_dino / medsiglip / ``setr_*`` model
+(``covidcxr.inference.load_keras`` does).
 
 - ``SigLIPTokens`` runs a keras-hub ``SigLIPVisionEncoder`` and returns either its patch
   tokens (after the post layer norm, before pooling) or its pooled image embedding (the
@@ -13,7 +13,6 @@ Importing this module registers the layers below and the foundation normalisatio
   serialises through keras-hub's registered ``SigLIPVisionEncoder``.
 - ``PatchTokensToMap`` drops the class/register tokens that ViTs put before the patch
   tokens and reshapes ``[B, N, D]`` to ``[B, g, g, D]``.
-- ``token_encoder`` builds the nested ``backbone`` sub-model that outputs the token sequence.
 """
 from __future__ import annotations
 
@@ -21,12 +20,9 @@ import keras
 from keras import ops
 
 from covidcxr.errors import ConfigError
-from covidcxr.foundation.presets import register_foundation_normalizations
 
 # Registry constructors whose output is a token sequence [B, L, D] (SigLIP: via SigLIPTokens).
 TOKEN_CONSTRUCTORS = ("DINOV2Backbone", "ViTBackbone", "CLIPVisionEncoder", "SigLIPVisionEncoder")
-
-register_foundation_normalizations()
 
 
 def is_token_encoder(spec) -> bool:
@@ -137,33 +133,3 @@ def siglip_encoder_of(backbone) -> "keras.Model":
         if isinstance(layer, SigLIPTokens):
             return layer.encoder
     raise ConfigError(f"{backbone.name} holds no SigLIP image tower.")
-
-
-def token_encoder(spec, image_size: int, weights) -> tuple[keras.Model, int]:
-    """(nested sub-model ``backbone``: ``[B, S, S, 3]`` -> tokens ``[B, L, D]``, patch grid side g)."""
-    from covidcxr.models.registry import build_backbone
-
-    if not is_token_encoder(spec):
-        raise ConfigError(f"{spec.name} is not a ViT token encoder; token encoders: "
-                          f"{', '.join(TOKEN_CONSTRUCTORS)} backbones.")
-    patch = patch_size_of(spec)
-    if image_size % patch:
-        raise ConfigError(f"--image-size {image_size} does not suit {spec.name}: its patches are {patch} px, so use "
-                          f"a multiple of {patch} (e.g. {max(2, image_size // patch) * patch}).")
-    bb = build_backbone(spec, image_size, weights)
-    if spec.constructor == "SigLIPVisionEncoder":
-        enc = siglip_encoder_of(bb)
-        enc.head.trainable = False  # the pooling head is unused on patch tokens: keep it out of the optimiser
-        model = siglip_backbone_model(enc, image_size, pooled=False, name="backbone")
-    else:
-        if len(bb.outputs) != 1:
-            raise ConfigError(f"{spec.name}: the built backbone has {len(bb.outputs)} outputs; a token encoder "
-                              f"must return one token sequence.")
-        model = bb
-        model.name = "backbone"
-    grid = image_size // patch
-    seq = model.output.shape[1]
-    if seq is not None and seq < grid * grid:
-        raise ConfigError(f"{spec.name} returns {seq} tokens at {image_size} px, fewer than its {grid}x{grid} "
-                          f"patch grid; the registry entry's patch size is wrong.")
-    return model, grid

@@ -2,7 +2,7 @@
 
 With the encoder frozen, only the head (BatchNormalization, dropout, softmax) learns, and the
 encoder's pooled features of an image never change. They are computed once per (image, encoder
-weights, preprocessing) into covidcxr.foundation.embeddings' store, so the probe's epochs, a
+weights, preprocessing) into covidcxr.training.embeddings' store, so the probe's epochs, a
 second probe, or a whole label-efficiency curve over the same encoder costs seconds after the
 first pass. The head is trained by the same loop as everything else (phases, early stopping,
 checkpoints, resume) on batches of features instead of images; there is no augmentation (the
@@ -30,7 +30,7 @@ def head_model(net: keras.Model) -> keras.Model:
 
 def features(net: keras.Model, data: RunData, cache_root: Path, batch_size: int, log) -> np.ndarray:
     """Pooled features [N, D] of every decoded row of ``data`` (zeros for rows that failed)."""
-    from covidcxr.foundation.embeddings import EmbeddingCache, encoder_id
+    from covidcxr.training.embeddings import EmbeddingCache, encoder_id
 
     extractor = keras.Model(net.input, net.get_layer("gap").output)
     ok = np.flatnonzero(data.cache.ok)

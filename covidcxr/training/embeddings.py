@@ -188,7 +188,7 @@ def pooled_feature_model(spec, image_size: int, weights):
     for a frozen-encoder probe on cached embeddings. Returns (model, backbone)."""
     import keras
 
-    from covidcxr.foundation.tokens import call_encoder
+    from covidcxr.models.tokens import call_encoder
     from covidcxr.models.layers import BackboneInput, gray_input
     from covidcxr.models.registry import build_backbone
 

@@ -1,7 +1,8 @@
 """covidcxr: a Keras 3 toolkit for chest X-ray research.
 
-Importing the package is cheap (NumPy, never Keras): Keras and its backend are imported only by
-the modules that need them (models, training, inference, evaluation, export) and by ``load_model``.
+Importing the package is cheap (NumPy, never Keras): ``load_model`` is the one name defined here
+and it imports ``covidcxr.inference`` (and with it Keras) when first called. That lazy import is the
+one function-level import between covidcxr modules (the exemption in ``covidcxr/_layers.py``).
 
 ``covidcxr.load_model(path)`` loads a trained model in Python, on any backend: a run folder, an
 export folder or a ``.keras`` file.
@@ -9,10 +10,6 @@ export folder or a ``.keras`` file.
 from __future__ import annotations
 
 from pathlib import Path
-
-from covidcxr.artifacts import locate
-from covidcxr.errors import DataError
-from covidcxr.inference import load_keras
 
 __version__ = "0.2.0"
 
@@ -24,11 +21,6 @@ def load_model(path: str | Path):
     raises TypeError. The model takes uint8-range grayscale ``[B, S, S, 1]`` (0..255, float or uint8;
     ``S`` and the classes are in the ``model_card.json`` beside it) and normalises for its backbone
     itself; ``covidcxr.inference.Predictor`` decodes and resizes files for it."""
-    p = Path(path)
-    if p.is_dir():
-        found = locate(p)
-        if found.keras_path is None:
-            raise DataError(f"{p}: a bare SavedModel has no Keras model; load it with tf.saved_model.load, or pass "
-                            f"the export folder that holds model.keras.")
-        p = found.keras_path
-    return load_keras(p)
+    from covidcxr import inference  # the facade: `import covidcxr` stays free of Keras
+
+    return inference.load_model(path)

@@ -10,7 +10,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from covidcxr.artifacts import atomic_write_text
+from covidcxr.data.preprocess import CONTRAST_METHODS
+from covidcxr.data.splits import parse_fractions
 from covidcxr.errors import ConfigError
+from covidcxr.tasks import parse_loss_weights
 
 
 @dataclass
@@ -84,9 +88,6 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Every number and choice checked once, with the flag named; returns self."""
-        from covidcxr.data.preprocess import CONTRAST_METHODS
-        from covidcxr.data.splits import parse_fractions
-
         def need(ok: bool, msg: str):
             if not ok:
                 raise ConfigError(msg)
@@ -113,8 +114,6 @@ class TrainConfig:
         parse_fractions(self.split)
         self.augment.validate()
         if self.task == "multitask":
-            from covidcxr.tasks import parse_loss_weights
-
             parse_loss_weights(self.loss_weights)
         return self
 
@@ -122,8 +121,6 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     def save(self, path: str | Path) -> None:
-        from covidcxr.artifacts import atomic_write_text
-
         atomic_write_text(path, self.to_json())
 
     @classmethod

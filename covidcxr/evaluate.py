@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 
 from covidcxr import cli
+from covidcxr.errors import ConfigError
+from covidcxr.evaluation.evaluator import EvalOptions, Evaluator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from covidcxr.errors import ConfigError
-    from covidcxr.evaluation.evaluator import EvalOptions, Evaluator
-
     if min(args.bootstrap, args.gradcam, args.overlays) < 0 or args.batch_size < 1:
         raise ConfigError("--bootstrap, --gradcam and --overlays must be 0 or more, --batch-size 1 or more.")
     opts = EvalOptions(**{k: getattr(args, k) for k in EvalOptions.__dataclass_fields__})

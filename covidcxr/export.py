@@ -11,8 +11,11 @@ Runs trained on JAX or PyTorch are exported through a TensorFlow subprocess.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from covidcxr import cli
+from covidcxr.errors import DataError
+from covidcxr.exporting import export_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,11 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from covidcxr.errors import DataError
-    from covidcxr.exporting import export_run
-
     for c in args.check:
         if not Path(c).is_file():
             raise DataError(f"--check {c}: no such image file.")

@@ -31,6 +31,8 @@ import numpy as np
 from keras import ops
 
 from covidcxr.errors import CovidCXRError
+from covidcxr.models.registry import get_spec
+from covidcxr.plots import titled_figure, wrap_text
 
 FLAT_PEAK = 1e-8   # raw map peak at or below this: no positive evidence at all
 FLAT_RANGE = 0.05  # (max - min) / max below this: evidence spread evenly over the grid
@@ -285,8 +287,6 @@ class GradCAM:
         """'EfficientNetB0 backbone' / 'ViT (vit_b16) backbone': build_classifier names the model
         '<arch>_classifier' and its sub-model 'backbone', so the registry knows the architecture;
         otherwise the backbone's class or model name."""
-        from covidcxr.models.registry import get_spec
-
         if self.backbone is None:
             return f"{self.model.name} model"
         try:
@@ -320,8 +320,6 @@ def render_cam(gray01: np.ndarray, cam: np.ndarray, out_path: str | Path, title_
     name) and ``note`` (e.g. ``CAMResult.note(i)``) boxed below, so a flat map is labelled as such."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
-
-    from covidcxr.plots import titled_figure, wrap_text
 
     width = 5.0
     note_text = wrap_text(note, width - 0.5, 9) if note else ""

@@ -18,10 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import keras
 import numpy as np
 
+import covidcxr.augment  # noqa: F401  (registers the augmentation layer for load_keras)
+import covidcxr.losses  # noqa: F401  (registers the segmentation losses and MaskScore)
+import covidcxr.models.layers  # noqa: F401  (registers BackboneInput)
+import covidcxr.models.tokens  # noqa: F401  (registers the ViT token layers)
 from covidcxr.artifacts import Located, ModelCard, locate
+from covidcxr.augment import fixed_view
+from covidcxr.data import preprocess as P
+from covidcxr.data.imageio import decode_file, inspect_file, read_mask
 from covidcxr.errors import DataError
+from covidcxr.tasks import get_task
 
 TF_DECODABLE = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
 
@@ -73,8 +82,6 @@ class Predictor:
 
     def __init__(self, path: str | Path | Located, batch_size: int = 32, workers: int | None = None,
                  prefer: str = "keras"):
-        from covidcxr.tasks import get_task
-
         self.located = path if isinstance(path, Located) else locate(path)
         self.card: ModelCard = self.located.card
         self.task = get_task(self.card.task)
@@ -106,9 +113,6 @@ class Predictor:
     # ---------------------------------------------------------------- decoding (threads)
 
     def decode(self, item: Item, keep_gray=False, fingerprint=False, lungs=False) -> Decoded:
-        from covidcxr.data import preprocess as P
-        from covidcxr.data.imageio import decode_file, inspect_file, read_mask
-
         if fingerprint:  # the overlap guard's hashes and thumbnail, from the same single decode
             info = inspect_file(item.path, keep_gray=True)
             gray, reason = info.gray, info.reason
@@ -185,8 +189,6 @@ class Predictor:
         if view is not None and (view[0] or view[1] != 1.0):
             import keras
 
-            from covidcxr.augment import fixed_view
-
             feed = np.round(keras.ops.convert_to_numpy(fixed_view(x, *view))).astype(np.uint8)
         out = self.task.unpack(self._call(feed))
         n = len(done)
@@ -205,8 +207,6 @@ class Predictor:
 
     def _predicted_lungs(self, done: list[Decoded]) -> np.ndarray:
         """The segmenter's lung masks at this model's size: uint8 {0, 1} [n, S, S]."""
-        from covidcxr.data import preprocess as P
-
         seg = self.segmenter
         probs = seg.task.unpack(seg._call(np.stack([d.seg_image for d in done])[..., None])).masks
         return np.stack([P.mask_from_probs(p, self.card.image_size) for p in probs]).astype(np.uint8)
@@ -267,12 +267,23 @@ def _join(parts: list[Batch], failed: list[Decoded]) -> Batch:
     return Batch([d for b in ok for d in b.done], cat("x"), cat("probs"), cat("masks"), failed, cat("image_pixels"))
 
 
+def load_model(path: str | Path):
+    """``covidcxr.load_model``: the Keras model of a run folder, an export folder or a ``.keras`` file."""
+    p = Path(path)
+    if p.is_dir():
+        found = locate(p)
+        if found.keras_path is None:
+            raise DataError(f"{p}: a bare SavedModel has no Keras model; load it with tf.saved_model.load, or pass "
+                            f"the export folder that holds model.keras.")
+        p = found.keras_path
+    return load_keras(p)
+
+
 def load_keras(path: str | Path):
-    import keras
-
-    from covidcxr.models.layers import register_all
-
-    register_all()
+    """A saved covidcxr model, not compiled. The modules imported at the top of this one define (and so
+    register with Keras) every custom object a covidcxr model holds: ``BackboneInput``
+    (models.layers), the token layers (models.tokens), the augmentation layer (augment) and the
+    segmentation losses and ``MaskScore`` (losses)."""
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as exc:

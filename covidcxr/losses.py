@@ -9,6 +9,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from covidcxr.errors import ConfigError
+
 SMOOTH = 1.0
 
 
@@ -52,8 +54,6 @@ LOSSES = {"bce_dice": bce_dice_loss, "dice": dice_loss, "focal": focal_loss}
 
 
 def get_loss(name: str):
-    from covidcxr.errors import ConfigError
-
     if name not in LOSSES:
         raise ConfigError(f"unknown segmentation loss '{name}'; choose from {', '.join(LOSSES)}")
     return LOSSES[name]

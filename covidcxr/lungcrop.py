@@ -21,7 +21,9 @@ import numpy as np
 import pandas as pd
 
 from covidcxr import artifacts as A
+from covidcxr.data import preprocess as P
 from covidcxr.errors import ConfigError, DataError
+from covidcxr.inference import Item, Predictor
 
 CROP_COLUMN = "crop_mask"
 
@@ -68,9 +70,6 @@ def predicted_masks(df: pd.DataFrame, segmenter_dir: Path, image_size: int, out_
     """The manifest with a ``crop_mask`` column: the segmenter's masks for every row as PNGs at
     ``image_size`` in ``out_dir``; '' where the image could not be read."""
     from PIL import Image
-
-    from covidcxr.data import preprocess as P
-    from covidcxr.inference import Item, Predictor
 
     seg = Predictor(segmenter_dir, batch_size=batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 _EM = 0.62   # average character width of the default font (DejaVu Sans), in font sizes
 _DPI = 110
 SELECTION_METRICS = ("val_macro_f1", "val_dice", "val_mask_dice")  # plot_history's default best-epoch monitor
@@ -58,8 +61,6 @@ def _legend(ax, width_in: float, fontsize: float = 8, **kwargs) -> None:
 
 def _history_x(h):
     """1-based epoch numbers (the ``epoch`` column is 0-based; row order when it is missing)."""
-    import pandas as pd
-
     epoch = pd.to_numeric(h["epoch"], errors="coerce") if "epoch" in h else None
     if epoch is not None and epoch.notna().all():
         return epoch.astype(int) + 1
@@ -69,8 +70,6 @@ def _history_x(h):
 def best_epoch(h, monitor: str | None = None, mode: str = "max") -> tuple[str, int, float] | None:
     """(monitor, 1-based epoch, value) of the best row of a history table, or None when the
     monitor column is missing or empty. Default monitor: the first of ``SELECTION_METRICS`` present."""
-    import pandas as pd
-
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
     key = monitor or next((k for k in SELECTION_METRICS if k in h), None)
@@ -104,7 +103,6 @@ def plot_history(history_csv: str | Path, out: str | Path, monitor: str | None =
     """Accuracy, loss and validation metrics per epoch (integer ticks, 1-based), the fine-tune phase
     marked, and the best epoch by ``monitor`` (``mode`` max or min; see ``best_epoch``) drawn as a
     vertical line labelled "best epoch N (<monitor> <value>)". None when there is no history."""
-    import pandas as pd
     from matplotlib.ticker import MaxNLocator
 
     history_csv = Path(history_csv)
@@ -146,8 +144,6 @@ def class_colors(class_names: list[str]) -> dict[str, tuple]:
 def plot_confusion(cm, class_names: list[str], out: str | Path, title: str = "", context: str = "") -> Path:
     """Counts and row-normalised (recall) confusion matrices side by side; ``title`` and ``context``
     (e.g. "test split, n=135") as the suptitle."""
-    import numpy as np
-
     cm = np.asarray(cm, dtype=float)
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
@@ -172,7 +168,6 @@ def plot_confusion(cm, class_names: list[str], out: str | Path, title: str = "",
 
 def plot_roc(y, probs, class_names: list[str], out: str | Path, context: str = "") -> Path:
     """One-vs-rest ROC per class (AUC in the legend) plus micro and macro averages."""
-    import numpy as np
     from sklearn.metrics import auc, roc_curve
 
     colors = class_colors(class_names)
@@ -205,7 +200,6 @@ def plot_roc(y, probs, class_names: list[str], out: str | Path, context: str = "
 
 def plot_pr(y, probs, class_names: list[str], out: str | Path, context: str = "") -> Path:
     """Precision-recall curve per class with average precision and the class prevalence."""
-    import numpy as np
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
     colors = class_colors(class_names)
@@ -235,7 +229,6 @@ FEW_IN_BIN = 10   # a reliability bin with fewer images is drawn hatched and fai
 def _reliability_panel(ax, b: dict, name: str, e: float) -> None:
     """Accuracy bars (opacity growing with the bin's images, hatched under ``FEW_IN_BIN``), the gap to
     the mean confidence, and n at each bar's foot."""
-    import numpy as np
     from matplotlib.patches import Patch
 
     edges, count = np.asarray(b["edges"]), np.asarray(b["count"], int)
@@ -284,8 +277,6 @@ def plot_reliability(bins_before: dict, bins_after: dict | None, ece_before: flo
 
 def plot_dice_histogram(dice, labels, out: str | Path, target: str = "", context: str = "") -> Path:
     """Dice per image, stacked by class (20 bins on [0, 1]), with each class's n and mean and the overall mean."""
-    import numpy as np
-
     dice, labels = np.asarray(dice, float), np.asarray(labels)
     classes = sorted(set(labels.tolist()))
     colors = class_colors(classes)
@@ -306,8 +297,6 @@ def plot_dice_histogram(dice, labels, out: str | Path, target: str = "", context
 def plot_single_class(single: dict, out: str | Path, context: str = "") -> Path:
     """A set of one class: the histogram of that class's predicted probability (quartiles marked) and
     the predicted-class counts (``evaluation.figures.single_class``)."""
-    import numpy as np
-
     c, pr = single["class"], single["probability"]
     fig = titled_figure(11, 4.4, _titled(f"Every image is {c}: its predicted probability and the predicted class",
                                          context))
@@ -341,7 +330,6 @@ def plot_image_grid(rows: list[tuple[str, list[tuple]]], out: str | Path, title:
     """rows: (row title, [(image HxW or HxWx3, caption, colour)]) -> one figure, one row each.
     Captions wrap within their panel; ``colorbar``: a label for one shared jet 0-1 colour bar
     (Grad-CAM grids)."""
-    import numpy as np
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 

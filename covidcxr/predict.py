@@ -47,9 +47,14 @@ import numpy as np
 
 from covidcxr import cli
 from covidcxr.artifacts import CALIBRATION, EXPORT_MODEL, atomic_write_text
+from covidcxr.calibration import apply_temperature, load_temperature
+from covidcxr.data.preprocess import mask_from_probs
 from covidcxr.errors import ConfigError, DataError, RunExistsError
-from covidcxr.prediction.outputs import (MASK_COLUMNS, SKIP_COLUMNS, CsvTable, check_free, existing,
-                                         mismatch, open_table, pyarrow_module, read_meta, remove, sidecar)
+from covidcxr.gradcam import GradCAM, render_cam
+from covidcxr.inference import Item, Predictor
+from covidcxr.masks import save_png
+from covidcxr.prediction.outputs import (CsvTable, MASK_COLUMNS, SKIP_COLUMNS, check_free, existing, mismatch,
+                                         open_table, pyarrow_module, read_meta, remove, sidecar)
 from covidcxr.prediction.shards import build_merge_parser, in_shard, input_list, list_digest, parse_shard, run_merge
 
 SHOW_BAD = 5          # skipped inputs named on stderr; all of them are in <out>.skipped.csv
@@ -95,8 +100,6 @@ def _check_flags(args, pred) -> None:
 
 def _temperature(args, pred) -> float:
     """The temperature of ``--calibration FILE`` or of the calibration.json beside the model."""
-    from covidcxr.calibration import load_temperature
-
     home = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     cands = [Path(args.calibration)] if args.calibration else \
         [d / CALIBRATION for d in dict.fromkeys((home, pred.located.root, home.parent, home.parent.parent))]
@@ -131,8 +134,6 @@ class Scorer:
         return folder / f"{stem}_{kind}.png"
 
     def rows(self, batch) -> list[dict]:
-        from covidcxr.calibration import apply_temperature
-
         rows = [{"path": d.item.path} for d in batch.done]
         if batch.probs is not None:
             probs = batch.probs if self.temperature is None else apply_temperature(batch.probs, self.temperature)
@@ -147,16 +148,11 @@ class Scorer:
         return rows
 
     def _mask(self, row: dict, d, probs: np.ndarray) -> None:
-        from covidcxr.data.preprocess import mask_from_probs
-        from covidcxr.masks import save_png
-
         mask = mask_from_probs(probs, d.height, d.width)
         dest = save_png(mask, self.name(d.item.path, "mask", self.mask_dir))
         row.update(mask_path=str(dest), mask_fraction=float(mask.mean()), height=int(d.height), width=int(d.width))
 
     def _cams(self, batch, rows: list[dict]) -> None:
-        from covidcxr.gradcam import render_cam
-
         res = self.cam.explain(batch.x)
         for i, (d, row) in enumerate(zip(batch.done, rows)):
             title = [f"predicted {row['label']} ({row['prob_' + row['label']]:.2f})", Path(d.item.path).name]
@@ -213,8 +209,6 @@ def _scorer(args, pred, out: Path, entries: list[str]) -> Scorer:
     if pred.card.task != "classify":
         mask_dir = _folder(args.masks or str(out.with_name(out.stem + "_masks")), "--masks", args)
     if args.gradcam:
-        from covidcxr.gradcam import GradCAM
-
         cam, cam_dir = GradCAM(pred.model, args.gradcam_layer), _folder(args.gradcam, "--gradcam", args)
     dupes = {s for s, c in Counter(Path(p).stem for p in entries).items() if c > 1}
     return Scorer(pred.classes, temperature, mask_dir, cam, cam_dir, dupes)
@@ -235,8 +229,6 @@ def _resume(out: Path, tables, meta: dict) -> list[list[str]]:
 
 def run(args) -> int:
     """Check the arguments and the model, then score this shard's inputs not yet in the output."""
-    from covidcxr.inference import Predictor
-
     k, n = parse_shard(args.shard)
     args.calibrated = args.calibrated or bool(args.calibration)
     out, fmt = _out_and_format(args)
@@ -275,8 +267,6 @@ def _score(args, pred, scorer: Scorer, tables, todo: list[str], bad: dict) -> di
     """Run the model over ``todo``, appending each batch's rows and failures as it finishes; returns
     counts, the first few failures and rows (memory stays flat however many files there are)."""
     from tqdm import tqdm
-
-    from covidcxr.inference import Item
 
     table, skipped = tables
     lung = Path(args.lung_masks) if args.lung_masks else None

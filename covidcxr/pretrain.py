@@ -22,15 +22,27 @@ import argparse
 import functools
 import json
 import math
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
+import pandas as pd
+from keras import ops
 
 from covidcxr import cli
+from covidcxr.augment import affine_matrices, sample_affine
+from covidcxr.data.imageio import is_image_file
+from covidcxr.data.layouts import INFECTION_MASK_DIRS, LUNG_MASK_DIRS
 from covidcxr.errors import ConfigError, CovidCXRError, DataError, RunExistsError
+from covidcxr.models.classifier import iter_layers
+from covidcxr.models.layers import BackboneInput
+from covidcxr.models.registry import build_backbone, check_image_size, get_spec
+from covidcxr.training import devices as D
+from covidcxr.training.data import Batches, open_run_data
 
 LOAD_SCALE = 1.15     # images are cached this much larger than the views, so crops keep detail
 BLUR_RADIUS = 4       # Gaussian taps each side: 2.7 sigma at the largest sigma
@@ -41,9 +53,6 @@ N_PARAMS = 9          # uniform numbers drawn per view (see render_views)
 
 def nt_xent(temperature: float = 0.1):
     """Loss on projections z [2B, d] ordered (view 1 of the batch, view 2 of the batch)."""
-    import keras
-    from keras import ops
-
     def loss(y_true, z):
         z = ops.cast(z, "float32")
         z = z / ops.maximum(ops.norm(z, axis=-1, keepdims=True), 1e-12)
@@ -69,8 +78,6 @@ def blur(images, sigma, radius: int = BLUR_RADIUS):
     Separable, and written as a per-image weighted sum of 2*radius+1 shifted copies of the
     (mirror-padded) image, so each image gets its own kernel with plain elementwise ops: any
     backend, any batch size, nothing but the batch dimension dynamic."""
-    from keras import ops
-
     size = images.shape[1]
     taps = ops.cast(ops.arange(-radius, radius + 1), "float32")
     s = ops.maximum(ops.cast(sigma, "float32"), 1e-3)[:, None]
@@ -85,10 +92,6 @@ def crop_matrices(u, load: int, size: int, rotation_deg: float, min_area: float,
     """Affine maps [B, 6] (see ``affine_matrices``) from the pixels of a ``size`` view to those of a
     ``load`` image: a random box of ``min_area``..100% of the area, aspect 1/max_ratio..max_ratio,
     rotated by up to ``rotation_deg`` about its centre. ``u``: uniform [B, >=5] in [0, 1)."""
-    from keras import ops
-
-    from covidcxr.augment import affine_matrices
-
     area = min_area + (1.0 - min_area) * u[:, 0]
     ratio = ops.exp((2.0 * u[:, 1] - 1.0) * math.log(max_ratio))
     w = ops.minimum(ops.sqrt(area * ratio), 1.0)                   # box sides as fractions of the image
@@ -105,10 +108,6 @@ def render_views(images, size: int, u, cfg: dict = VIEW):
     numbers ``u`` [B, N_PARAMS]: crop + rotation in one bilinear resampling (outside the image: 0),
     then contrast about the view's mean, brightness, clipping to 0..255, and a Gaussian blur on
     ``blur_p`` of the views. ``sample_affine`` writes an L x L grid; the view is its top-left corner."""
-    from keras import ops
-
-    from covidcxr.augment import sample_affine
-
     images = ops.cast(images, "float32")
     mats = crop_matrices(u, images.shape[1], size, cfg["rotation_deg"], cfg["min_area"], cfg["max_ratio"])
     x = sample_affine(images, mats)[:, :size, :size, :]
@@ -123,8 +122,6 @@ def render_views(images, size: int, u, cfg: dict = VIEW):
 
 def plain_views(images, size: int):
     """The whole image resampled to ``size`` pixels, unaugmented (what fine-tuning will see)."""
-    from keras import ops
-
     # area 1, aspect 1, no rotation, contrast x1, brightness +0, no blur (see render_views)
     u = ops.convert_to_tensor([[1.0, 0.5, 0.0, 0.0, 0.5, 0.5, 0.5, 1.0, 0.0]], "float32")
     u = u + ops.zeros((ops.shape(images)[0], 1))
@@ -135,11 +132,6 @@ def plain_views(images, size: int):
 def simclr_class():
     """The SimCLR ``keras.Model`` subclass (defined on first use: Keras is imported late, after the CLI
     has silenced the backend's start-up noise)."""
-    import keras
-    from keras import ops
-
-    from covidcxr.models.layers import BackboneInput
-
     class SimCLR(keras.Model):
         """uint8-range images [B, L, L, 1] (or a batch dict with "image") -> projections. Training:
         two random views per image, z [2B, d] ordered (views 1, views 2); else the plain view, z [B, d]."""
@@ -173,8 +165,6 @@ def simclr_class():
 
 def build_simclr(arch: str, image_size: int, projection_dim: int = 128, hidden: int = 512, seed=None):
     """(SimCLR model mapping uint8-range images to projections, its bare registry encoder)."""
-    from covidcxr.models.registry import build_backbone, get_spec
-
     spec = get_spec(arch)
     encoder = build_backbone(spec, image_size, None)
     return simclr_class()(encoder, spec.normalization, image_size, projection_dim, hidden, seed,
@@ -191,10 +181,6 @@ def recalibrate_batchnorm(model, batches, max_batches: int | None = None) -> int
     so the encoder maps every X-ray to nearly the same features. Here each layer's statistics
     become the cumulative mean over the batches (momentum k/(k+1) at the k-th batch), taken on
     plain, unaugmented images, which is what the encoder sees downstream."""
-    import keras
-
-    from covidcxr.models.classifier import iter_layers
-
     bns = [l for l in iter_layers(model) if isinstance(l, keras.layers.BatchNormalization)]
     if not bns:
         return 0
@@ -215,10 +201,6 @@ def recalibrate_batchnorm(model, batches, max_batches: int | None = None) -> int
 
 
 def _manifest_paths(data: Path, split: str) -> list[str]:
-    import os
-
-    import pandas as pd
-
     try:
         df = pd.read_csv(data, dtype=str, keep_default_na=False)
     except Exception as exc:
@@ -241,9 +223,6 @@ def image_paths(data: str | Path, split: str = "train") -> list[str]:
     (comma-separated names, or ``all``) are used, so that validation and test images stay unseen.
     A folder is searched recursively; the mask folders of the known layouts are left out (masks
     are images too)."""
-    from covidcxr.data.imageio import is_image_file
-    from covidcxr.data.layouts import INFECTION_MASK_DIRS, LUNG_MASK_DIRS
-
     data = Path(data)
     if not data.exists():
         raise DataError(f"--data {data}: no such file or folder.")
@@ -265,10 +244,6 @@ def image_paths(data: str | Path, split: str = "train") -> list[str]:
 def _open_images(paths: list[str], image_size: int, cache_dir, workers):
     """(RunData of the decoded images at the load size, usable cache rows); unreadable files are
     reported and left out."""
-    import pandas as pd
-
-    from covidcxr.training.data import open_run_data
-
     df = pd.DataFrame({"path": paths, "label": "x", "split": "train"})
     data = open_run_data(df, ["x"], load_size(image_size), "none", cache_dir=cache_dir, workers=workers,
                          progress=sys.stderr.isatty())
@@ -300,8 +275,6 @@ def _fit(model, batches, epochs: int) -> list[float]:
 
 def _recalibrate(model, data, rows, batch_size: int) -> str:
     """Precise BN statistics of the encoder on plain views of the training images."""
-    from covidcxr.training.data import Batches
-
     plain = Batches(data, rows, batch_size, prefetch=0)
     feed = (model.backbone_input(plain_views(plain[i][0]["image"][:plain.valid(i)], model.image_size))
             for i in range(len(plain)))
@@ -313,12 +286,6 @@ def pretrain(arch: str, data: str, out: str | Path, image_size: int = 224, epoch
              lr: float = 1e-3, temperature: float = 0.1, seed: int = 0, overwrite: bool = False,
              split: str = "train", cache_dir=None, workers=None) -> Path:
     """Pretrain ``arch`` with SimCLR on the images of ``data``; write ``out`` and ``out.json``."""
-    import keras
-
-    from covidcxr.models.registry import get_spec
-    from covidcxr.training import devices as D
-    from covidcxr.training.data import Batches
-
     get_spec(arch)
     out = Path(out)
     if not out.name.endswith(".weights.h5"):
@@ -382,8 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from covidcxr.models.registry import check_image_size, get_spec
-
     check_image_size(get_spec(args.arch), args.image_size)
     workers_ok = args.workers is None or args.workers >= 1
     if args.epochs < 1 or args.batch_size < 2 or args.temperature <= 0 or args.lr <= 0 or not workers_ok:

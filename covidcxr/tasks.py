@@ -7,9 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import keras
 import numpy as np
+from keras import ops
 
 from covidcxr.errors import ConfigError
+from covidcxr.losses import MaskScore, get_loss
+from covidcxr.models.classifier import build_classifier
+from covidcxr.models.registry import check_image_size, get_spec
+from covidcxr.models.segmentation import build_segmenter, seg_spec
 
 
 def parse_loss_weights(text: str) -> dict[str, float]:
@@ -65,8 +71,6 @@ class Task:
     # ---- outputs
     def unpack(self, out) -> Outputs:
         """Model outputs (backend tensors or NumPy) -> Outputs in NumPy."""
-        import keras
-
         def np_(t):
             return keras.ops.convert_to_numpy(t)
 
@@ -78,14 +82,10 @@ class Task:
 
 
 def _cce(cfg):
-    import keras
-
     return keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
 
 
 def _mask_metrics():
-    from covidcxr.losses import MaskScore
-
     return [MaskScore("dice"), MaskScore("iou")]
 
 
@@ -94,15 +94,11 @@ class Classify(Task):
     classifies = True
 
     def spec(self, arch, image_size):
-        from covidcxr.models.registry import check_image_size, get_spec
-
         spec = get_spec(arch)
         check_image_size(spec, image_size)
         return spec
 
     def build(self, arch, image_size, n_classes, weights, dropout, bn_momentum):
-        from covidcxr.models.classifier import build_classifier
-
         return build_classifier(self.spec(arch, image_size), n_classes, image_size, weights, dropout=dropout,
                                 bn_momentum=bn_momentum)
 
@@ -119,8 +115,6 @@ class Segment(Task):
     default_monitor = "val_dice"
 
     def spec(self, arch, image_size):
-        from covidcxr.models.segmentation import seg_spec
-
         spec = seg_spec(arch)
         if image_size % spec.size_multiple or image_size < spec.size_multiple:
             raise ConfigError(f"--image-size {image_size} does not suit {arch}: use a multiple of "
@@ -128,8 +122,6 @@ class Segment(Task):
         return spec
 
     def build(self, arch, image_size, n_classes, weights, dropout, bn_momentum):
-        from covidcxr.models.segmentation import build_segmenter
-
         return build_segmenter(arch, image_size, weights, num_classes=self._heads(n_classes), dropout=dropout,
                                bn_momentum=bn_momentum)
 
@@ -137,14 +129,10 @@ class Segment(Task):
         return None
 
     def compile_args(self, cfg):
-        from covidcxr.losses import get_loss
-
         # weighted_metrics: Keras passes sample weights (0 = no mask) to these, not to `metrics`.
         return {"loss": get_loss(cfg.seg_loss), "weighted_metrics": _mask_metrics()}
 
     def loss_inputs(self, x, y, out, aug_mask):
-        from keras import ops
-
         return ops.cast(aug_mask, "float32"), out, x["mask_weight"]
 
 
@@ -157,15 +145,11 @@ class Multitask(Segment):
         return n_classes
 
     def compile_args(self, cfg):
-        from covidcxr.losses import get_loss
-
         return {"loss": {"label": _cce(cfg), "mask": get_loss(cfg.seg_loss)},
                 "loss_weights": parse_loss_weights(cfg.loss_weights), "metrics": {"label": ["accuracy"]},
                 "weighted_metrics": {"mask": _mask_metrics()}}
 
     def loss_inputs(self, x, y, out, aug_mask):
-        from keras import ops
-
         return ({"label": y, "mask": ops.cast(aug_mask, "float32")}, out,
                 {"label": x["class_weight"], "mask": x["mask_weight"]})
 

@@ -10,12 +10,18 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from covidcxr import cli
+from covidcxr import artifacts as A
 from covidcxr.config import AugmentConfig, TrainConfig
 from covidcxr.errors import ConfigError, DataError
+from covidcxr.lungcrop import check_segmenter
 from covidcxr.models import catalog
+from covidcxr.models.registry import PRESET
+from covidcxr.training.data import DEMO
+from covidcxr.training.run import train
 
 # --resume applies these (a longer budget; where outputs go; how this machine runs it); any other changed flag is refused
 RESUMABLE = {"epochs", "fine_tune_epochs", "export_dir", "cache_dir", "workers", "mixed_precision", "jit_compile",
@@ -89,7 +95,6 @@ def _weights(args) -> str:
         return args.preset
     if os.sep in args.preset or args.preset.startswith("."):
         raise ConfigError(f"--preset {args.preset}: no such folder (a preset name has no slashes).")
-    from covidcxr.models.registry import PRESET
 
     return PRESET + args.preset
 
@@ -103,8 +108,6 @@ def _crop(value: str) -> str:
 
 
 def config_from_args(args) -> TrainConfig:
-    from covidcxr.training.data import DEMO
-
     demo = args.data is None
     pick = lambda v, d: d if v is None else v  # noqa: E731
     if not demo and not Path(args.data).exists():
@@ -130,10 +133,6 @@ def config_from_args(args) -> TrainConfig:
 def resumed_config(args, parser) -> TrainConfig:
     """The saved config of ``--run-dir``, with --epochs/--fine-tune-epochs applied; any other flag
     that differs from the saved run is refused (never silently ignored)."""
-    from dataclasses import replace
-
-    from covidcxr import artifacts as A
-
     if not args.run_dir:
         raise ConfigError("--resume needs --run-dir of the run to continue.")
     path = Path(args.run_dir) / A.CONFIG
@@ -154,8 +153,6 @@ def resumed_config(args, parser) -> TrainConfig:
 
 
 def run(args) -> int:
-    from covidcxr.training.run import train
-
     if args.arch == catalog.LIST:
         print(catalog.format_table())
         return 0
@@ -165,7 +162,6 @@ def run(args) -> int:
     if cfg.lung_crop not in ("", "given"):
         if cfg.task != "classify":
             raise ConfigError("--lung-crop applies to classification (--task classify).")
-        from covidcxr.lungcrop import check_segmenter
 
         check_segmenter(cfg.lung_crop)
     elif cfg.lung_crop and cfg.task != "classify":

@@ -45,12 +45,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from covidcxr import cli
 from covidcxr.artifacts import staged
+from covidcxr.data.imageio import read_mask
+from covidcxr.data.preprocess import mask_from_probs
 from covidcxr.errors import ConfigError, DataError
-from covidcxr.evaluation.report import report_skipped
+from covidcxr.evaluation.data import check_classes
+from covidcxr.evaluation.report import SCHEMA, report_skipped
+from covidcxr.masks import save_png
+from covidcxr.vlm import clip as C
+from covidcxr.vlm import prompted as P
+from covidcxr.vlm import run as R
+from covidcxr.vlm import siglip as S
 from covidcxr.vlm.clip import DEFAULT_LOGIT_SCALE, default_prompts, load_clip, text_embeddings
+from covidcxr.vlm.prompted import read_prompt_file
+from covidcxr.vlm.run import SegScores, decoded_batches
+from covidcxr.vlm.siglip import check_prompts
 
 # Re-exported: covidcxr.vlm.siglip.cxr_prompts imports default_prompts from here, and older callers
 # use zeroshot.load_clip / zeroshot.text_embeddings (CLIP).
@@ -130,8 +142,6 @@ def _out(a, split: str) -> Path:
 
 
 def _base_metrics(a, rows, skipped: list, warnings: list, kind: str) -> dict:
-    from covidcxr.evaluation.report import SCHEMA
-
     return {"schema": SCHEMA, "model": str(a.preset), "model_kind": kind, "task": a.task, "data": rows.description,
             "split": rows.split, "classes": rows.classes, "external": False, "label_map": None,
             "train_overlap": None, "skipped": skipped, "warnings": warnings, "tta": None, "mask_lungs": None,
@@ -142,9 +152,6 @@ def _base_metrics(a, rows, skipped: list, warnings: list, kind: str) -> dict:
 
 
 def _class_prompts(a, classes: list[str]) -> dict[str, list[str]]:
-    from covidcxr.vlm.prompted import read_prompt_file
-    from covidcxr.vlm.siglip import check_prompts
-
     if not a.prompts:
         return default_prompts(classes)
     return check_prompts(read_prompt_file(a.prompts), classes, f"--prompts {a.prompts}")
@@ -152,10 +159,6 @@ def _class_prompts(a, classes: list[str]) -> dict[str, list[str]]:
 
 def _embed(a, backbone, tokenizer, prompts, df, failed: list):
     """(kept row indices, probabilities [n, K], raw sigmoid scores [n, K] or None, scoring description)."""
-    from covidcxr.vlm import clip as C
-    from covidcxr.vlm import siglip as S
-    from covidcxr.vlm.run import decoded_batches
-
     lib = C if a.model == "clip" else S
     txt = lib.text_embeddings(backbone, tokenizer, prompts)
     keys, embs = [], []
@@ -177,10 +180,6 @@ def _embed(a, backbone, tokenizer, prompts, df, failed: list):
 
 
 def classify(a) -> Path:
-    from covidcxr.evaluation.data import check_classes
-    from covidcxr.vlm import siglip as S
-    from covidcxr.vlm import run as R
-
     t0 = time.perf_counter()
     R.check_family(a.preset, a.model)  # reads config.json only: before indexing the data
     rows = R.load_rows(a.data, a.split, a.quiet)
@@ -215,8 +214,6 @@ def classify(a) -> Path:
 
 def _segment_batch(a, backbone, txt, sam, x):
     """SAM masks ``[n, S, S]`` bool and boxes ``[n, 4]`` (S frame) for one batch."""
-    from covidcxr.vlm import prompted as P
-
     sim = np.einsum("bhwd,d->bhw", P.patch_embeddings(backbone, x, a.batch_size), txt)
     boxes, points, labels = P.prompts_from_map(sim, x.shape[1], a.threshold, a.top_k, a.negatives)
     return P.sam_segment(sam, x, boxes, points, labels, a.batch_size), boxes
@@ -226,8 +223,6 @@ class _MaskWriter:
     """Writes each mask at its image's own size (masks/<class>/<name>.png) and scores it at its truth's own size."""
 
     def __init__(self, out: Path, col: str | None):
-        from covidcxr.vlm.run import SegScores
-
         self.out, self.col, self.scores = out, col, SegScores()
         self.names: set[str] = set()
         self.table: list[dict] = []
@@ -244,12 +239,8 @@ class _MaskWriter:
 
     def write(self, mask_s: np.ndarray, box, hw, row) -> np.ndarray:
         """The mask at the image's size (bool [h, w]); its table row (and scores) appended."""
-        from covidcxr.data import preprocess as P
-        from covidcxr.data.imageio import read_mask
-        from covidcxr.masks import save_png
-
         (h, w), s = hw, mask_s.shape[0]
-        full = P.mask_from_probs(mask_s.astype(np.float32), h, w)
+        full = mask_from_probs(mask_s.astype(np.float32), h, w)
         name = self._name(row)
         (self.out / name).parent.mkdir(parents=True, exist_ok=True)
         save_png(full, self.out / name)
@@ -264,7 +255,7 @@ class _MaskWriter:
             except Exception as exc:
                 self.warnings.append(f"mask left out: {exc}")
                 return full
-            pred = full if truth.shape == full.shape else P.mask_from_probs(mask_s.astype(np.float32), *truth.shape)
+            pred = full if truth.shape == full.shape else mask_from_probs(mask_s.astype(np.float32), *truth.shape)
             rec["dice"], rec["iou"], rec["hd95"] = self.scores.add(truth, pred, row["label"])
         return full
 
@@ -284,8 +275,6 @@ def _seg_summary(a, w: _MaskWriter, target: str | None) -> dict:
 
 def _segment_all(a, rows, backbone, txt, sam, size: int, w: _MaskWriter) -> tuple[list, dict, dict]:
     """Every image through map -> prompts -> SAM -> mask; (unreadable, overlay masks, overlay Dice) by row."""
-    from covidcxr.vlm import run as R
-
     df = rows.df
     truth = df[w.col].astype(str).ne("").to_numpy() if w.col and w.col in df else np.zeros(len(df), bool)
     picks = R.overlay_picks(df, truth if truth.any() else np.ones(len(df), bool), a.overlays, a.seed)
@@ -304,8 +293,6 @@ def _segment_all(a, rows, backbone, txt, sam, size: int, w: _MaskWriter) -> tupl
 
 def _prompt_sets(path: str | None) -> dict[str, list[str]] | None:
     """``--prompt-file``: {name: [prompt, ...]} adding to / overriding ``prompted.SEG_PROMPTS``."""
-    from covidcxr.vlm.prompted import read_prompt_file
-
     if not path:
         return None
     try:
@@ -315,12 +302,6 @@ def _prompt_sets(path: str | None) -> dict[str, list[str]] | None:
 
 
 def segment(a) -> Path:
-    import pandas as pd
-
-    from covidcxr.vlm import prompted as P
-    from covidcxr.vlm import siglip as S
-    from covidcxr.vlm import run as R
-
     t0 = time.perf_counter()
     R.check_family(a.preset, "medsiglip")  # config.json only: before indexing the data
     R.check_sam(a.sam)

@@ -8,6 +8,7 @@ import pandas as pd
 
 from covidcxr.data.dedup import group_duplicates
 from covidcxr.data.manifest import build_manifest, crossing_groups, inspect_files, read_manifest
+from covidcxr.errors import DataError
 
 
 def audit(source: str | Path, fractions=(0.7, 0.15, 0.15), seed: int = 42, workers=None,
@@ -21,7 +22,6 @@ def audit(source: str | Path, fractions=(0.7, 0.15, 0.15), seed: int = 42, worke
         ok = np.array([i.ok for i in infos])
         problems += [f"{i.path}: {i.reason}" for i in infos if not i.ok]
         if not ok.any():
-            from covidcxr.errors import DataError
             raise DataError(f"{source}: none of the {len(infos)} images in the manifest could be read "
                             f"(first: {problems[0] if problems else '?'}). Were the files moved? Re-run index.")
         df = df[ok].reset_index(drop=True)

@@ -21,11 +21,14 @@ import sys
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from covidcxr.data import preprocess as P
+from covidcxr.data.imageio import THUMB_SIZE, inspect_file, read_mask
 from covidcxr.errors import DataError
 
 VERSION = 4  # bump when decoding or preprocessing changes what is stored (4: the exact 16-bit-grid resize)
@@ -91,9 +94,6 @@ def _load_row(row: dict, spec: CacheSpec):
     """(uint8 image [S, S], {column: uint8 mask}, '' or the reason it failed, fingerprint or None).
     The fingerprint (sha256, perceptual hashes, thumbnail) is what the training-overlap guard
     compares; it comes from the same single decode as the pixels."""
-    from covidcxr.data import preprocess as P
-    from covidcxr.data.imageio import inspect_file, read_mask
-
     s = spec.image_size
     info = inspect_file(row["path"], keep_gray=True)
     if not info.ok:
@@ -171,8 +171,6 @@ def _clean_stale(root: Path) -> None:
 def _decode_chunks(chunks: list, spec: CacheSpec, tmp: Path, workers: int, bar) -> list:
     """Decode every chunk: ``workers - 1`` spawned processes take chunks from the front while this
     process takes them from the back (so the processes' start-up costs nothing and no core idles)."""
-    from concurrent.futures.process import BrokenProcessPool
-
     results = []
     if workers > 1 and len(chunks) > 1:
         import multiprocessing as mp
@@ -278,8 +276,6 @@ class Fingerprints:
 
     @classmethod
     def empty(cls, n: int) -> "Fingerprints":
-        from covidcxr.data.imageio import THUMB_SIZE
-
         return cls(np.zeros((n, 32), np.uint8), np.zeros(n, np.uint64), np.zeros(n, np.uint64),
                    np.zeros((n, THUMB_SIZE, THUMB_SIZE), np.uint8), np.zeros(n, bool))
 

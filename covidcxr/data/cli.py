@@ -8,12 +8,15 @@ import sys
 from pathlib import Path
 
 from covidcxr import cli
+from covidcxr.data.audit import audit, format_audit
+from covidcxr.data.download import download
+from covidcxr.data.manifest import build_manifest, class_split_table, write_manifest
+from covidcxr.data.splits import parse_fractions
+from covidcxr.data.synth import write_synthetic_dataset
 from covidcxr.errors import CovidCXRError
 
 
 def _cmd_synth(args) -> int:
-    from covidcxr.data.synth import write_synthetic_dataset
-
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CovidCXRError(f"{out} exists and is not empty; pass --overwrite or choose another folder.")
@@ -23,9 +26,6 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_index(args) -> int:
-    from covidcxr.data.manifest import build_manifest, class_split_table, write_manifest
-    from covidcxr.data.splits import parse_fractions
-
     fractions = parse_fractions(args.split)
     out = Path(args.out) if args.out else Path("manifest.csv")
     data = Path(args.data).resolve()
@@ -61,9 +61,6 @@ def _cmd_index(args) -> int:
 
 
 def _cmd_audit(args) -> int:
-    from covidcxr.data.audit import audit, format_audit
-    from covidcxr.data.splits import parse_fractions
-
     a = audit(args.source, parse_fractions(args.split), args.seed, args.workers, not args.quiet)
     print(format_audit(a))
     if args.json:
@@ -76,8 +73,6 @@ def _cmd_audit(args) -> int:
 
 
 def _cmd_download(args) -> int:
-    from covidcxr.data.download import download
-
     out = download(args.dataset, args.out, args.overwrite)
     print(f"downloaded {args.dataset} to {out}; next: {shlex.join(['python', '-m', 'covidcxr.data', 'index', str(out)])}")
     return 0

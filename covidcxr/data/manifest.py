@@ -21,7 +21,7 @@ from covidcxr.data.dedup import DedupResult, group_duplicates
 from covidcxr.data.imageio import FileInfo, check_mask, inspect_file
 from covidcxr.data.layouts import Problem, Scan, scan_dataset
 from covidcxr.data.splits import SPLITS, stratified_group_split
-from covidcxr.errors import DataError
+from covidcxr.errors import DataError, RunExistsError
 
 COLUMNS = ["path", "label", "lung_mask", "infection_mask", "split", "sha256", "group",
            "width", "height", "mode", "phash"]
@@ -131,7 +131,6 @@ def crossing_groups(df: pd.DataFrame) -> list[list[int]]:
 def write_manifest(df: pd.DataFrame, path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
-        from covidcxr.errors import RunExistsError
         raise RunExistsError(f"{path} already exists; pass --overwrite to replace it or choose another --out.")
     path.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, index=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from covidcxr.calibration import fit_temperature as fit
 from covidcxr.evaluation import figures as F
 from covidcxr.evaluation.passes import forward
 
@@ -135,8 +136,6 @@ def verdict(normal: dict, masked: dict, k: int | None = None) -> str:
 
 def fit_temperature(predictor, df: pd.DataFrame, classes, note: str, quiet: bool):
     """(temperature, n) fitted on ``df`` (model classes), or (None, reason)."""
-    from covidcxr.calibration import fit_temperature as fit
-
     df = df[df["label"].isin(classes)].reset_index(drop=True)
     if len(df) < 2:
         return None, f"{note}: too few images, temperature not fitted"

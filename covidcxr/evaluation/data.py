@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 
 from covidcxr import artifacts as A
+from covidcxr.data.dedup import match_reference
+from covidcxr.data.manifest import build_manifest, read_manifest
 from covidcxr.errors import ConfigError, DataError
 
 
@@ -42,8 +44,6 @@ def _same_path(a, b) -> bool:
 
 
 def _read_run_manifest(path: Path) -> pd.DataFrame:
-    from covidcxr.data.manifest import read_manifest
-
     df = read_manifest(path)
     return df[df["split"] != "unused"].reset_index(drop=True)
 
@@ -65,8 +65,6 @@ def load(loc: A.Located, data: str | None, split: str, seed: int = 42, progress:
 def load_external(data: str | Path, seed: int = 42, progress: bool = True):
     """(rows, description, has its own split, [(path, reason)] indexing left out) of a dataset folder
     (indexed now, in memory) or a manifest CSV."""
-    from covidcxr.data.manifest import build_manifest, read_manifest
-
     path = Path(data)
     if not path.exists():
         raise DataError(f"--data {data}: no such file or folder.")
@@ -203,8 +201,6 @@ class Overlap:
 
 def training_overlap(fp_path: Path | None, eval_fps: list[tuple | None]) -> Overlap | None:
     """Match each evaluated image (its fingerprint, or None) against the model's training images."""
-    from covidcxr.data.dedup import match_reference
-
     if fp_path is None:
         return None
     ref = np.load(fp_path)

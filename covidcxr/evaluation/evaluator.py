@@ -18,11 +18,12 @@ import pandas as pd
 from covidcxr import artifacts as A
 from covidcxr.calibration import apply_temperature, ece, reliability_bins, save_temperature
 from covidcxr.errors import ConfigError, DataError
+from covidcxr.evaluation import checks, segscore, visuals
 from covidcxr.evaluation import data as D
 from covidcxr.evaluation import figures as F
-from covidcxr.evaluation import checks, segscore, visuals
 from covidcxr.evaluation.passes import forward, subset
 from covidcxr.evaluation.report import SCHEMA, report_skipped, write, write_metrics
+from covidcxr.inference import Predictor
 from covidcxr.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc, plot_single_class
 
 
@@ -50,8 +51,6 @@ class EvalOptions:
 
 class Evaluator:
     def __init__(self, opts: EvalOptions, explicit: set[str] = frozenset(), log=print):
-        from covidcxr.inference import Predictor
-
         self.o, self.log = opts, log
         self.loc = A.locate(opts.model)
         self.card = self.loc.card
@@ -187,8 +186,8 @@ class Evaluator:
         else:
             self._figures(m, ed, p, y, probs, lmap, merge, classes, out, context)
         rows = df.iloc[p.rows].reset_index(drop=True)
-        m["tta"] = probes.tta(self.pred, df, p.rows, y, classes, merge, o.bootstrap, o.seed, o.quiet) if o.tta else None
-        m["mask_lungs"] = (probes.lungs_out(self.pred, df, p.rows, y, probs, classes, merge, o.bootstrap, o.seed,
+        m["tta"] = checks.tta(self.pred, df, p.rows, y, classes, merge, o.bootstrap, o.seed, o.quiet) if o.tta else None
+        m["mask_lungs"] = (checks.lungs_out(self.pred, df, p.rows, y, probs, classes, merge, o.bootstrap, o.seed,
                                             o.quiet) if o.mask_lungs else None)
         self._say(m)
         visuals.examples(rows, y, probs, classes, out, context, seed=o.seed)
@@ -248,7 +247,7 @@ class Evaluator:
                      + f" (majority-class baseline '{base['class']}': accuracy {base['accuracy']:.4f}, macro-F1 "
                        f"{base['macro_f1']:.4f})")
         if m.get("tta"):
-            self.log(f"TTA ({len(probes.TTA_VIEWS)} views): accuracy {m['tta']['accuracy']:.4f}, macro-F1 "
+            self.log(f"TTA ({len(checks.TTA_VIEWS)} views): accuracy {m['tta']['accuracy']:.4f}, macro-F1 "
                      f"{m['tta']['macro_f1']:.4f}")
         if m.get("mask_lungs"):
             self.log("shortcut probe: " + m["mask_lungs"]["verdict"])
@@ -273,7 +272,7 @@ class Evaluator:
             note = f"validation split of the run ({self.loc.manifest_path})"
         else:
             return None, "no validation split in the data or the run: temperature not fitted"
-        return probes.fit_temperature(self.pred, val, self.card.classes, note, self.o.quiet)
+        return checks.fit_temperature(self.pred, val, self.card.classes, note, self.o.quiet)
 
     def _segmentation(self, m: dict, df, p, out: Path, context: str) -> None:
         target = self.card.target or "lung"

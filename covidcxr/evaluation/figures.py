@@ -14,7 +14,7 @@ import numpy as np
 
 from covidcxr.calibration import ece, nll, reliability_bins
 from covidcxr.metrics import bootstrap_ci, classification_metrics, cosine_similarity
-from covidcxr.segmetrics import hd95
+from covidcxr.segmetrics import hd95, segmentation_metrics
 
 
 def classification(y: np.ndarray, probs: np.ndarray, classes: list[str], bootstrap: int = 0, seed: int = 0) -> dict:
@@ -73,8 +73,6 @@ def mean_ci(values: np.ndarray, strata: np.ndarray, n: int, seed: int, level: fl
 def segmentation(truths: list[np.ndarray], preds: list[np.ndarray], labels: list[str], bootstrap: int = 0,
                  seed: int = 0) -> dict:
     """Dice/IoU/HD95 of boolean predictions against boolean truths (same sizes, pair by pair)."""
-    from covidcxr.segmetrics import segmentation_metrics
-
     m = segmentation_metrics(truths, [p.astype(np.float32) for p in preds], labels)
     per = m["per_image"]
     m["ci95"] = ({"dice": mean_ci(np.array(per["dice"]), np.array(labels), bootstrap, seed),

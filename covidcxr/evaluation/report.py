@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 SCHEMA = "covidcxr.evaluate/2"
 PLOTS = (("probabilities.png", "One class only: its predicted probability and the predicted classes"),
@@ -195,7 +196,6 @@ def report_skipped(skipped: list[tuple[str, str]], out: Path, log=print) -> None
     """Every file that could not be read: count and the first few on the console, all in skipped.csv."""
     if not skipped:
         return
-    import pandas as pd
 
     pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(out / "skipped.csv", index=False)
     log(f"WARNING: {len(skipped)} file(s) could not be read and are left out (all in skipped.csv), e.g.:")

@@ -6,7 +6,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from covidcxr.data import preprocess as P
+from covidcxr.data.imageio import read_image, read_mask
 from covidcxr.evaluation.passes import items_of
+from covidcxr.gradcam import GradCAM, render_cam
+from covidcxr.gradcam import overlay as cam_overlay
+from covidcxr.masks import overlay
+from covidcxr.plots import plot_image_grid
 
 
 def _pick(rng, idx: np.ndarray, n: int) -> np.ndarray:
@@ -19,9 +25,6 @@ def gradcam(predictor, df: pd.DataFrame, y: np.ndarray, probs: np.ndarray, class
     in batches: one PNG per image (true class, prediction, probability, colour bar, flat-map note)
     and a grid. ``probs`` are the model's own class probabilities; ``eval_class_of[k]`` names the
     evaluation class of model class k (external validation; default: the same)."""
-    from covidcxr.gradcam import GradCAM, overlay, render_cam
-    from covidcxr.plots import plot_image_grid
-
     cam = GradCAM(predictor.model, layer)
     rng = np.random.default_rng(seed)
     chosen = np.concatenate([_pick(rng, np.flatnonzero(y == i), n_per_class) for i in range(len(classes))])
@@ -44,7 +47,7 @@ def gradcam(predictor, df: pd.DataFrame, y: np.ndarray, probs: np.ndarray, class
                         Path(d.item.path).name], note=note)
             files.append(f"gradcam/{true}/{name}")
             caption = f"{Path(d.item.path).name}\npred {model_classes[k]} {probs[r, k]:.2f}" + ("\nflat map" if note else "")
-            panels.setdefault(true, []).append((overlay(d.gray, res.heatmaps[j]), caption,
+            panels.setdefault(true, []).append((cam_overlay(d.gray, res.heatmaps[j]), caption,
                                                 "green" if eval_class_of[k] == true else "red"))
     desc = cam.describe(predictor.card.image_size)
     rows = [(f"true {c}", panels[c]) for c in classes if c in panels]
@@ -58,9 +61,6 @@ def gradcam(predictor, df: pd.DataFrame, y: np.ndarray, probs: np.ndarray, class
 
 def examples(df: pd.DataFrame, y: np.ndarray, probs: np.ndarray, classes, out: Path, context: str,
              n: int = 4, seed: int = 0) -> Path:
-    from covidcxr.data.imageio import read_image
-    from covidcxr.plots import plot_image_grid
-
     rng = np.random.default_rng(seed)
     pred = probs.argmax(axis=1)
     rows = []
@@ -87,11 +87,6 @@ def overlays(df: pd.DataFrame, col: str, masks: np.ndarray, per_image: dict, out
     """Prediction (red) over ground truth (green) for the worst cases: the ``ceil(n / classes)``
     images of each class with the lowest Dice, lowest first. {files, selection}."""
     from PIL import Image
-
-    from covidcxr.data import preprocess as P
-    from covidcxr.data.imageio import read_image, read_mask
-    from covidcxr.masks import overlay
-    from covidcxr.plots import plot_image_grid
 
     labels, dice = df["label"].to_numpy(), np.asarray(per_image["dice"], float)
     per_class = int(np.ceil(n / max(1, len(set(labels))))) if n else 0

@@ -17,19 +17,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import pandas as pd
 
 from covidcxr import artifacts as A
 from covidcxr.errors import CovidCXRError, DataError
 from covidcxr.exporting.check import check_export, require
+from covidcxr.exporting.signatures import classifier_fns, segmenter_fns
+from covidcxr.inference import load_keras
 
 
 
 def export_run(src: str | Path, out: str | Path, overwrite: bool = False, checks: list[str] | None = None,
                log=print) -> Path | None:
     """Export ``src`` (run, export or .keras) to ``out``; under another backend, via a TensorFlow subprocess."""
-    import keras
-
     if keras.backend.backend() == "tensorflow":
         return export_model(A.locate(src), out, overwrite, checks, log)
     if importlib.util.find_spec("tensorflow") is None:
@@ -72,11 +73,6 @@ def default_checks(loc: A.Located, n: int = CHECK_IMAGES) -> tuple[list[str], li
 
 def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, checks: list[str] | None = None,
                  log=print) -> Path:
-    import keras
-
-    from covidcxr.exporting.signatures import classifier_fns, segmenter_fns
-    from covidcxr.inference import load_keras
-
     if loc.keras_path is None:
         raise DataError(f"{loc.root}: a bare SavedModel; export from the run or export folder (model.keras).")
     out = Path(out)

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 
 from covidcxr.errors import ConfigError
+from covidcxr.models.layers import normalization_params
 
 # Hugging Face ``model_type`` values keras-hub's transformers converter turns into each backbone class.
 HF_MODEL_TYPES = {
@@ -139,7 +140,6 @@ def check_hf_preprocessing(spec, info: PresetInfo) -> None:
     (else the weights would see images scaled unlike in training). Skipped when the file is absent/unreachable."""
     if info.fmt != "hf":
         return
-    from covidcxr.models.layers import normalization_params
 
     try:
         if info.local:

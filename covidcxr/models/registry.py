@@ -37,13 +37,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import keras
 
 from covidcxr.errors import ConfigError
+from covidcxr.models.presets import check_hf_preprocessing, check_native_size, check_preset
+from covidcxr.models.tokens import as_registry_backbone
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,6 @@ class _Published(Mapping):
 
     @functools.cached_property
     def _hashes(self) -> dict:
-        import importlib
-
         module, key, top, notop, table = self._where
         try:
             hashes = getattr(importlib.import_module(f"keras.src.applications.{module}"), table)[key]
@@ -262,8 +264,6 @@ def check_weights(spec: ArchSpec, weights: str | None) -> str | None:
 
 def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
     """Feature extractor for ``spec`` at ``image_size``; ``weights`` imagenet/None/path/PRESET+name/handle."""
-    import keras
-
     check_image_size(spec, image_size)
     shape = (image_size, image_size, 3)
     preset = check_weights(spec, weights)
@@ -281,8 +281,6 @@ def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
                 return model
             return ctor(weights=str(weights), **kw)
         import keras_hub
-
-        from covidcxr.models.tokens import as_registry_backbone
 
         if weights == "imagenet":
             return as_registry_backbone(spec, hub_from_preset(spec, spec.hub_preset, shape), image_size, True)
@@ -310,8 +308,6 @@ def hub_from_preset(spec: ArchSpec, preset: str, shape):
     (``save_to_preset``) or a local Hugging Face model folder; a CLIP/SigLIP preset gives its image tower.
     Refuses a preset of another architecture before loading weights (``covidcxr.models.presets``)."""
     import keras_hub
-
-    from covidcxr.models.presets import check_hf_preprocessing, check_native_size, check_preset
 
     info = check_preset(spec, preset)
     check_hf_preprocessing(spec, info)

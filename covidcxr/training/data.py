@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.data.cache import CacheSpec, InputCache, open_cache
+from covidcxr.data.manifest import build_manifest, read_manifest
+from covidcxr.data.splits import parse_fractions
+from covidcxr.data.synth import write_synthetic_dataset
 from covidcxr.errors import DataError
 
 
@@ -176,10 +180,6 @@ DEMO = dict(per_class=100, synth_size=128, image_size=128, epochs=4, fine_tune_e
 
 def demo_data(cache_root: Path) -> Path:
     """Build (once) and reuse the synthetic demo set."""
-    import shutil
-
-    from covidcxr.data.synth import write_synthetic_dataset
-
     d = cache_root / f"demo-{DEMO['per_class']}x{DEMO['synth_size']}px-seed0"
     if not (d / ".complete").exists():
         if d.exists():
@@ -191,9 +191,6 @@ def demo_data(cache_root: Path) -> Path:
 
 def load_manifest(data: str | None, split: str, seed: int, demo_root: Path, log=print):
     """(manifest DataFrame, class names, [(path, reason)] left out by indexing) for a run."""
-    from covidcxr.data.manifest import build_manifest, read_manifest
-    from covidcxr.data.splits import parse_fractions
-
     src = Path(data) if data else demo_data(demo_root)
     problems: list[tuple[str, str]] = []
     if src.is_file():

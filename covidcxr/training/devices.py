@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import keras
 
+from covidcxr.errors import ConfigError
+
 
 @dataclass
 class Device:
@@ -89,8 +91,6 @@ def distribution_scope(device: Device, batch_size: int):
         return strategy.scope(), f"{type(strategy).__name__} over {strategy.num_replicas_in_sync} devices"
     if device.backend == "jax":
         if batch_size % device.count:
-            from covidcxr.errors import ConfigError
-
             raise ConfigError(f"--batch-size {batch_size} must be a multiple of the {device.count} devices.")
         keras.distribution.set_distribution(keras.distribution.DataParallel())
         return contextlib.nullcontext(), f"DataParallel over {device.count} devices"

@@ -33,9 +33,13 @@ import uuid
 from pathlib import Path
 from typing import Callable, Sequence
 
+import keras
 import numpy as np
 
 from covidcxr.errors import DataError
+from covidcxr.models.layers import BackboneInput, gray_input
+from covidcxr.models.registry import build_backbone
+from covidcxr.models.tokens import call_encoder
 
 
 def content_key(path: str | Path) -> str:
@@ -186,12 +190,6 @@ class EmbeddingCache:
 def pooled_feature_model(spec, image_size: int, weights):
     """uint8-range gray ``[B, S, S, 1]`` -> the pooled features ``build_classifier``'s head sees (``gap``):
     for a frozen-encoder probe on cached embeddings. Returns (model, backbone)."""
-    import keras
-
-    from covidcxr.models.tokens import call_encoder
-    from covidcxr.models.layers import BackboneInput, gray_input
-    from covidcxr.models.registry import build_backbone
-
     backbone = build_backbone(spec, image_size, weights)
     backbone.trainable = False
     inputs = gray_input(image_size)

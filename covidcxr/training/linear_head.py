@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from covidcxr.training.data import Batches, RunData
+from covidcxr.training.embeddings import EmbeddingCache, encoder_id
 
 
 def head_model(net: keras.Model) -> keras.Model:
@@ -30,8 +31,6 @@ def head_model(net: keras.Model) -> keras.Model:
 
 def features(net: keras.Model, data: RunData, cache_root: Path, batch_size: int, log) -> np.ndarray:
     """Pooled features [N, D] of every decoded row of ``data`` (zeros for rows that failed)."""
-    from covidcxr.training.embeddings import EmbeddingCache, encoder_id
-
     extractor = keras.Model(net.input, net.get_layer("gap").output)
     ok = np.flatnonzero(data.cache.ok)
     images = data.cache.images

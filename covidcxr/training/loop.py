@@ -21,7 +21,10 @@ import keras
 import numpy as np
 
 from covidcxr import artifacts as A
-from covidcxr.training.phases import PHASE_CODES, Controls, Phase, apply_trainable, make_optimizer
+from covidcxr.losses import get_loss
+from covidcxr.metrics import classification_metrics
+from covidcxr.tasks import Outputs, parse_loss_weights
+from covidcxr.training.phases import Controls, PHASE_CODES, Phase, apply_trainable, make_optimizer
 from covidcxr.training.progress import StepProgress
 
 
@@ -51,8 +54,6 @@ class LoopState:
 
 def predict_batches(net, batches, task):
     """Outputs of the plain network over every row of ``batches`` (padding removed)."""
-    from covidcxr.tasks import Outputs
-
     probs, masks = [], []
     batches.set_epoch(0)
     for i in range(len(batches)):
@@ -79,8 +80,6 @@ def _mask_scores(truth: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.n
 
 def validate(net, batches, task, cfg) -> dict:
     """val_* figures of the network on ``batches`` (the loss as training computes it, unweighted)."""
-    from covidcxr.metrics import classification_metrics
-
     out = predict_batches(net, batches, task)
     data, rows = batches.data, batches.rows
     logs, loss = {}, 0.0
@@ -96,8 +95,6 @@ def validate(net, batches, task, cfg) -> dict:
         has = data.cache.has_mask[col][rows]
         truth = np.asarray(data.cache.masks[col][rows[has]], np.float32)[..., None]
         if has.any():
-            from covidcxr.losses import get_loss
-
             per_image = keras.ops.convert_to_numpy(get_loss(cfg.seg_loss)(truth, out.masks[has][..., None]))
             loss += _weight(cfg, "mask") * float(np.mean(per_image))
             dice, iou = _mask_scores(truth, out.masks[has])
@@ -111,7 +108,6 @@ def validate(net, batches, task, cfg) -> dict:
 def _weight(cfg, head: str) -> float:
     if cfg.task != "multitask":
         return 1.0
-    from covidcxr.tasks import parse_loss_weights
 
     return parse_loss_weights(cfg.loss_weights)[head]
 

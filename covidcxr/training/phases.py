@@ -19,6 +19,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from covidcxr.models.classifier import freeze_backbone, get_backbone, iter_layers, unfreeze_top
+from covidcxr.models.tokens import freeze_position_embeddings
+
 
 @dataclass
 class Phase:
@@ -46,8 +49,6 @@ PHASE_CODES = {"scratch": 0, "head": 1, "finetune": 2}
 
 def apply_trainable(net: keras.Model, phase: Phase) -> str:
     """Freeze/unfreeze the backbone for ``phase``; returns a short description."""
-    from covidcxr.models.classifier import freeze_backbone, get_backbone, unfreeze_top
-
     names = {layer.name for layer in net.layers}
     if "backbone" not in names:  # a plain U-Net: everything trains
         return "all layers"
@@ -66,9 +67,6 @@ def apply_trainable(net: keras.Model, phase: Phase) -> str:
 def _freeze_position_embeddings(backbone) -> str:
     """DINOv2 position embeddings stay frozen: keras-hub 0.32 does not save their fine-tuned
     values faithfully (see covidcxr.models.tokens.freeze_position_embeddings)."""
-    from covidcxr.models.tokens import freeze_position_embeddings
-    from covidcxr.models.classifier import iter_layers
-
     found = [layer for layer in iter_layers(backbone) if type(layer).__name__ == "DINOV2Backbone"]
     for layer in found:
         freeze_position_embeddings(layer)

@@ -14,14 +14,30 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import keras
 import numpy as np
 import pandas as pd
 
 from covidcxr import artifacts as A
+from covidcxr.augment import Augment
 from covidcxr.cli import Interrupted
 from covidcxr.config import AugmentConfig, TrainConfig
+from covidcxr.data.cache import default_cache_dir, fingerprints
 from covidcxr.errors import ConfigError, CovidCXRError, DataError, ExportFailedError, RunExistsError
+from covidcxr.exporting import export_run
+from covidcxr.inference import load_keras
+from covidcxr.lungcrop import check_segmenter, copy_segmenter, given_masks, predicted_masks
+from covidcxr.metrics import classification_metrics
+from covidcxr.plots import plot_history
+from covidcxr.segmetrics import segmentation_metrics
+from covidcxr.tasks import get_task
+from covidcxr.training import devices as D
+from covidcxr.training.data import Batches, check_split_sizes, class_weights, label_subset, load_manifest, open_run_data
+from covidcxr.training.linear_head import FeatureBatches, features, head_model
+from covidcxr.training.loop import Loop, LoopState, predict_batches
 from covidcxr.training.network import build_network, check_model
+from covidcxr.training.phases import plan
+from covidcxr.training.trainee import Trainee
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -51,8 +67,6 @@ def resolve_dirs(cfg: TrainConfig, overwrite: bool, resume: bool) -> tuple[Path,
 
 
 def prepare_rows(cfg: TrainConfig, task, log) -> tuple[pd.DataFrame, list[str], list]:
-    from covidcxr.training.data import label_subset, load_manifest
-
     df, classes, problems = load_manifest(cfg.data, cfg.split, cfg.seed, Path("experiments") / "cache", log)
     if cfg.label_fraction < 1.0:
         before = int((df["split"] == "train").sum())
@@ -61,8 +75,6 @@ def prepare_rows(cfg: TrainConfig, task, log) -> tuple[pd.DataFrame, list[str], 
         log(f"label fraction {cfg.label_fraction:g}: {int(kept.sum())} of {before} training images "
             f"({', '.join(f'{c} {n}' for c, n in kept.items())}); the rest are marked 'unused'")
     if cfg.lung_crop == "given":
-        from covidcxr.lungcrop import given_masks
-
         df = given_masks(df)
     if task.segments:
         col = task.mask_column(cfg.target)
@@ -89,8 +101,6 @@ def report_skipped(run_dir: Path, skipped: list[tuple[str, str]], log) -> None:
 def write_fingerprints(run_dir: Path, data) -> None:
     """sha256, perceptual hashes and 16 x 16 thumbnails of the training (role 0) and validation
     (role 1) images: what ``evaluate`` compares new data against (the training-overlap guard)."""
-    from covidcxr.data.cache import fingerprints
-
     fp = fingerprints(data.cache)
     rows = np.concatenate([data.rows("train"), data.rows("val")])
     role = np.concatenate([np.zeros(len(data.rows("train")), np.uint8), np.ones(len(data.rows("val")), np.uint8)])
@@ -117,8 +127,6 @@ def _card(cfg: TrainConfig, task, classes, backend: str) -> A.ModelCard:
 def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False, log=print) -> Path:
     """Train as ``cfg`` says; returns the run folder. ``resume``: ``cfg`` is the saved config
     (with any extended epoch budget applied by the caller)."""
-    from covidcxr.tasks import get_task
-
     cfg.validate()
     task = get_task(cfg.task)
     if not resume:  # a resumed run's model is in its folder (its --weights file may be gone)
@@ -165,15 +173,12 @@ def _remove_stub(run_dir: Path, created: bool, log) -> None:
 def _lung_crop_masks(cfg: TrainConfig, df: pd.DataFrame, run_dir: Path, log) -> pd.DataFrame:
     if not cfg.lung_crop or cfg.lung_crop == "given":
         return df
-    from covidcxr.lungcrop import check_segmenter, copy_segmenter, predicted_masks
 
     seg_dir = copy_segmenter(check_segmenter(cfg.lung_crop), run_dir)
     return predicted_masks(df, seg_dir, cfg.image_size, run_dir / A.CROP_MASKS, log=log)
 
 
 def _train(cfg, task, df, classes, problems, run_dir, export_dir, resume, log) -> Path:
-    from covidcxr.training.data import check_split_sizes, open_run_data
-
     data = open_run_data(df, classes, cfg.image_size, cfg.contrast,
                          mask_column=task.mask_column(cfg.target) if task.segments else None,
                          needs_mask=cfg.task == "segment", crop_column="crop_mask" if cfg.lung_crop else "",
@@ -203,15 +208,6 @@ def _drop_resume_state(run_dir: Path, log) -> None:
 
 
 def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
-    import keras
-
-    from covidcxr.training import devices as D
-    from covidcxr.augment import Augment
-    from covidcxr.training.data import Batches, class_weights
-    from covidcxr.training.loop import Loop, LoopState
-    from covidcxr.training.phases import plan
-    from covidcxr.training.trainee import Trainee
-
     device = D.detect()
     policy = D.precision_policy(device, cfg.mixed_precision)
     keras.mixed_precision.set_global_policy(policy)
@@ -220,9 +216,6 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
     scope, how = D.distribution_scope(device, cfg.batch_size)
     with scope:
         if resume:
-            from covidcxr.models.layers import register_all
-
-            register_all()
             net = keras.models.model_from_json((run_dir / "architecture.json").read_text())
             weights = cfg.weights
             if cfg.freeze_encoder and (run_dir / A.BEST).exists():  # the frozen encoder is in every checkpoint
@@ -235,7 +228,6 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
             _card(cfg, task, data.classes, device.backend).save(run_dir)
         probe = cfg.freeze_encoder and cfg.task == "classify"
         if probe:  # the head alone, on cached embeddings of the frozen encoder
-            from covidcxr.training.linear_head import head_model
 
             trainee = Trainee(head_model(net), Augment.from_config_object(AugmentConfig.none()), task)
         else:
@@ -243,9 +235,6 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
     cw = class_weights(data.df["label"].iloc[data.rows("train")], data.classes) \
         if cfg.class_weights and task.classifies else None
     if probe:
-        from covidcxr.data.cache import default_cache_dir
-        from covidcxr.training.linear_head import FeatureBatches, features
-
         feats = features(net, data, Path(cfg.cache_dir or default_cache_dir()) / "embeddings", cfg.batch_size, log)
         train = FeatureBatches(data, feats, data.rows("train"), cfg.batch_size, shuffle=True, seed=cfg.seed,
                                class_weight=cw)
@@ -288,17 +277,10 @@ def _extend(state, phases) -> None:
 def split_metrics(net, data, split: str, task, batch_size: int, features=None) -> dict | None:
     """Classification figures and/or Dice/IoU/HD95 (model resolution) of ``net`` on a split;
     ``features``: the probe's cached embeddings (then only ``net``'s head runs, on them)."""
-    from covidcxr.metrics import classification_metrics
-    from covidcxr.segmetrics import segmentation_metrics
-    from covidcxr.training.data import Batches
-    from covidcxr.training.loop import predict_batches
-
     rows = data.rows(split)
     if not len(rows):
         return None
     if features is not None:
-        from covidcxr.training.linear_head import FeatureBatches, head_model
-
         net, batches = head_model(net), FeatureBatches(data, features, rows, batch_size)
     else:
         batches = Batches(data, rows, batch_size, prefetch=0)
@@ -317,9 +299,6 @@ def split_metrics(net, data, split: str, task, batch_size: int, features=None) -
 
 
 def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) -> ExportFailedError | None:
-    from covidcxr.inference import load_keras
-    from covidcxr.plots import plot_history
-
     best = load_keras(run_dir / A.BEST)
     metrics = {"summary": loop.summaries, "best_epoch": loop_state_best(run_dir)}
     for split in ("val", "test"):
@@ -345,8 +324,6 @@ def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) 
 def _export(run_dir: Path, export_dir: Path, log) -> ExportFailedError | None:
     """Export after training. A failure does not undo the run: the run folder is complete, its
     export_status.json says what failed, and the error returned gives the command that retries."""
-    from covidcxr.exporting import export_run
-
     retry = shlex.join(["python", "-m", "covidcxr.export", str(run_dir), "--out", str(export_dir)])
     try:
         export_run(run_dir, export_dir, overwrite=True, log=log)
@@ -361,7 +338,5 @@ def _export(run_dir: Path, export_dir: Path, log) -> ExportFailedError | None:
 
 
 def loop_state_best(run_dir: Path) -> dict:
-    from covidcxr.training.loop import LoopState
-
     s = LoopState.load(run_dir)
     return {"epoch": s.best_epoch, "value": s.best}

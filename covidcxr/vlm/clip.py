@@ -20,8 +20,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from keras import ops
 
 from covidcxr.errors import ConfigError
+from covidcxr.models.layers import BackboneInput
 
 TEMPLATES = ("a chest x-ray showing {}.", "a frontal chest radiograph with {}.", "an x-ray image of the chest with {}.")
 FINDINGS = {
@@ -93,10 +95,6 @@ def image_size_of(backbone) -> int:
 def image_embeddings(backbone, gray_uint8, batch_size: int = 16) -> np.ndarray:
     """L2-normalised CLIP image embeddings ``[B, D]`` float64 of uint8-range gray images ``[B, S, S, 1]``
     (CLIP's mean/std applied here; images resized to the model's size when S differs)."""
-    from keras import ops
-
-    from covidcxr.models.layers import BackboneInput
-
     gray, size, out = np.asarray(gray_uint8, np.float32), image_size_of(backbone), []
     norm = BackboneInput("clip")
     for i in range(0, len(gray), batch_size):

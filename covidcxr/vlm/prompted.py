@@ -29,8 +29,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+from keras import ops
 
 from covidcxr.errors import ConfigError, DataError
+from covidcxr.models.layers import BackboneInput
+from covidcxr.models.presets import describe_preset
+from covidcxr.models.registry import registry
+from covidcxr.models.tokens import SigLIPTokens
+from covidcxr.vlm.siglip import gray_to_siglip, image_size_of, text_embeddings
 
 SEG_PROMPTS = {
     "lungs": ["the lungs", "both lungs on a chest x-ray", "the lung fields", "the left and right lungs"],
@@ -73,9 +79,6 @@ def resolve_prompt(prompt: str | list[str], prompt_sets: dict[str, list[str]] | 
 
 def _kind_of_name(name: str) -> str:
     """Class a registry name or a preset (name, folder, handle) stands for; medsiglip loads both towers."""
-    from covidcxr.models.presets import describe_preset
-    from covidcxr.models.registry import registry
-
     spec = registry().get(name)
     if spec is not None:
         return "SigLIPBackbone" if spec.constructor == "SigLIPVisionEncoder" else spec.constructor
@@ -103,11 +106,6 @@ def check_segmentation_prompt(model, prompt: str) -> None:
 
 def patch_embeddings(siglip_backbone, gray_uint8, batch_size: int = 8) -> np.ndarray:
     """L2-normalised per-patch SigLIP embeddings ``[B, g, g, D]`` (MAP head on each patch token alone)."""
-    from keras import ops
-
-    from covidcxr.vlm.siglip import gray_to_siglip, image_size_of
-    from covidcxr.models.tokens import SigLIPTokens
-
     enc = siglip_backbone.vision_encoder
     size, dim = image_size_of(siglip_backbone), int(enc.hidden_dim)
     grid = size // int(enc.patch_size)
@@ -124,8 +122,6 @@ def patch_embeddings(siglip_backbone, gray_uint8, batch_size: int = 8) -> np.nda
 def similarity_map(siglip_backbone, tokenizer, gray_uint8, prompt: str | list[str],
                    prompt_sets: dict[str, list[str]] | None = None, batch_size: int = 8) -> np.ndarray:
     """Cosine similarity ``[B, g, g]`` float32 of each patch with the (ensembled) prompt text embedding."""
-    from covidcxr.vlm.siglip import text_embeddings
-
     txt = text_embeddings(siglip_backbone, tokenizer, {"prompt": resolve_prompt(prompt, prompt_sets)})[0]
     return np.einsum("bhwd,d->bhw", patch_embeddings(siglip_backbone, gray_uint8, batch_size), txt)
 
@@ -193,10 +189,6 @@ def sam_segment(sam_model, gray_uint8, boxes=None, points=None, labels=None, bat
     pixel frame (boxes ``[B, 4]`` xyxy; points ``[B, P, 2]`` (x, y) with labels ``[B, P]``). ``select``:
     'first' (SAM's single-mask output), 'best' (highest predicted IoU of the multimask outputs), 'auto'
     ('first' with a box, 'best' for points only, as SAM's authors advise)."""
-    from keras import ops
-
-    from covidcxr.models.layers import BackboneInput
-
     gray = np.asarray(gray_uint8, np.float32)
     size = gray.shape[1]
     seg, side, frame, mask_side = _sam_parts(sam_model)

@@ -27,7 +27,18 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.artifacts import check_free
+from covidcxr.data import preprocess as P
+from covidcxr.data.imageio import inspect_file, read_image, read_mask
 from covidcxr.errors import ConfigError, DataError
+from covidcxr.evaluation import visuals
+from covidcxr.evaluation import figures as F
+from covidcxr.evaluation.data import choose_split, data_summary, load_external
+from covidcxr.evaluation.figures import mean_ci
+from covidcxr.evaluation.report import write, write_metrics
+from covidcxr.masks import overlay
+from covidcxr.models.presets import describe_preset
+from covidcxr.plots import plot_confusion, plot_image_grid, plot_pr, plot_reliability, plot_roc
+from covidcxr.segmetrics import dice, hd95, iou
 
 FAMILIES = {"clip": ("CLIPBackbone", "CLIP", "clip_vit_base_patch16"),
             "medsiglip": ("SigLIPBackbone", "SigLIP", "medsiglip_900m_448")}
@@ -49,8 +60,6 @@ class Rows:
 
 def load_rows(data: str, split: str, quiet: bool = False, seed: int = 42) -> Rows:
     """Rows of ``data`` (folder or manifest CSV) for ``split`` (auto: test, else val, else all)."""
-    from covidcxr.evaluation.data import choose_split, load_external
-
     df_all, desc, has_split, problems = load_external(data, seed, progress=not quiet)
     df, split = choose_split(df_all, split, has_split, False)
     return Rows(df.reset_index(drop=True), df_all, split, desc, has_split, problems)
@@ -58,8 +67,6 @@ def load_rows(data: str, split: str, quiet: bool = False, seed: int = 42) -> Row
 
 def check_family(preset: str, model: str, flag: str = "--preset") -> None:
     """Refuse a preset that does not hold ``model``'s family (``FAMILIES``), or a folder without its tokenizer."""
-    from covidcxr.models.presets import describe_preset
-
     if os.path.isdir(preset):
         missing = [f for f in ("config.json", "tokenizer.json") if not os.path.exists(os.path.join(preset, f))]
         if missing:
@@ -84,9 +91,6 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def _decode(path: str, size: int):
     """(uint8 [size, size], (height, width), '') or (None, None, reason); never raises."""
-    from covidcxr.data import preprocess as P
-    from covidcxr.data.imageio import inspect_file
-
     info = inspect_file(path, keep_gray=True)
     if not info.ok:
         return None, None, info.reason
@@ -145,10 +149,6 @@ def nothing_readable(n: int, failed: list[tuple[str, str]]) -> DataError:
 
 def finish(out: Path, m: dict, rows: Rows) -> None:
     """data_summary, metrics.json and report.html (the keys ``evaluation.report.write`` reads)."""
-    from covidcxr.evaluation.data import data_summary
-    from covidcxr.evaluation.report import write_metrics
-    from covidcxr.evaluation.report import write
-
     m["data_summary"] = data_summary(rows.df_all, rows.df, rows.has_split, m["skipped"])
     write_metrics(out, m)
     write(out, m)
@@ -158,10 +158,6 @@ def write_classification(out: Path, m: dict, kept: pd.DataFrame, probs: np.ndarr
                          bootstrap: int, seed: int) -> str:
     """Figures into ``m``; predictions.csv (prob_<class>, and score_<class> for raw sigmoid scores) and the
     plots into ``out``. Returns the plot context ("<split> split, n=<n>")."""
-    from covidcxr.evaluation import figures as F
-    from covidcxr.evaluation import visuals
-    from covidcxr.plots import plot_confusion, plot_pr, plot_reliability, plot_roc
-
     classes = m["classes"]
     y = F.label_index(kept["label"], classes)
     m.update(F.classification(y, probs, classes, bootstrap, seed))
@@ -206,8 +202,6 @@ def seg_target(prompt: str, phrasings: list[str], override: str | None = None) -
 
 def check_sam(preset: str) -> None:
     """Refuse (before any weights load) a ``--sam`` preset that is not a keras-hub SAMBackbone."""
-    from covidcxr.models.presets import describe_preset
-
     info = describe_preset(preset)
     if info.cls != "SAMBackbone":
         raise ConfigError(f"--sam {preset} holds a {info.cls}, but --sam needs a keras-hub SAM preset (SAMBackbone, "
@@ -238,8 +232,6 @@ class SegScores:
 
     def add(self, truth: np.ndarray, pred: np.ndarray, label: str) -> tuple[float, float, float]:
         """Score one pair (truth: {0, 1} or bool; pred: bool; the same shape); returns (dice, iou, hd95)."""
-        from covidcxr.segmetrics import dice, hd95, iou
-
         t, p = np.asarray(truth) >= 0.5, np.asarray(pred, bool)
         if t.shape != p.shape:
             raise ValueError(f"mask shapes differ: truth {t.shape}, prediction {p.shape}")
@@ -256,8 +248,6 @@ class SegScores:
                 "hd95": float(h.mean()) if len(h) else None, "hd95_undefined": int(len(arr) - len(h))}
 
     def summary(self, bootstrap: int, seed: int) -> dict:
-        from covidcxr.evaluation.figures import mean_ci
-
         arr, labels = np.array(self.rows, float).reshape(-1, 3), np.array(self.labels)
         out = self._summary(arr)
         out["per_class"] = {c: self._summary(arr[labels == c]) for c in sorted(set(self.labels))}
@@ -281,10 +271,6 @@ def overlay_picks(df: pd.DataFrame, eligible: np.ndarray, n: int, seed: int) -> 
 def overlay_grid(df: pd.DataFrame, preds: dict[int, np.ndarray], truth_col: str | None, dice: dict[int, float],
                  out: Path, title: str, context: str) -> Path | None:
     """segmentation.png: each picked image with its predicted mask (red) and, where known, the truth (green)."""
-    from covidcxr.data.imageio import read_image, read_mask
-    from covidcxr.masks import overlay
-    from covidcxr.plots import plot_image_grid
-
     rows: dict[str, list] = {}
     for i in sorted(preds):
         gray = read_image(df["path"].iloc[i])

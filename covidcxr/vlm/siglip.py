@@ -29,8 +29,12 @@ import os
 import re
 
 import numpy as np
+from keras import ops
 
 from covidcxr.errors import ConfigError, DataError
+from covidcxr.models.layers import BackboneInput
+from covidcxr.models.presets import describe_preset
+from covidcxr.vlm.clip import default_prompts
 
 TOKENIZER_FILES = ("tokenizer.json", os.path.join("assets", "tokenizer", "vocabulary.spm"))
 _PUNCT = re.compile(r"[!\"#$%&\\'()*+,\-./:;<=>?@\[\]^_`{|}~]")
@@ -56,8 +60,6 @@ def _refuse_non_siglip(preset: str, found: str) -> None:
 def load_siglip(preset: str):
     """(SigLIPBackbone, SigLIPTokenizer) from a keras-hub preset name, handle or local preset folder.
     A CLIP (or any non-SigLIP) preset and a folder without tokenizer files are refused."""
-    from covidcxr.models.presets import describe_preset
-
     info = describe_preset(preset)
     _refuse_non_siglip(preset, info.cls if info.fmt == "keras" else f"Hugging Face '{info.cls}' checkpoint")
     if os.path.isdir(preset):
@@ -120,10 +122,6 @@ def text_embeddings(backbone, tokenizer, prompts: dict[str, list[str]], canonica
 
 def gray_to_siglip(gray, image_size: int):
     """uint8-range gray ``[B, S, S, 1]`` -> ``[B, N, N, 3]`` in SigLIP's [-1, 1], resized to ``N`` if needed."""
-    from keras import ops
-
-    from covidcxr.models.layers import BackboneInput
-
     x = ops.convert_to_tensor(np.asarray(gray, np.float32))
     if x.shape[1] != image_size or x.shape[2] != image_size:
         x = ops.image.resize(x, (image_size, image_size), interpolation="bilinear", antialias=True)
@@ -163,8 +161,6 @@ def scores_to_probabilities(scores) -> np.ndarray:
 def cxr_prompts(classes: list[str]) -> dict[str, list[str]]:
     """Default chest-X-ray prompt ensembles for the Kaggle (COVID, Lung_Opacity, Normal, Viral Pneumonia) and
     COVID-QU-Ex (COVID-19, Non-COVID, Normal) class names; other names get prompts built from the name."""
-    from covidcxr.vlm.clip import default_prompts
-
     return default_prompts(list(classes))
 
 

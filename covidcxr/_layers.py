@@ -1,0 +1,50 @@
+"""The layers of the package, bottom to top: the one table ``tests/test_layering.py`` checks.
+
+A module may import from its own layer (without a circle) and from the layers below it, never from a
+layer above; imports between covidcxr modules are made at module level, never inside a function.
+
+- L0 ``foundation``: errors, the command runner, run/export folders (artifacts), the data layer
+  (``data/``, which imports nothing above it) and leaf utilities that need no model: metrics,
+  segmentation metrics, calibration, plots, mask pictures, Keras losses.
+- L1 ``models``: the architecture table, backbones, hub presets, ViT token layers, normalisations,
+  classifiers and segmenters.
+- L2 ``tasks``: what differs between classify / segment / multitask (``tasks``), the augmentation
+  layer (``augment``) and the typed run configuration (``config``).
+- L3 ``inference``: loading saved models and running them on files (``inference``), Grad-CAM and
+  lung-cropping with a segmenter.
+- L4 ``workflows``: training, evaluation, prediction outputs, export, vision-language (``vlm``:
+  CLIP / SigLIP zero-shot, prompted SAM segmentation).
+- L5 ``commands``: the ``python -m covidcxr.<command>`` modules.
+
+Exemption: ``covidcxr/__init__.py`` imports ``covidcxr.inference`` inside ``load_model`` so that
+``import covidcxr`` does not import Keras (``FACADE``).
+"""
+from __future__ import annotations
+
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("foundation", ("covidcxr", "covidcxr._layers", "covidcxr.errors", "covidcxr.cli", "covidcxr.artifacts",
+                    "covidcxr.data", "covidcxr.metrics", "covidcxr.segmetrics", "covidcxr.calibration",
+                    "covidcxr.plots", "covidcxr.masks", "covidcxr.losses")),
+    ("models", ("covidcxr.models",)),
+    ("tasks", ("covidcxr.tasks", "covidcxr.augment", "covidcxr.config")),
+    ("inference", ("covidcxr.inference", "covidcxr.gradcam", "covidcxr.lungcrop")),
+    ("workflows", ("covidcxr.training", "covidcxr.evaluation", "covidcxr.prediction", "covidcxr.exporting",
+                   "covidcxr.vlm")),
+    ("commands", ("covidcxr.train", "covidcxr.evaluate", "covidcxr.predict", "covidcxr.export",
+                  "covidcxr.pretrain", "covidcxr.zeroshot")),
+)
+
+# (module, imported module) pairs allowed inside a function
+FACADE = {("covidcxr", "covidcxr.inference")}
+
+
+def layer_of(module: str) -> int:
+    """The layer index of a module name (the longest matching prefix in ``LAYERS``)."""
+    best, where = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, where = len(p), i
+    if where is None:
+        raise KeyError(f"{module} is in no layer of covidcxr/_layers.py")
+    return where

@@ -10,6 +10,7 @@ Command modules define ``build_parser()`` and ``run(args)`` and end with
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -59,6 +60,27 @@ def quiet(verbose: bool, keras_needed: bool = True) -> None:
             os.dup2(saved, 2)
             os.close(saved)
             os.close(null)
+
+
+@contextlib.contextmanager
+def startup_quiet():
+    """Wrap a command module's imports of the numeric libraries (Keras, its backend, keras-hub):
+    inside the block the process's stderr points at /dev/null, unless ``--verbose`` is on the command
+    line, so TensorFlow's C++ start-up lines never show (``quiet`` for the rest)."""
+    if "--verbose" in sys.argv:
+        yield
+        return
+    quiet(False)
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def entry(build_parser, run, keras_needed: bool = True):

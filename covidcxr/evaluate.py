@@ -28,8 +28,9 @@ from __future__ import annotations
 import argparse
 
 from covidcxr import cli
-from covidcxr.errors import ConfigError
-from covidcxr.evaluation.evaluator import EvalOptions, Evaluator
+with cli.startup_quiet():  # Keras and its backend load here, their start-up noise hidden
+    from covidcxr.errors import ConfigError
+    from covidcxr.evaluation.evaluator import EvalOptions, Evaluator
 
 
 def build_parser() -> argparse.ArgumentParser:

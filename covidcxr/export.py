@@ -14,8 +14,9 @@ import argparse
 from pathlib import Path
 
 from covidcxr import cli
-from covidcxr.errors import DataError
-from covidcxr.exporting import export_run
+with cli.startup_quiet():  # Keras and its backend load here, their start-up noise hidden
+    from covidcxr.errors import DataError
+    from covidcxr.exporting import export_run
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,19 +43,20 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from covidcxr import cli
-from covidcxr.artifacts import CALIBRATION, EXPORT_MODEL, atomic_write_text
-from covidcxr.calibration import apply_temperature, load_temperature
-from covidcxr.data.preprocess import mask_from_probs
-from covidcxr.errors import ConfigError, DataError, RunExistsError
-from covidcxr.gradcam import GradCAM, render_cam
-from covidcxr.inference import Item, Predictor
-from covidcxr.masks import save_png
-from covidcxr.prediction.outputs import (CsvTable, MASK_COLUMNS, SKIP_COLUMNS, check_free, existing, mismatch,
-                                         open_table, pyarrow_module, read_meta, remove, sidecar)
-from covidcxr.prediction.shards import build_merge_parser, in_shard, input_list, list_digest, parse_shard, run_merge
+
+with cli.startup_quiet():  # Keras and its backend load here, their start-up noise hidden
+    import numpy as np
+    from covidcxr.artifacts import CALIBRATION, EXPORT_MODEL, atomic_write_text
+    from covidcxr.calibration import apply_temperature, load_temperature
+    from covidcxr.data.preprocess import mask_from_probs
+    from covidcxr.errors import ConfigError, DataError, RunExistsError
+    from covidcxr.gradcam import GradCAM, render_cam
+    from covidcxr.inference import Item, Predictor
+    from covidcxr.masks import save_png
+    from covidcxr.prediction.outputs import (CsvTable, MASK_COLUMNS, SKIP_COLUMNS, check_free, existing, mismatch,
+                                             open_table, pyarrow_module, read_meta, remove, sidecar)
+    from covidcxr.prediction.shards import build_merge_parser, in_shard, input_list, list_digest, parse_shard, run_merge
 
 SHOW_BAD = 5          # skipped inputs named on stderr; all of them are in <out>.skipped.csv
 PREVIEW = 10          # rows echoed on stdout at the end

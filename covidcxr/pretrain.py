@@ -28,21 +28,22 @@ import sys
 import time
 from pathlib import Path
 
-import keras
-import numpy as np
-import pandas as pd
-from keras import ops
-
 from covidcxr import cli
-from covidcxr.augment import affine_matrices, sample_affine
-from covidcxr.data.imageio import is_image_file
-from covidcxr.data.layouts import INFECTION_MASK_DIRS, LUNG_MASK_DIRS
-from covidcxr.errors import ConfigError, CovidCXRError, DataError, RunExistsError
-from covidcxr.models.classifier import iter_layers
-from covidcxr.models.layers import BackboneInput
-from covidcxr.models.registry import build_backbone, check_image_size, get_spec
-from covidcxr.training import devices as D
-from covidcxr.training.data import Batches, open_run_data
+
+with cli.startup_quiet():  # Keras and its backend load here, their start-up noise hidden
+    import keras
+    import numpy as np
+    import pandas as pd
+    from keras import ops
+    from covidcxr.augment import affine_matrices, sample_affine
+    from covidcxr.data.imageio import is_image_file
+    from covidcxr.data.layouts import INFECTION_MASK_DIRS, LUNG_MASK_DIRS
+    from covidcxr.errors import ConfigError, CovidCXRError, DataError, RunExistsError
+    from covidcxr.models.classifier import iter_layers
+    from covidcxr.models.layers import BackboneInput
+    from covidcxr.models.registry import build_backbone, check_image_size, get_spec
+    from covidcxr.training import devices as D
+    from covidcxr.training.data import Batches, open_run_data
 
 LOAD_SCALE = 1.15     # images are cached this much larger than the views, so crops keep detail
 BLUR_RADIUS = 4       # Gaussian taps each side: 2.7 sigma at the largest sigma

@@ -14,14 +14,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from covidcxr import cli
-from covidcxr import artifacts as A
-from covidcxr.config import AugmentConfig, TrainConfig
-from covidcxr.errors import ConfigError, DataError
-from covidcxr.lungcrop import check_segmenter
-from covidcxr.models import catalog
-from covidcxr.models.registry import PRESET
-from covidcxr.training.data import DEMO
-from covidcxr.training.run import train
+with cli.startup_quiet():  # Keras and its backend load here, their start-up noise hidden
+    from covidcxr import artifacts as A
+    from covidcxr.config import AugmentConfig, TrainConfig
+    from covidcxr.errors import ConfigError, DataError
+    from covidcxr.lungcrop import check_segmenter
+    from covidcxr.models import catalog
+    from covidcxr.models.registry import PRESET
+    from covidcxr.training.data import DEMO
+    from covidcxr.training.run import train
 
 # --resume applies these (a longer budget; where outputs go; how this machine runs it); any other changed flag is refused
 RESUMABLE = {"epochs", "fine_tune_epochs", "export_dir", "cache_dir", "workers", "mixed_precision", "jit_compile",

@@ -44,25 +44,26 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from covidcxr import cli
-from covidcxr.artifacts import staged
-from covidcxr.data.imageio import read_mask
-from covidcxr.data.preprocess import mask_from_probs
-from covidcxr.errors import ConfigError, DataError
-from covidcxr.evaluation.data import check_classes
-from covidcxr.evaluation.report import SCHEMA, report_skipped
-from covidcxr.masks import save_png
-from covidcxr.vlm import clip as C
-from covidcxr.vlm import prompted as P
-from covidcxr.vlm import run as R
-from covidcxr.vlm import siglip as S
-from covidcxr.vlm.clip import DEFAULT_LOGIT_SCALE, default_prompts, load_clip, text_embeddings
-from covidcxr.vlm.prompted import read_prompt_file
-from covidcxr.vlm.run import SegScores, decoded_batches
-from covidcxr.vlm.siglip import check_prompts
+
+with cli.startup_quiet():  # Keras and its backend load here, their start-up noise hidden
+    import numpy as np
+    import pandas as pd
+    from covidcxr.artifacts import staged
+    from covidcxr.data.imageio import read_mask
+    from covidcxr.data.preprocess import mask_from_probs
+    from covidcxr.errors import ConfigError, DataError
+    from covidcxr.evaluation.data import check_classes
+    from covidcxr.evaluation.report import SCHEMA, report_skipped
+    from covidcxr.masks import save_png
+    from covidcxr.vlm import clip as C
+    from covidcxr.vlm import prompted as P
+    from covidcxr.vlm import run as R
+    from covidcxr.vlm import siglip as S
+    from covidcxr.vlm.clip import DEFAULT_LOGIT_SCALE, default_prompts, load_clip, text_embeddings
+    from covidcxr.vlm.prompted import read_prompt_file
+    from covidcxr.vlm.run import SegScores, decoded_batches
+    from covidcxr.vlm.siglip import check_prompts
 
 # Re-exported: covidcxr.vlm.siglip.cxr_prompts imports default_prompts from here, and older callers
 # use zeroshot.load_clip / zeroshot.text_embeddings (CLIP).

@@ -14,7 +14,7 @@ from covidcxr.artifacts import atomic_write_text
 from covidcxr.data.preprocess import CONTRAST_METHODS
 from covidcxr.data.splits import parse_fractions
 from covidcxr.errors import ConfigError
-from covidcxr.tasks import parse_loss_weights
+from covidcxr.tasks import TASKS, get_task
 
 
 @dataclass
@@ -92,7 +92,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
-        need(self.task in ("classify", "segment", "multitask"), f"--task {self.task}: classify, segment or multitask.")
+        need(self.task in TASKS, f"--task {self.task}: classify, segment or multitask.")
         need(self.image_size >= 16, f"--image-size {self.image_size}: use 16 or more (e.g. 224).")
         need(self.batch_size >= 1, f"--batch-size {self.batch_size}: use 1 or more.")
         need(self.epochs >= 0 and self.fine_tune_epochs >= 0,
@@ -113,8 +113,7 @@ class TrainConfig:
         need(self.target in ("lung", "infection"), f"--target {self.target}: lung or infection.")
         parse_fractions(self.split)
         self.augment.validate()
-        if self.task == "multitask":
-            parse_loss_weights(self.loss_weights)
+        get_task(self.task).check_config(self)
         return self
 
     def to_json(self) -> str:

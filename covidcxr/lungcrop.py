@@ -24,6 +24,7 @@ from covidcxr import artifacts as A
 from covidcxr.data import preprocess as P
 from covidcxr.errors import ConfigError, DataError
 from covidcxr.inference import Item, Predictor
+from covidcxr.tasks import get_task
 
 CROP_COLUMN = "crop_mask"
 
@@ -36,7 +37,7 @@ def check_segmenter(path: str | Path) -> A.Located:
         raise ConfigError(f"--lung-crop {path}: {exc} Pass 'given' or a lung segmentation run or export "
                           f"(python -m covidcxr.train --task segment --target lung).") from None
     card = loc.card
-    if card.task == "classify" or (card.target or "lung") != "lung":
+    if not get_task(card.task).segments or (card.target or "lung") != "lung":
         raise ConfigError(f"--lung-crop {path}: not a lung segmentation model (task {card.task}, target "
                           f"{card.target}); train one with python -m covidcxr.train --task segment --target lung.")
     if loc.keras_path is None:

@@ -82,10 +82,10 @@ def model_identity(pred, model_arg: str) -> dict:
 
 def _check_flags(args, pred) -> None:
     """Refuse a flag that does not apply to this model (its task, its kind, its lung crop)."""
-    task, crop = pred.card.task, pred.card.lung_crop
-    rules = [(args.masks and task == "classify", "--masks is for segmentation and multi-task models"),
-             (args.calibrated and task == "segment", "--calibrated scales class probabilities"),
-             (args.gradcam and task != "classify", "--gradcam draws class heatmaps of classifiers"),
+    task, crop = pred.task, pred.card.lung_crop
+    rules = [(args.masks and not task.segments, "--masks is for segmentation and multi-task models"),
+             (args.calibrated and not task.classifies, "--calibrated scales class probabilities"),
+             (args.gradcam and not task.only_classifies, "--gradcam draws class heatmaps of classifiers"),
              (args.gradcam and pred.kind != "keras", "--gradcam needs the Keras model: pass the run or export "
                                                      "folder (not the bare SavedModel) and --prefer keras"),
              (args.gradcam_layer and not args.gradcam, "--gradcam-layer needs --gradcam"),
@@ -207,7 +207,7 @@ def _scorer(args, pred, out: Path, entries: list[str]) -> Scorer:
     """The Scorer of this command: temperature, mask and Grad-CAM folders, the file stems used twice."""
     temperature = _temperature(args, pred) if args.calibrated else None
     mask_dir = cam = cam_dir = None
-    if pred.card.task != "classify":
+    if pred.task.segments:
         mask_dir = _folder(args.masks or str(out.with_name(out.stem + "_masks")), "--masks", args)
     if args.gradcam:
         cam, cam_dir = GradCAM(pred.model, args.gradcam_layer), _folder(args.gradcam, "--gradcam", args)
@@ -242,8 +242,7 @@ def run(args) -> int:
     _report_masks(masks, out)
     mine = [p for p in entries if in_shard(p, k, n)]
     scorer = _scorer(args, pred, out, entries)
-    columns = ["path"] + (["label"] + [f"prob_{c}" for c in pred.classes] if pred.card.task != "segment" else []) \
-        + (MASK_COLUMNS if pred.card.task != "classify" else [])
+    columns = pred.task.output_columns(pred.classes, MASK_COLUMNS)
     meta = {"model": model_identity(pred, args.model), "calibration": scorer.temperature, "format": fmt,
             "columns": columns, "shard": [k, n], "inputs": {"count": len(entries), "sha256": list_digest(entries)},
             "shard_count": len(mine), "rows": 0, "skipped": 0, "complete": False,

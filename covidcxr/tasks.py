@@ -44,6 +44,33 @@ class Task:
     segments = False            # has a ``mask`` output
     default_monitor = "val_macro_f1"
 
+    @property
+    def only_classifies(self) -> bool:
+        """Class probabilities and nothing else: Grad-CAM, lung crops and the lungs-out check apply."""
+        return self.classifies and not self.segments
+
+    @property
+    def only_segments(self) -> bool:
+        """A mask and nothing else: no class probabilities, labels or calibration."""
+        return self.segments and not self.classifies
+
+    @property
+    def multi_output(self) -> bool:
+        """Two named outputs, ``label`` and ``mask`` (a multi-task model)."""
+        return self.classifies and self.segments
+
+    def output_columns(self, classes: list[str], mask_columns: list[str]) -> list[str]:
+        """The columns of a prediction table for this task's model."""
+        return (["path"] + (["label"] + [f"prob_{c}" for c in classes] if self.classifies else [])
+                + (list(mask_columns) if self.segments else []))
+
+    def check_config(self, cfg) -> None:
+        """Task-specific checks of a TrainConfig (``TrainConfig.validate``)."""
+
+    def loss_weight(self, cfg, head: str) -> float:
+        """The weight of one head's loss (``label`` or ``mask``) in the total."""
+        return 1.0
+
     # ---- architecture
     def spec(self, arch: str, image_size: int):
         raise NotImplementedError
@@ -143,6 +170,12 @@ class Multitask(Segment):
 
     def _heads(self, n_classes):
         return n_classes
+
+    def check_config(self, cfg) -> None:
+        parse_loss_weights(cfg.loss_weights)
+
+    def loss_weight(self, cfg, head: str) -> float:
+        return parse_loss_weights(cfg.loss_weights)[head]
 
     def compile_args(self, cfg):
         return {"loss": {"label": _cce(cfg), "mask": get_loss(cfg.seg_loss)},

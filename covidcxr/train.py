@@ -22,6 +22,7 @@ with cli.startup_quiet():  # Keras and its backend load here, their start-up noi
     from covidcxr.models import catalog
     from covidcxr.models.registry import PRESET
     from covidcxr.training.data import DEMO
+    from covidcxr.tasks import get_task
     from covidcxr.training.run import train
 
 # --resume applies these (a longer budget; where outputs go; how this machine runs it); any other changed flag is refused
@@ -160,13 +161,10 @@ def run(args) -> int:
     parser = build_parser()
     cfg = resumed_config(args, parser) if args.resume else config_from_args(args)
     cfg.validate()
-    if cfg.lung_crop not in ("", "given"):
-        if cfg.task != "classify":
-            raise ConfigError("--lung-crop applies to classification (--task classify).")
-
-        check_segmenter(cfg.lung_crop)
-    elif cfg.lung_crop and cfg.task != "classify":
+    if cfg.lung_crop and not get_task(cfg.task).only_classifies:
         raise ConfigError("--lung-crop applies to classification (--task classify).")
+    if cfg.lung_crop not in ("", "given"):
+        check_segmenter(cfg.lung_crop)("--lung-crop applies to classification (--task classify).")
     train(cfg, overwrite=args.overwrite, resume=args.resume)
     return 0
 

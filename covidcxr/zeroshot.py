@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m covidcxr.zeroshot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--task", default="classify", choices=["classify", "segment"])
+    a("--task", dest="mode", default="classify", choices=["classify", "segment"])  # a zero-shot mode, not a Task
     a("--model", default=None, choices=["clip", "medsiglip"],
       help="model family of --preset (default: clip to classify, medsiglip to segment)")
     a("--preset", required=True, help="keras-hub preset name or local preset folder (backbone + tokenizer)")
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_flags(a, explicit: set[str]) -> None:
     """Refuse, never ignore, a flag that does not apply to this task or model."""
-    if a.task == "classify":
+    if a.mode == "classify":
         if a.prompt is not None:
             raise ConfigError(f"--prompt {a.prompt!r} is for --task segment (a text-prompted mask); to classify with "
                               f"prompts of your own pass --prompts FILE ({{class: [prompt, ...]}}).")
@@ -127,7 +127,7 @@ def check_flags(a, explicit: set[str]) -> None:
                               "and --sam (a SAM preset name or folder).")
         bad = [f for f in CLASSIFY_ONLY if f in explicit]
     if bad:
-        raise ConfigError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} do(es) not apply to --task {a.task}.")
+        raise ConfigError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} do(es) not apply to --task {a.mode}.")
     if a.logit_scale <= 0 or a.batch_size < 1 or min(a.bootstrap, a.overlays, a.negatives) < 0 or a.top_k < 1:
         raise ConfigError("--logit-scale must be positive, --batch-size and --top-k 1 or more, --bootstrap, "
                           "--overlays and --negatives 0 or more.")
@@ -137,13 +137,13 @@ def _out(a, split: str) -> Path:
     if a.out:
         return Path(a.out)
     name = Path(str(a.preset).rstrip("/")).name
-    if a.task == "segment":
+    if a.mode == "segment":
         name += "-segment-" + (re.sub(r"[^A-Za-z0-9]+", "-", a.prompt).strip("-")[:40] or "prompt")
     return Path("experiments") / "zeroshot" / f"{name}-{split}"
 
 
 def _base_metrics(a, rows, skipped: list, warnings: list, kind: str) -> dict:
-    return {"schema": SCHEMA, "model": str(a.preset), "model_kind": kind, "task": a.task, "data": rows.description,
+    return {"schema": SCHEMA, "model": str(a.preset), "model_kind": kind, "task": a.mode, "data": rows.description,
             "split": rows.split, "classes": rows.classes, "external": False, "label_map": None,
             "train_overlap": None, "skipped": skipped, "warnings": warnings, "tta": None, "mask_lungs": None,
             "gradcam": None, "segmentation": None}
@@ -343,9 +343,9 @@ def segment(a) -> Path:
 
 
 def run(args) -> int:
-    args.model = args.model or ("clip" if args.task == "classify" else "medsiglip")
+    args.model = args.model or ("clip" if args.mode == "classify" else "medsiglip")
     check_flags(args, cli.explicit(args.argv, build_parser()))
-    (classify if args.task == "classify" else segment)(args)
+    {"classify": classify, "segment": segment}[args.mode](args)
     return 0
 
 

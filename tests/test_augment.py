@@ -38,7 +38,8 @@ def test_identity_at_inference_and_in_a_trainee():
     x = (np.random.default_rng(0).random((2, 32, 32, 1)) * 255).astype("float32")
     aug = Augment(seed=1)
     out, none = aug(x, None, training=False)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(out), x) and none is None
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(out), x)
+    assert none is None
     net = build_classifier(get_spec("mobilenetv3small"), 3, 32, None)
     tr = Trainee(net, aug, get_task("classify"))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(tr({"image": x}, training=False)["out"]),

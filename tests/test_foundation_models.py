@@ -2,7 +2,6 @@
 ViT token segmenters, embedding cache. Tiny randomly initialised models only (28-64 px)."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -236,7 +235,10 @@ def test_text_prompted_segmentation(siglip_parts, tmp_path):
     np.testing.assert_allclose(points, [[[36, 36], [12, 36], [12, 12]]])
     np.testing.assert_array_equal(labels, [[1, 1, 0]])
     sam = tiny_sam(64)
-    masks, sim, boxes, points, labels = P.segment_with_prompt(backbone, tok, sam, gray, "opacity")
+    P.check_segmentation_prompt(backbone, "opacity")
+    sim = P.similarity_map(backbone, tok, gray, "opacity")
+    boxes, points, labels = P.prompts_from_map(sim, gray.shape[1])
+    masks = P.sam_segment(sam, gray, boxes, points, labels)
     assert masks.shape == (3, 48, 48) and masks.dtype == bool and boxes.shape == (3, 4) and points.shape == (3, 3, 2)
     only_points = P.sam_segment(sam, gray, points=points, labels=labels)
     assert only_points.shape == (3, 48, 48)
@@ -373,44 +375,6 @@ def test_embedding_cache_concurrent_writers_and_encoder_id(tmp_path):
     assert encoder_id(dense) == before == encoder_id(dense, "all")  # deterministic; 2 tensors: all hashed
     dense.layers[0].kernel.assign(dense.layers[0].kernel + 1.0)
     assert encoder_id(dense) != before
-
-
-def test_linear_probe_on_cached_embeddings(tmp_path):
-    from covidcxr.training.embeddings import EmbeddingCache
-    from covidcxr.foundation.probe import compare_probe_speed, train_linear_probe
-
-    rng = np.random.default_rng(0)
-    X, y = np.concatenate([rng.normal(-2, 1, (30, 5)), rng.normal(2, 1, (30, 5))]), np.repeat([0, 1], 30)
-    res = train_linear_probe(X, y, X, y)
-    assert res.val_accuracy > 0.9 and res.predict_proba(X).shape == (60, 2) and res.classes == [0, 1]
-    with pytest.raises(DataError, match="single class"):
-        train_linear_probe(X, np.zeros(60))
-    _, state, compute = _cache_fixture(tmp_path)
-    speed = compare_probe_speed(EmbeddingCache(tmp_path / "c"), state["keys"], np.array([0, 1] * 3), "e", "p", compute)
-    assert set(speed) >= {"recompute_seconds", "cached_seconds", "probe_seconds", "speedup"}
-
-
-def test_cached_pooled_features_of_a_registry_encoder(presets, tmp_path):
-    from covidcxr.training.embeddings import EmbeddingCache, cached_features
-    from covidcxr.models.registry import get_spec
-
-    root, _ = presets
-    paths = []
-    for i in range(3):
-        paths.append(tmp_path / f"{i}.bin")
-        paths[-1].write_bytes(bytes([i + 1]) * 5)
-    batches = []
-
-    def load(ps):
-        batches.append(len(ps))
-        return np.stack([np.full((28, 28, 1), 40.0 * int(Path(p).stem), np.float32) for p in ps])
-
-    cache = EmbeddingCache(tmp_path / "c")
-    a = cached_features(cache, paths, get_spec("rad_dino"), 28, str(root / "rad-dino"), load, batch_size=2)
-    b = cached_features(cache, paths, get_spec("rad_dino"), 28, str(root / "rad-dino"), load, batch_size=2)
-    assert a.shape == (3, HF_DIM) and np.array_equal(a, b) and batches == [2, 1]
-    meta = json.loads(next((tmp_path / "c").rglob("meta.json")).read_text())
-    assert meta["arch"] == "rad_dino" and meta["normalization"] == "rad_dino"
 
 
 def test_rad_dino_from_the_command_line_probe_and_lung_segmenter(presets, synth_dir, tmp_path, capsys):

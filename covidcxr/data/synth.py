@@ -61,54 +61,9 @@ def synth_cxr(rng: np.random.Generator, size: int, cls: str) -> tuple[np.ndarray
     mask = lungs_soft > 0.5
     img = img - 0.30 * lungs_soft * body
 
-    # Spine / mediastinum and heart shadow.
-    img = img + 0.18 * np.exp(-((xx_c - 0.5) / 0.045) ** 2) * body * (yy_c > 0.08)
-    img = img + 0.06 * heart
-    # Ribs: curved bands descending laterally, both sides.
-    rib_phase = rng.uniform(0, 0.02)
-    for k in range(9):
-        base = 0.20 + 0.062 * k + rib_phase
-        for side in (-1, 1):
-            xr = (xx_c - 0.5) * side
-            curve = base + 0.22 * np.clip(xr - 0.04, 0, None) ** 1.3 + 0.05 * np.clip(xr, 0, None)
-            band = np.exp(-((yy_c - curve) / 0.011) ** 2) * (xr > 0.03) * (xr < 0.45)
-            img = img + 0.07 * band * body
-    # Clavicles.
-    for side in (-1, 1):
-        xr = (xx_c - 0.5) * side
-        line = 0.16 + 0.12 * np.clip(0.30 - xr, 0, None)
-        img = img + 0.10 * np.exp(-((yy_c - line) / 0.012) ** 2) * (xr > 0.05) * (xr < 0.38)
-
-    # Findings, confined to the lungs.
-    lung_px = mask.astype(np.float32)
-    if cls == "COVID":
-        dist = ndimage.distance_transform_edt(mask) / size
-        periph = np.exp(-dist / 0.06)
-        lower = np.clip((yy_c - 0.30) / 0.3, 0, 1)
-        patchy = np.clip(0.8 + 0.5 * _smooth_noise(rng, size, 6 * s), 0, None)
-        img = img + rng.uniform(0.22, 0.32) * periph * lower * patchy * lungs_soft
-    elif cls == "Lung_Opacity":
-        for _ in range(rng.integers(1, 3)):
-            ys, xs = np.nonzero(mask)
-            i = rng.integers(len(ys))
-            r = rng.uniform(0.04, 0.075)
-            blob = np.exp(-(((yy - ys[i] / size) ** 2 + (xx - xs[i] / size) ** 2) / (2 * r * r)))
-            texture = np.clip(1 + 0.25 * _smooth_noise(rng, size, 4 * s), 0, None)
-            img = img + rng.uniform(0.28, 0.42) * blob * texture * ndimage.gaussian_filter(lung_px, 3 * s)
-    elif cls == "Viral Pneumonia":
-        noise = rng.standard_normal((size, size))
-        reticular = np.abs(ndimage.gaussian_filter(noise, 1.0 * s) - ndimage.gaussian_filter(noise, 2.5 * s))
-        reticular /= reticular.std() + 1e-8
-        hilar = np.exp(-((xx_c - 0.5) / 0.22) ** 2) * np.exp(-((yy_c - 0.5) / 0.25) ** 2)
-        img = img + rng.uniform(0.06, 0.09) * reticular * (0.5 + hilar) * lungs_soft
-
-    # Exposure, processing and noise.
-    img = ndimage.gaussian_filter(img, rng.uniform(0.4, 1.0) * s)
-    img = np.clip(img, 0, None)
-    img = img / max(np.percentile(img, 99.5), 1e-6)
-    img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)
-    img = img * rng.uniform(0.8, 1.0) + rng.uniform(0.0, 0.08)
-    img = img + rng.normal(0, 0.015, img.shape)
+    img = _bones(img, rng, xx_c, yy_c, body, heart)
+    img = _findings(img, rng, cls, size, s, xx, yy, xx_c, yy_c, mask, lungs_soft)
+    img = _exposure(img, rng, s)
     img8 = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
     return img8, (mask.astype(np.uint8) * 255)
 
@@ -133,3 +88,62 @@ def write_synthetic_dataset(out: str | Path, per_class: int = 60, size: int = 12
         f"Synthetic CXR-like images written by covidcxr (python -m covidcxr.data synth).\n"
         f"{per_class} images per class, {size}x{size} px, seed {seed}. Not real X-rays: for demos and tests.\n")
     return out
+
+
+def _bones(img, rng, xx_c, yy_c, body, heart):
+    """Spine, heart shadow, ribs and clavicles."""
+    # Spine / mediastinum and heart shadow.
+    img = img + 0.18 * np.exp(-((xx_c - 0.5) / 0.045) ** 2) * body * (yy_c > 0.08)
+    img = img + 0.06 * heart
+    # Ribs: curved bands descending laterally, both sides.
+    rib_phase = rng.uniform(0, 0.02)
+    for k in range(9):
+        base = 0.20 + 0.062 * k + rib_phase
+        for side in (-1, 1):
+            xr = (xx_c - 0.5) * side
+            curve = base + 0.22 * np.clip(xr - 0.04, 0, None) ** 1.3 + 0.05 * np.clip(xr, 0, None)
+            band = np.exp(-((yy_c - curve) / 0.011) ** 2) * (xr > 0.03) * (xr < 0.45)
+            img = img + 0.07 * band * body
+    # Clavicles.
+    for side in (-1, 1):
+        xr = (xx_c - 0.5) * side
+        line = 0.16 + 0.12 * np.clip(0.30 - xr, 0, None)
+        img = img + 0.10 * np.exp(-((yy_c - line) / 0.012) ** 2) * (xr > 0.05) * (xr < 0.38)
+    return img
+
+
+def _findings(img, rng, cls, size, s, xx, yy, xx_c, yy_c, mask, lungs_soft):
+    """The class's findings, confined to the lungs."""
+    lung_px = mask.astype(np.float32)
+    if cls == "COVID":
+        dist = ndimage.distance_transform_edt(mask) / size
+        periph = np.exp(-dist / 0.06)
+        lower = np.clip((yy_c - 0.30) / 0.3, 0, 1)
+        patchy = np.clip(0.8 + 0.5 * _smooth_noise(rng, size, 6 * s), 0, None)
+        img = img + rng.uniform(0.22, 0.32) * periph * lower * patchy * lungs_soft
+    elif cls == "Lung_Opacity":
+        for _ in range(rng.integers(1, 3)):
+            ys, xs = np.nonzero(mask)
+            i = rng.integers(len(ys))
+            r = rng.uniform(0.04, 0.075)
+            blob = np.exp(-(((yy - ys[i] / size) ** 2 + (xx - xs[i] / size) ** 2) / (2 * r * r)))
+            texture = np.clip(1 + 0.25 * _smooth_noise(rng, size, 4 * s), 0, None)
+            img = img + rng.uniform(0.28, 0.42) * blob * texture * ndimage.gaussian_filter(lung_px, 3 * s)
+    elif cls == "Viral Pneumonia":
+        noise = rng.standard_normal((size, size))
+        reticular = np.abs(ndimage.gaussian_filter(noise, 1.0 * s) - ndimage.gaussian_filter(noise, 2.5 * s))
+        reticular /= reticular.std() + 1e-8
+        hilar = np.exp(-((xx_c - 0.5) / 0.22) ** 2) * np.exp(-((yy_c - 0.5) / 0.25) ** 2)
+        img = img + rng.uniform(0.06, 0.09) * reticular * (0.5 + hilar) * lungs_soft
+    return img
+
+
+def _exposure(img, rng, s):
+    """Exposure, processing and noise."""
+    img = ndimage.gaussian_filter(img, rng.uniform(0.4, 1.0) * s)
+    img = np.clip(img, 0, None)
+    img = img / max(np.percentile(img, 99.5), 1e-6)
+    img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)
+    img = img * rng.uniform(0.8, 1.0) + rng.uniform(0.0, 0.08)
+    img = img + rng.normal(0, 0.015, img.shape)
+    return img

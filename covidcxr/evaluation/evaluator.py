@@ -25,6 +25,7 @@ from covidcxr.evaluation.passes import forward, subset
 from covidcxr.evaluation.report import SCHEMA, report_skipped, write, write_metrics
 from covidcxr.inference import Predictor
 from covidcxr.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc, plot_single_class
+from covidcxr.tasks import get_task
 
 
 @dataclass
@@ -54,17 +55,17 @@ class Evaluator:
         self.o, self.log = opts, log
         self.loc = A.locate(opts.model)
         self.card = self.loc.card
+        self.task = get_task(self.card.task)
         self.check_flags(explicit)
         self.pred = Predictor(self.loc, opts.batch_size, opts.workers, opts.prefer)
         self.warnings: list[str] = []
 
     def check_flags(self, explicit: set[str]) -> None:
         """A flag that does not apply to this model is refused, never ignored."""
-        card, o = self.card, self.o
-        segmenter = card.task == "segment"
-        bad = [f for f, applies in (("tta", not segmenter), ("mask_lungs", not segmenter and card.lung_crop == ""),
-                                    ("gradcam", card.task == "classify"), ("gradcam_layer", card.task == "classify"),
-                                    ("label_map", not segmenter), ("overlays", card.task != "classify"))
+        card, o, task = self.card, self.o, self.task
+        bad = [f for f, applies in (("tta", task.classifies), ("mask_lungs", task.classifies and card.lung_crop == ""),
+                                    ("gradcam", task.only_classifies), ("gradcam_layer", task.only_classifies),
+                                    ("label_map", task.classifies), ("overlays", task.segments))
                if f in explicit and not applies]
         if bad:
             why = {"mask_lungs": "the lungs-out probe needs a classifier that sees the whole image",
@@ -72,7 +73,7 @@ class Evaluator:
             raise ConfigError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} do(es) not apply to this "
                               f"{card.task} model ({self.loc.root})" + (f": {why[bad[0]]}" if bad[0] in why else "")
                               + ".")
-        if (o.tta or o.mask_lungs or (o.gradcam and card.task == "classify" and "gradcam" in explicit)) \
+        if (o.tta or o.mask_lungs or (o.gradcam and task.only_classifies and "gradcam" in explicit)) \
                 and self.loc.keras_path is None:
             raise ConfigError("--tta, --mask-lungs and --gradcam need the Keras model (model.keras); pass the run or "
                               "export folder instead of the bare SavedModel.")
@@ -94,8 +95,8 @@ class Evaluator:
 
     def _rows(self, ed: D.EvalData):
         card = self.card
-        if card.task == "segment":
-            col = f"{card.target}_mask"
+        if self.task.only_segments:
+            col = self.task.mask_column(card.target)
             has = ed.df[col].astype(str) != "" if col in ed.df else pd.Series(False, index=ed.df.index)
             if not has.any():
                 raise DataError(f"this {card.target} segmentation model needs {card.target} masks to be scored, and no "
@@ -130,9 +131,9 @@ class Evaluator:
              "train_overlap": overlap, "checkpoint_images": checkpoint, "skipped": skipped, "warnings": self.warnings,
              "bootstrap": {"replicates": o.bootstrap, "seed": o.seed, "stratified": True} if o.bootstrap else None}
         context = f"{ed.split} split, n={len(p.rows)}" + (" (external)" if lmap else "")
-        if card.task != "segment":
+        if self.task.classifies:
             self._classification(m, ed, df, p, lmap, classes, out, context)
-        if card.task != "classify":
+        if self.task.segments:
             self._segmentation(m, df, p, out, context)
         else:
             m["segmentation"] = None
@@ -192,7 +193,7 @@ class Evaluator:
         self._say(m)
         visuals.examples(rows, y, probs, classes, out, context, seed=o.seed)
         m["gradcam"] = None
-        if o.gradcam and self.card.task == "classify" and self.pred.kind == "keras":
+        if o.gradcam and self.task.only_classifies and self.pred.kind == "keras":
             of = [lmap.names[next(i for i, g in enumerate(lmap.model_groups) if k in g)] for k in
                   range(len(self.card.classes))] if lmap else None
             m["gradcam"] = visuals.gradcam(self.pred, rows, y, p.probs, classes, o.gradcam, o.gradcam_layer, out,
@@ -277,7 +278,7 @@ class Evaluator:
     def _segmentation(self, m: dict, df, p, out: Path, context: str) -> None:
         target = self.card.target or "lung"
         rows = df.iloc[p.rows].reset_index(drop=True)
-        seg = segscore.score(rows, f"{target}_mask", p.masks, target, self.o.bootstrap, self.o.seed, self.o.overlays,
+        seg = segscore.score(rows, self.task.mask_column(target), p.masks, target, self.o.bootstrap, self.o.seed, self.o.overlays,
                              out, context, self.warnings)
         m["segmentation"] = seg
         if "n" not in m:

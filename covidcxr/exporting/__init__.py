@@ -25,6 +25,7 @@ from covidcxr.errors import CovidCXRError, DataError
 from covidcxr.exporting.check import check_export, require
 from covidcxr.exporting.signatures import classifier_fns, segmenter_fns
 from covidcxr.inference import load_keras
+from covidcxr.tasks import get_task
 
 
 
@@ -84,7 +85,7 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
             raise DataError(f"{loc.root}: this classifier crops with a lung segmenter and its lung_segmenter/ is "
                             f"missing; export from the run folder.")
         segmenter = (load_keras(loc.segmenter_dir / A.EXPORT_MODEL), A.ModelCard.load(loc.segmenter_dir))
-    fns = classifier_fns(model, card, segmenter) if card.task == "classify" else segmenter_fns(model, card)
+    fns = segmenter_fns(model, card) if get_task(card.task).segments else classifier_fns(model, card, segmenter)
     paths, masks = (checks, [""] * len(checks)) if checks else default_checks(loc)
     with A.staged(out, overwrite) as tmp:
         model.save(tmp / A.EXPORT_MODEL)

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from covidcxr.artifacts import ModelCard
 from covidcxr.data import tfgraph as G
+from covidcxr.tasks import get_task
 
 
 def _images(image_bytes, size: int, contrast: str):
@@ -99,7 +100,7 @@ def segmenter_fns(model, card: ModelCard) -> dict:
     """A segmenter's or multi-task model's endpoints, as classifier_fns; ``serving_default`` also
     gives ``mask_png``, the mask at each input's own size."""
     size, contrast, classes = card.image_size, card.contrast, tf.constant(card.classes)
-    multitask = card.task == "multitask"
+    multitask = get_task(card.task).multi_output
     spec = tf.TensorSpec([None], tf.string, name="image_bytes")
 
     def outputs(x):

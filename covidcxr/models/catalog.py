@@ -30,33 +30,35 @@ def seg_arch_names() -> list[str]:
             + [f"{TOKEN_KIND}_{b}" for b in TOKEN_BACKBONES if b in table])
 
 
-def arch_names(task: str) -> list[str]:
-    """The --arch names ``task`` takes (classify, or segment / multitask)."""
-    return list(spec_table()) if task == "classify" else seg_arch_names()
+def arch_names(segments: bool) -> list[str]:
+    """The --arch names of a task: the registry backbones for a classifier, the segmentation names for a
+    task with a mask output (``Task.segments``)."""
+    return seg_arch_names() if segments else list(spec_table())
 
 
-def check_arch(task: str, arch: str) -> None:
-    """Refuse, in one line naming the choices, an ``--arch`` that ``task`` has no model for."""
-    names = arch_names(task)
+def check_arch(task, arch: str) -> None:
+    """Refuse, in one line naming the choices, an ``--arch`` that ``task`` (a ``covidcxr.tasks.Task``) has
+    no model for."""
+    names = arch_names(task.segments)
     if arch in names:
         return
-    if task == "classify" and arch in seg_arch_names():
+    if not task.segments and arch in seg_arch_names():
         raise ConfigError(f"--arch {arch} is a segmentation architecture: add --task segment (or multitask), or pick "
                           f"a classifier backbone ({COMMAND} --arch {LIST}).")
-    if task != "classify" and arch in spec_table():
+    if task.segments and arch in spec_table():
         wrap = f"{TOKEN_KIND}_{arch}" if arch in TOKEN_BACKBONES else \
             f"unet_{arch}" if arch in SEG_BACKBONES else "unet"
-        raise ConfigError(f"--arch {arch} is a classifier backbone; --task {task} needs a segmentation name such as "
+        raise ConfigError(f"--arch {arch} is a classifier backbone; --task {task.name} needs a segmentation name such as "
                           f"{wrap} ({COMMAND} --arch {LIST}).")
     close = difflib.get_close_matches(arch, names, n=1)
-    raise ConfigError(f"--arch {arch}: unknown architecture for --task {task}"
+    raise ConfigError(f"--arch {arch}: unknown architecture for --task {task.name}"
                       + (f" (did you mean {close[0]}?)" if close else "")
                       + f"; choose from {', '.join(names)}, or see {COMMAND} --arch {LIST}.")
 
 
 def arch_help() -> str:
     """The ``--arch`` help of ``train``: every name, by task."""
-    return (f"classify: {', '.join(arch_names('classify'))}; segment/multitask: {', '.join(seg_arch_names())}; "
+    return (f"classify: {', '.join(arch_names(segments=False))}; segment/multitask: {', '.join(seg_arch_names())}; "
             f"'{LIST}' prints them as a table (source, tasks, image sizes, pretrained weights) and exits")
 
 

@@ -196,17 +196,3 @@ def pooled_feature_model(spec, image_size: int, weights):
     feats = call_encoder(backbone, BackboneInput(spec.normalization, name="preprocess")(inputs), pretrained=True)
     pool = keras.layers.GlobalAveragePooling1D if len(feats.shape) == 3 else keras.layers.GlobalAveragePooling2D
     return keras.Model(inputs, pool(name="gap")(feats), name=f"{spec.name}_features"), backbone
-
-
-def cached_features(cache: EmbeddingCache, paths: Sequence[str | Path], spec, image_size: int, weights,
-                    load_fn: Callable[[list[str]], np.ndarray], contrast: str | None = None,
-                    key_mode: str = "content", batch_size: int = 32) -> np.ndarray:
-    """Pooled features ``[N, D]`` of ``paths`` for a registry encoder, through ``cache``. ``load_fn(paths)`` returns
-    the uint8-range gray batch ``[n, S, S, 1]`` exactly as training would (the caller's loader and contrast)."""
-    model, backbone = pooled_feature_model(spec, image_size, weights)
-    paths = [str(p) for p in paths]
-    prep = prep_key(image_size, spec.normalization, contrast)
-    meta = {"arch": spec.name, "weights": str(weights), "image_size": image_size,
-            "normalization": spec.normalization, "contrast": contrast}
-    return cache.get(image_keys(paths, key_mode), encoder_id(backbone), prep,
-                     lambda pos: model.predict(load_fn([paths[i] for i in pos]), verbose=0), batch_size, meta)

@@ -23,7 +23,7 @@ import numpy as np
 from covidcxr import artifacts as A
 from covidcxr.losses import get_loss
 from covidcxr.metrics import classification_metrics
-from covidcxr.tasks import Outputs, parse_loss_weights
+from covidcxr.tasks import Outputs, get_task
 from covidcxr.training.phases import Controls, PHASE_CODES, Phase, apply_trainable, make_optimizer
 from covidcxr.training.progress import StepProgress
 
@@ -106,10 +106,7 @@ def validate(net, batches, task, cfg) -> dict:
 
 
 def _weight(cfg, head: str) -> float:
-    if cfg.task != "multitask":
-        return 1.0
-
-    return parse_loss_weights(cfg.loss_weights)[head]
+    return get_task(cfg.task).loss_weight(cfg, head)
 
 
 # ---------------------------------------------------------------- files

@@ -13,7 +13,7 @@ FOUNDATION_WEIGHTS = {"rad_dino": "hf://microsoft/rad-dino", "medsiglip": "medsi
 def check_model(cfg: TrainConfig, task):
     """--arch (a name of the task), --image-size for it and --weights/--preset checked before any data work,
     each refused in one line; returns the registry backbone (None for the plain U-Net)."""
-    check_arch(cfg.task, cfg.arch)
+    check_arch(task, cfg.arch)
     spec = task.spec(cfg.arch, cfg.image_size)
     backbone = getattr(spec, "backbone", spec)  # segmentation specs wrap a registry backbone (or none)
     w = cfg.weights

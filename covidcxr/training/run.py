@@ -84,7 +84,7 @@ def prepare_rows(cfg: TrainConfig, task, log) -> tuple[pd.DataFrame, list[str], 
                             f"({col} is empty for every image). Use data with {cfg.target} masks (COVID-QU-Ex has lung "
                             f"and infection masks; the Kaggle set has lung masks for some classes).")
         log(f"{cfg.target} masks: {int(has.sum())} of {len(has)} images"
-            + ("" if cfg.task == "segment" else " (images without one train the classifier only: mask loss weight 0)"))
+            + ("" if task.only_segments else " (images without one train the classifier only: mask loss weight 0)"))
     return df, classes, problems
 
 
@@ -181,7 +181,7 @@ def _lung_crop_masks(cfg: TrainConfig, df: pd.DataFrame, run_dir: Path, log) -> 
 def _train(cfg, task, df, classes, problems, run_dir, export_dir, resume, log) -> Path:
     data = open_run_data(df, classes, cfg.image_size, cfg.contrast,
                          mask_column=task.mask_column(cfg.target) if task.segments else None,
-                         needs_mask=cfg.task == "segment", crop_column="crop_mask" if cfg.lung_crop else "",
+                         needs_mask=task.only_segments, crop_column="crop_mask" if cfg.lung_crop else "",
                          cache_dir=cfg.cache_dir or None, workers=cfg.workers, progress=sys.stderr.isatty())
     c = data.cache
     log(f"input cache: {c.path} ({'built in %.1f s' % c.built_seconds if c.built_seconds else 'reused'}, "
@@ -226,9 +226,8 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
             cfg.save(run_dir / A.CONFIG)
             (run_dir / "architecture.json").write_text(net.to_json())
             _card(cfg, task, data.classes, device.backend).save(run_dir)
-        probe = cfg.freeze_encoder and cfg.task == "classify"
+        probe = cfg.freeze_encoder and task.only_classifies
         if probe:  # the head alone, on cached embeddings of the frozen encoder
-
             trainee = Trainee(head_model(net), Augment.from_config_object(AugmentConfig.none()), task)
         else:
             trainee = Trainee(net, Augment.from_config_object(cfg.augment, seed=cfg.seed), task)

@@ -207,13 +207,3 @@ def sam_segment(sam_model, gray_uint8, boxes=None, points=None, labels=None, bat
         chosen = masks[np.arange(len(masks)), k][..., None]
         out.append(np.asarray(ops.image.resize(chosen, (size, size), interpolation="bilinear"))[..., 0] > 0)
     return np.concatenate(out)
-
-
-def segment_with_prompt(siglip_backbone, tokenizer, sam_model, gray_uint8, prompt: str | list[str],
-                        threshold: float = 0.5, top_k: int = 3, negatives: int = 0,
-                        prompt_sets: dict[str, list[str]] | None = None):
-    """The whole pipeline: (masks ``[B, S, S]`` bool, similarity map ``[B, g, g]``, boxes, points, labels)."""
-    check_segmentation_prompt(siglip_backbone, prompt if isinstance(prompt, str) else prompt[0])
-    sim = similarity_map(siglip_backbone, tokenizer, gray_uint8, prompt, prompt_sets)
-    boxes, points, labels = prompts_from_map(sim, np.asarray(gray_uint8).shape[1], threshold, top_k, negatives)
-    return sam_segment(sam_model, gray_uint8, boxes, points, labels), sim, boxes, points, labels

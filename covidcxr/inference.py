@@ -11,9 +11,6 @@ and the batch goes on without it.
 """
 from __future__ import annotations
 
-import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -29,6 +26,7 @@ from covidcxr.artifacts import Located, ModelCard, locate
 from covidcxr.augment import fixed_view
 from covidcxr.data import preprocess as P
 from covidcxr.data.imageio import decode_file, inspect_file, read_mask
+from covidcxr.data.pool import decode_ahead, default_workers
 from covidcxr.errors import DataError
 from covidcxr.tasks import get_task
 
@@ -68,10 +66,6 @@ class Batch:
     masks: np.ndarray | None = None          # [n, h, w] mask probabilities at model resolution
     failed: list[Decoded] = field(default_factory=list)
     image_pixels: np.ndarray | None = None   # SavedModel run with pixels=True: its input before a lung crop
-
-
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 class Predictor:
@@ -144,15 +138,7 @@ class Predictor:
 
     def _decoded(self, items: Iterable[Item], **kw) -> Iterator[Decoded]:
         """Decoded inputs in order, at most ~3 batches ahead of the consumer."""
-        window = 3 * self.batch_size
-        with ThreadPoolExecutor(self.workers) as pool:
-            pending: deque = deque()
-            for item in items:
-                pending.append(pool.submit(self.decode, item, **kw))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+        return decode_ahead(lambda item: self.decode(item, **kw), items, 3 * self.batch_size, self.workers)
 
     # ---------------------------------------------------------------- the model (main thread)
 

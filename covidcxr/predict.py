@@ -54,7 +54,7 @@ with cli.startup_quiet():  # Keras and its backend load here, their start-up noi
     from covidcxr.gradcam import GradCAM, render_cam
     from covidcxr.inference import Item, Predictor
     from covidcxr.masks import save_png
-    from covidcxr.prediction.outputs import (CsvTable, MASK_COLUMNS, SKIP_COLUMNS, check_free, existing, mismatch,
+    from covidcxr.prediction.outputs import (CsvTable, MASK_COLUMNS, SKIP_COLUMNS, check_table_free, existing, mismatch,
                                              open_table, pyarrow_module, read_meta, remove, sidecar)
     from covidcxr.prediction.shards import build_merge_parser, in_shard, input_list, list_digest, parse_shard, run_merge
 
@@ -233,7 +233,7 @@ def run(args) -> int:
     k, n = parse_shard(args.shard)
     args.calibrated = args.calibrated or bool(args.calibration)
     out, fmt = _out_and_format(args)
-    check_free(out, args.resume, args.overwrite)
+    check_table_free(out, args.resume, args.overwrite)
     if args.batch_size < 1 or (args.workers or 1) < 1:
         raise ConfigError(f"--batch-size {args.batch_size} / --workers {args.workers}: must be at least 1.")
     pred = Predictor(args.model, args.batch_size, args.workers, args.prefer)

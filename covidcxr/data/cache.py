@@ -29,6 +29,7 @@ import numpy as np
 
 from covidcxr.data import preprocess as P
 from covidcxr.data.imageio import THUMB_SIZE, inspect_file, read_mask
+from covidcxr.data.pool import default_workers
 from covidcxr.errors import DataError
 
 VERSION = 4  # bump when decoding or preprocessing changes what is stored (4: the exact 16-bit-grid resize)
@@ -243,7 +244,7 @@ def open_cache(rows: list[dict], spec: CacheSpec, cache_dir: str | Path | None =
         tmp = root / f"{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         t0 = time.perf_counter()
         try:
-            meta = _build(rows, spec, tmp, default_workers() if workers is None else workers, progress)
+            meta = _build(rows, spec, tmp, default_workers(cap=16) if workers is None else workers, progress)
             (tmp / "meta.json").write_text(json.dumps(meta))
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -312,7 +313,3 @@ def _open(folder: Path, spec: CacheSpec, n: int, built: float | None) -> InputCa
 
 def fingerprints(cache: InputCache) -> Fingerprints:
     return Fingerprints.load(cache.path / FINGERPRINTS)
-
-
-def default_workers() -> int:
-    return max(1, min(16, os.cpu_count() or 1))

@@ -20,6 +20,7 @@ import pandas as pd
 from covidcxr.data.dedup import DedupResult, group_duplicates
 from covidcxr.data.imageio import FileInfo, check_mask, inspect_file
 from covidcxr.data.layouts import Problem, Scan, scan_dataset
+from covidcxr.data.pool import default_workers
 from covidcxr.data.splits import SPLITS, stratified_group_split
 from covidcxr.errors import DataError, RunExistsError
 
@@ -35,10 +36,6 @@ class IndexReport:
     dedup: DedupResult | None = None
     crossing_groups: list[list[int]] = field(default_factory=list)
     split_source: str = ""
-
-
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def inspect_files(paths: list[str], workers: int | None = None, progress: bool = True,

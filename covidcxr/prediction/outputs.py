@@ -172,7 +172,7 @@ def existing(out: Path) -> list[Path]:
     return [p for p in (out, sidecar(out, "meta.json"), sidecar(out, "parts")) if p.exists()]
 
 
-def check_free(out: Path, resume: bool, overwrite: bool) -> None:
+def check_table_free(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse an existing output unless --resume or --overwrite says what to do with it."""
     if resume and overwrite:
         raise ConfigError("--resume keeps the existing output and --overwrite replaces it; pass one of them.")

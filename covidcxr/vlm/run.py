@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import pandas as pd
 from covidcxr.artifacts import check_free
 from covidcxr.data import preprocess as P
 from covidcxr.data.imageio import inspect_file, read_image, read_mask
+from covidcxr.data.pool import decode_ahead, default_workers
 from covidcxr.errors import ConfigError, DataError
 from covidcxr.evaluation import visuals
 from covidcxr.evaluation import figures as F
@@ -100,41 +99,28 @@ def _decode(path: str, size: int):
         return None, None, str(exc).splitlines()[0][:200]
 
 
-def _in_order(pool, paths: list[str], size: int, window: int):
-    """(row index, decode result) in row order, with at most ``window`` decodes submitted ahead."""
-    pending: deque = deque()
-    for i, path in enumerate(paths):
-        pending.append((i, pool.submit(_decode, path, size)))
-        if len(pending) >= window:
-            k, fut = pending.popleft()
-            yield k, fut.result()
-    while pending:
-        k, fut = pending.popleft()
-        yield k, fut.result()
-
-
 def decoded_batches(paths: list[str], size: int, batch_size: int, failed: list, quiet: bool = False,
                     workers: int | None = None, desc: str = "zero-shot"):
     """Yield (row indices, uint8 ``[n, size, size, 1]``, [(height, width)]) in row order; unreadable files go
     to ``failed`` as (path, reason). Decoding runs ahead in threads, bounded to ~3 batches."""
     from tqdm import tqdm
 
-    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    workers = workers or default_workers()
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=quiet, delay=2, file=sys.stderr, mininterval=0.5)
     keys, images, sizes = [], [], []
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            for k, (img, hw, reason) in _in_order(pool, paths, size, 3 * batch_size):
-                bar.update(1)
-                if reason:
-                    failed.append((paths[k], reason))
-                    continue
-                keys.append(k)
-                images.append(img)
-                sizes.append(hw)
-                if len(keys) == batch_size:
-                    yield keys, np.stack(images)[..., None], sizes
-                    keys, images, sizes = [], [], []
+        decoded = decode_ahead(lambda path: _decode(path, size), paths, 3 * batch_size, workers)
+        for k, (img, hw, reason) in enumerate(decoded):
+            bar.update(1)
+            if reason:
+                failed.append((paths[k], reason))
+                continue
+            keys.append(k)
+            images.append(img)
+            sizes.append(hw)
+            if len(keys) == batch_size:
+                yield keys, np.stack(images)[..., None], sizes
+                keys, images, sizes = [], [], []
         if keys:
             yield keys, np.stack(images)[..., None], sizes
     finally:

@@ -102,6 +102,9 @@ def test_a_failed_export_after_training_is_exit_3_with_the_retry_command(synth_d
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     assert export.main(argv[3:]) == 0 and (tmp_path / "my export" / "serving" / "1").exists()
+    readme = (tmp_path / "my export" / "README.md").read_text()   # the export describes itself
+    assert "covidcxr.load_model" in readme and "COVID, Lung_Opacity, Normal, Viral Pneumonia" in readme
+    assert "identical pixels" in readme and "Not a medical device" in readme
 
     # One file the SavedModel cannot decode fails only itself, not its batch.
     good = [str(p) for p in sorted(Path(synth_dir).rglob("images/*.png"))[:2]]

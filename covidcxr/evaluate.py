@@ -2,10 +2,11 @@
 
 PATH is a run directory, an export directory, a ``.keras`` file or a SavedModel directory.
 Without ``--data`` (or with the run's own data folder) the run's manifest decides the
-images and ``--split auto`` is its held-out split (test, else val). Images that match a
-training image of the model are counted, listed (train_overlap.csv) and left out unless
-``--include-train-overlap``. ``--label-map`` scores the model on another dataset's classes
-(external validation). Writes, into ``--out`` (default ``<model dir>/eval-<split>``):
+images and ``--split auto`` is its held-out split (test, else val). Images that match any
+training image of the model (exact or near duplicate), even when they match a validation image
+too, are counted, listed (train_overlap.csv) and left out unless ``--include-train-overlap``.
+``--label-map`` scores the model on another dataset's classes (external validation). Writes,
+into ``--out`` (default ``<model dir>/eval-<split>``):
 
   metrics.json      every figure, with 95% bootstrap intervals and the majority-class baseline
   predictions.csv   path, true_label, pred_label, prob_<class>..., train_overlap

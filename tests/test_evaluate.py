@@ -220,6 +220,61 @@ def test_run_aware_splits_and_the_training_overlap_guard(tiny_run, synth_dir, tm
     assert "optimistic" in (tmp_path / "i" / "report.html").read_text()
 
 
+def _plant_val_copy_of_a_training_image(src: Path, run: Path) -> str:
+    """Copy run ``src`` to ``run`` with one more validation image: a training image shifted by one pixel,
+    in its manifest and, as a validation image, in its fingerprints (as training would have put it)."""
+    import shutil
+
+    from PIL import Image
+
+    from covidcxr.data.imageio import inspect_file
+    from tests.conftest import write_png
+
+    shutil.copytree(src, run)
+    man = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
+    row = man[man["split"] == "train"].iloc[0].copy()
+    gray = np.asarray(Image.open(row["path"]).convert("L"))
+    shifted = np.concatenate([gray[:, :1], gray[:, :-1]], axis=1)   # 1 px to the right
+    path = str(write_png(run.parent / "val_copy.png", shifted))
+    info = inspect_file(path)
+    row["path"], row["split"], row["sha256"] = path, "val", info.sha256
+    pd.concat([man, row.to_frame().T]).to_csv(run / "manifest.csv", index=False)
+    fp = dict(np.load(run / "train_fingerprints.npz"))
+    add = {"sha": np.frombuffer(bytes.fromhex(info.sha256), np.uint8), "phash": np.uint64(info.phash),
+           "phash_mirror": np.uint64(info.phash_mirror), "role": np.uint8(1), "known": True,
+           "thumbs16": info.thumb.reshape(16, 2, 16, 2).mean(axis=(1, 3)).round().astype(np.uint8)}
+    fp = {k: np.concatenate([v, np.asarray(add[k], v.dtype)[None]]) for k, v in fp.items()}
+    np.savez_compressed(run / "train_fingerprints.npz", **fp)
+    return path
+
+
+def test_a_validation_copy_of_a_training_image_is_training_overlap(tiny_run, tmp_path, capsys):
+    """Its exact match with itself (a validation image in the run's fingerprints) must not hide its
+    near-duplicate match with the training image: it is reported and left out as training overlap."""
+    run = tmp_path / "run"
+    copy = _plant_val_copy_of_a_training_image(tiny_run / "run", run)
+    n_val = int((pd.read_csv(run / "manifest.csv")["split"] == "val").sum())
+    out = tmp_path / "ev"
+    assert ev.main(["--model", str(run), "--split", "val", "--out", str(out), "--bootstrap", "0", "--gradcam",
+                    "0", "--quiet"]) == 0
+    assert f"1 of {n_val} images match an image that trained this model" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    ov = m["train_overlap"]
+    assert (ov["matched"], ov["excluded"], ov["train_and_validation_matched"]) == (1, 1, 1)
+    assert ov["validation_matched"] == n_val and ov["validation_scored"] == n_val - 1 == m["n"]
+    assert m["checkpoint_images"]["n"] == n_val - 1 and "a training image too" in ov["summary"]
+    table = pd.read_csv(out / "train_overlap.csv", keep_default_na=False).set_index("path")
+    assert table.loc[copy].to_dict() == {"role": "train", "match": "near", "train_match": "near",
+                                         "validation_match": "exact"}
+    assert (table.drop(copy)["role"] == "val").all() and len(table) == n_val
+    assert copy not in pd.read_csv(out / "predictions.csv")["path"].tolist()
+    assert ev.main(["--model", str(run), "--split", "val", "--out", str(tmp_path / "i"), "--bootstrap", "0",
+                    "--gradcam", "0", "--quiet", "--include-train-overlap"]) == 0
+    pred = pd.read_csv(tmp_path / "i" / "predictions.csv", keep_default_na=False).set_index("path")
+    assert pred.loc[copy, "train_overlap"] == "train:near+val:exact" and len(pred) == n_val
+    assert json.loads((tmp_path / "i" / "metrics.json").read_text())["checkpoint_images"]["n"] == n_val
+
+
 def test_external_validation_with_a_label_map(tiny_run, synth_dir, tmp_path):
     from tests.conftest import random_cxr, write_png
 
@@ -297,8 +352,14 @@ def test_evaluate_real_covid_qu_ex_val_split(tmp_path):
                     "--bootstrap", "20", "--mask-lungs", "--gradcam", "1"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["classes"]) == {"COVID-19", "Non-COVID", "Normal"} and m["mask_lungs"]["n"] == m["n"]
-    ov = pd.read_csv(out / "train_overlap.csv")
-    assert ov["path"].str.endswith("covid_2022.png").any() and m["n"] == 60 - m["train_overlap"]["excluded"]
+    ov = pd.read_csv(out / "train_overlap.csv", keep_default_na=False)
+    assert m["n"] == 60 - m["train_overlap"]["excluded"]
+    # covid_2022 is a Val image (an exact match with itself) and the same film as Train covid_1177: overlap.
+    pair = ov[ov["path"].str.endswith("Val/COVID-19/images/covid_2022.png")].iloc[0]
+    assert (pair["role"], pair["train_match"], pair["validation_match"]) == ("train", "near", "exact")
+    assert m["train_overlap"]["excluded"] >= 1 and m["train_overlap"]["train_and_validation_matched"] >= 1
+    assert not pd.read_csv(out / "predictions.csv")["path"].str.endswith("covid_2022.png").any()
+    assert m["checkpoint_images"]["n"] == m["n"]  # every scored image is a validation image
     assert m["ci95"]["covid_class"] == "COVID-19"
 
 

@@ -149,7 +149,10 @@ def test_segmentation_report_states_replicates_resolution_and_shows_the_worst_ca
     # (c) the resolution every HD95 is measured at, and the training log's
     assert seg["hd95_unit"] == "px at each ground-truth mask's native resolution (64x64)"
     at = seg["hd95_at_model_resolution"]
-    assert at["unit"] == "px at the model's output resolution (32x32)" and "training log" in at["training_log"]
+    assert at["unit"] == "px at the model's 32x32 input" and "training log" in at["training_log"]
+    # the training log's own words (covidcxr.training.run.segmentation_line and its metrics.json entry)
+    assert "'HD95 ... px at the model's 32x32 input'" in at["training_log"]
+    assert "scored_at 'model input 32x32'" in at["training_log"] and "hd95_unit 'px at 32x32'" in at["training_log"]
     per = pd.read_csv(out / "segmentation.csv")
     assert at["hd95"] == pytest.approx(per["hd95_px_model"].mean()) and at["hd95"] != seg["hd95"]
     assert seg["hd95"] == pytest.approx(per["hd95_px_native"].mean())

@@ -102,6 +102,9 @@ def test_a_failed_export_after_training_is_exit_3_with_the_retry_command(synth_d
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     assert export.main(argv[3:]) == 0 and (tmp_path / "my export" / "serving" / "1").exists()
+    readme = (tmp_path / "my export" / "README.md").read_text()   # the export describes itself
+    assert "covidcxr.load_model" in readme and "COVID, Lung_Opacity, Normal, Viral Pneumonia" in readme
+    assert "identical pixels" in readme and "Not a medical device" in readme
 
     # One file the SavedModel cannot decode fails only itself, not its batch.
     good = [str(p) for p in sorted(Path(synth_dir).rglob("images/*.png"))[:2]]
@@ -110,3 +113,22 @@ def test_a_failed_export_after_training_is_exit_3_with_the_retry_command(synth_d
     batch = sm._run_savedmodel(done, [])
     assert [d.item.path for d in batch.done] == good and batch.probs.shape == (2, 4)
     assert [f.item.path for f in batch.failed] == ["junk.png"] and "cannot decode" in batch.failed[0].reason
+
+
+def test_an_unexpected_error_in_the_export_is_a_failed_export_not_a_crash(tmp_path, monkeypatch):
+    import covidcxr.exporting as E
+    from covidcxr.errors import EXIT_EXPORT_FAILED, ExportFailedError
+    from covidcxr.training import run as R
+
+    def boom(*a, **k):
+        raise TypeError("tf__mask_from_probs() missing 3 required positional arguments")
+
+    monkeypatch.setattr(E, "export_run", boom)
+    lines = []
+    (tmp_path / "run dir").mkdir()
+    failure = R._export(tmp_path / "run dir", tmp_path / "out", lambda *a, **k: lines.append(a[0]))
+    assert isinstance(failure, ExportFailedError) and failure.exit_code == EXIT_EXPORT_FAILED == 3
+    status = json.loads((tmp_path / "run dir" / "export_status.json").read_text())
+    assert status["ok"] is False and status["error"].startswith("TypeError: tf__mask_from_probs")
+    assert "Traceback" in status["traceback"] and shlex.split(status["retry"])[3] == str(tmp_path / "run dir")
+    assert any(line.startswith("EXPORT FAILED") for line in lines)

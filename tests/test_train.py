@@ -292,6 +292,23 @@ def test_trains_on_real_covid_qu_ex(in_tmp):
     assert set(m["val"]["per_class"]) == {"COVID-19", "Non-COVID", "Normal"}
 
 
+def test_segmentation_metrics_name_the_model_input_resolution(synth_dir, in_tmp, capsys):
+    """The training log and metrics.json say that Dice/IoU/HD95 are scored on masks resized to the
+    model's input (not at the masks' own resolution, which covidcxr.evaluate reports as well)."""
+    assert train.main(["--data", str(synth_dir), "--task", "segment", "--arch", "unet", "--weights", "none",
+                       "--epochs", "1", "--fine-tune-epochs", "0", "--run-dir", "seg", "--export-dir", "none",
+                       *TINY]) == 0
+    out = capsys.readouterr().out
+    m = json.loads((in_tmp / "seg" / "metrics.json").read_text())
+    for split in ("val", "test"):
+        s = m[split]["segmentation"]
+        assert s["scored_at"] == "model input 32x32" and s["hd95_unit"] == "px at 32x32"
+        assert {"n", "dice", "iou", "hd95", "hd95_undefined"} <= set(s)
+        hd = "n/a" if s["hd95"] is None else f"{s['hd95']:.2f}"
+        assert (f"{split}: lung Dice {s['dice']:.4f}, IoU {s['iou']:.4f}, HD95 {hd} px at the model's 32x32 input "
+                f"(n={s['n']} masks)") in out
+
+
 def test_export_check_on_a_non_image_is_one_line(reference, tmp_path, capsys):
     from covidcxr import export
 

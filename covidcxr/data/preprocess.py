@@ -140,11 +140,11 @@ def clahe(g16: np.ndarray, clip_limit: float = CLAHE_CLIP, tiles: int = CLAHE_TI
     return R.rational_to_u8(num, 4 * th * tw * (npix << 15))
 
 
-def contrast_g16(g16: np.ndarray, method: str = "none") -> np.ndarray:
+def contrast_g16(g16: np.ndarray, method: str = "none", scratch: bool = False) -> np.ndarray:
     """A resized image on the 16-bit grid -> uint8 with the contrast enhancement compared in the
     CXR literature (Rahman et al. 2021)."""
     if method == "none":
-        return R.g16_to_u8(g16)
+        return R.g16_to_u8(g16, scratch)
     if method == "stretch":
         return _stretch(g16)
     if method == "gamma":
@@ -156,12 +156,13 @@ def contrast_g16(g16: np.ndarray, method: str = "none") -> np.ndarray:
 
 def contrast(img01: np.ndarray, method: str = "none") -> np.ndarray:
     """float [H, W] in [0, 1] -> float32 in [0, 1] after ``method`` (for display and tools)."""
-    return contrast_g16(float_to_g16(img01), method).astype(np.float32) / np.float32(255.0)
+    return contrast_g16(float_to_g16(img01), method, scratch=True).astype(np.float32) / np.float32(255.0)
 
 
 def prepare(img01: np.ndarray, image_size: int, contrast_method: str = "none") -> np.ndarray:
     """A decoded [H, W] image -> the uint8 [S, S] a model is fed (and the cache stores)."""
-    return contrast_g16(R.resize_g16(float_to_g16(img01), image_size), contrast_method)
+    out = contrast_g16(R.resize_g16(float_to_g16(img01), image_size), contrast_method, scratch=True)
+    return np.ascontiguousarray(out)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -65,10 +65,10 @@ def resize_g16(g16: np.ndarray, height: int, width: int | None = None) -> np.nda
     if (h, w) == (height, width):
         return src.copy()
     tmp = weights(h, height) @ src if h != height else src * ONE            # rows first: contiguous
-    acc = (weights(w, width) @ np.ascontiguousarray(tmp.T)).T if w != width else tmp * ONE
-    acc = acc + HALF_OUT
-    acc *= 1.0 / OUT_SHIFT                      # a power of two: exact
-    return np.floor(acc, out=acc)
+    acc_t = weights(w, width) @ np.ascontiguousarray(tmp.T) if w != width else tmp.T * ONE  # [width, height]
+    acc_t += HALF_OUT                          # in place, on contiguous memory
+    acc_t *= 1.0 / OUT_SHIFT                   # a power of two: exact
+    return np.floor(acc_t, out=acc_t).T
 
 
 def nearest_index(n_in: int, n_out: int) -> np.ndarray:
@@ -76,11 +76,13 @@ def nearest_index(n_in: int, n_out: int) -> np.ndarray:
     return ((2 * np.arange(n_out, dtype=np.int64) + 1) * n_in) // (2 * n_out)
 
 
-def g16_to_u8(g16: np.ndarray) -> np.ndarray:
+def g16_to_u8(g16: np.ndarray, scratch: bool = False) -> np.ndarray:
     """16-bit grid -> uint8: floor((2 v + 257) / 514), i.e. v / 257 rounded half up (never exactly
     half-way). In float64 this floor is exact: a quotient that is not an integer is at least 1/514
-    away from one, far beyond the division's rounding."""
-    y = np.asarray(g16, np.float64) * 2.0
+    away from one, far beyond the division's rounding. ``scratch``: ``g16`` is a float64 array
+    this call may overwrite (saves a copy)."""
+    y = g16 if scratch and isinstance(g16, np.ndarray) and g16.dtype == np.float64 else np.array(g16, np.float64)
+    y *= 2.0
     y += 257.0
     y /= 514.0
     return np.floor(y, out=y).astype(np.uint8)

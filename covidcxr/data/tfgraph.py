@@ -16,6 +16,10 @@ from covidcxr.data.preprocess import (CLAHE_CLIP, CLAHE_TILES, GAMMA_FLOOR, LUMA
                                       clahe_limit, mask_threshold_g16)
 
 _PNG_MAGIC = b"\x89PNG"
+MASK_THRESHOLD = mask_threshold_g16()   # half range on the 16-bit grid
+# Graph-building code with no Python control flow on tensors: AutoGraph must not rewrite it (it
+# has been seen to resolve a call to the wrong function of covidcxr.data.preprocess).
+_plain = tf.autograph.experimental.do_not_convert
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -48,6 +52,7 @@ def _u8_to_g16(img: tf.Tensor) -> tf.Tensor:
     return out
 
 
+@_plain
 def decode_g16(data: tf.Tensor) -> tf.Tensor:
     """Encoded PNG/JPEG/BMP/GIF bytes -> int64 [H, W, 1] on the 16-bit grid (as imageio.read_image).
 
@@ -69,20 +74,23 @@ def decode_g16(data: tf.Tensor) -> tf.Tensor:
     return img
 
 
+@_plain
 def decode_bytes(data: tf.Tensor) -> tf.Tensor:
     """Encoded bytes -> float32 [H, W, 1] in [0, 1] (g16 / 65535 in float32, as imageio.read_image)."""
     return tf.cast(decode_g16(data), tf.float32) / float(R.G16_MAX)
 
 
+@_plain
 def to_g16(img01: tf.Tensor) -> tf.Tensor:
     """float in [0, 1] -> int64 on the 16-bit grid: floor(x * 65535 + 0.5), exact in float64 (as preprocess.float_to_g16)."""
     x = tf.clip_by_value(tf.cast(img01, tf.float64) * float(R.G16_MAX), 0.0, float(R.G16_MAX))
     return tf.cast(tf.floor(x + 0.5), tf.int64)
 
 
+@_plain
 def decode_mask(data: tf.Tensor) -> tf.Tensor:
     """Mask bytes (any mode) -> float32 [H, W, 1] in {0, 1}, thresholded at half range."""
-    return tf.cast(decode_g16(data) >= mask_threshold_g16(), tf.float32)
+    return tf.cast(decode_g16(data) >= MASK_THRESHOLD, tf.float32)
 
 
 def _weights(n_in: tf.Tensor, n_out) -> tf.Tensor:
@@ -105,6 +113,7 @@ def _apply(w: tf.Tensor, src: tf.Tensor) -> tf.Tensor:
     return tf.sparse.sparse_dense_matmul(tf.sparse.from_dense(w), src)
 
 
+@_plain
 def resize_g16(g16: tf.Tensor, height, width=None) -> tf.Tensor:
     """int [H, W, 1] on the 16-bit grid -> int64 [height, width, 1] (as resample.resize_g16)."""
     width = height if width is None else width
@@ -116,6 +125,7 @@ def resize_g16(g16: tf.Tensor, height, width=None) -> tf.Tensor:
     return out[..., None]
 
 
+@_plain
 def resize(img: tf.Tensor, size: int) -> tf.Tensor:
     """float [H, W, 1] in [0, 1] -> float32 [size, size, 1] (the exact resize)."""
     return tf.cast(resize_g16(to_g16(img), size), tf.float32) / float(R.G16_MAX)
@@ -126,19 +136,21 @@ def _nearest(n_in: tf.Tensor, n_out) -> tf.Tensor:
     return ((2 * tf.range(n_out, dtype=tf.int64) + 1) * n_in) // (2 * n_out)
 
 
+@_plain
 def resize_mask(mask: tf.Tensor, size: int) -> tf.Tensor:
     """{0, 1} [H, W, 1] -> [size, size, 1], nearest neighbour (as preprocess.resize_mask)."""
     rows = tf.gather(mask, _nearest(tf.shape(mask)[0], size), axis=0)
     return tf.gather(rows, _nearest(tf.shape(mask)[1], size), axis=1)
 
 
+@_plain
 def mask_from_probs(probs: tf.Tensor, size) -> tf.Tensor:
     """[B, h, w, 1] probabilities -> [B, H, W, 1] float {0, 1}: the exact resize on the 16-bit
     grid, then 0.5 (as preprocess.mask_from_probs). ``size``: an int or [H, W]."""
     height, width = (size, size) if isinstance(size, int) else (size[0], size[1])
 
     def one(p):
-        return tf.cast(resize_g16(to_g16(p), height, width) >= mask_threshold_g16(), tf.float32)
+        return tf.cast(resize_g16(to_g16(p), height, width) >= MASK_THRESHOLD, tf.float32)
 
     return tf.map_fn(one, tf.cast(probs, tf.float32))
 
@@ -172,6 +184,7 @@ def _gamma_exponent(total: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
     return tf.constant(np.log(0.5), tf.float64) / tf.math.log(mean)
 
 
+@_plain
 def clahe(g16: tf.Tensor, size: int, clip_limit: float = CLAHE_CLIP, tiles: int = CLAHE_TILES) -> tf.Tensor:
     """As preprocess.clahe, for a [size, size, 1] image on the 16-bit grid (the tile geometry
     depends on the size only, so it is computed once, in NumPy, when the graph is traced)."""
@@ -195,6 +208,7 @@ def clahe(g16: tf.Tensor, size: int, clip_limit: float = CLAHE_CLIP, tiles: int 
     return _rational_to_u8(num, 4 * t * t * ((t * t) << 15))[..., None]
 
 
+@_plain
 def contrast_g16(g16: tf.Tensor, size: int, method: str = "none") -> tf.Tensor:
     """[size, size, 1] on the 16-bit grid -> uint8 (as preprocess.contrast_g16)."""
     if method == "none":
@@ -208,16 +222,19 @@ def contrast_g16(g16: tf.Tensor, size: int, method: str = "none") -> tf.Tensor:
     raise ValueError(f"unknown contrast method {method!r}")
 
 
+@_plain
 def prepare(img01: tf.Tensor, image_size: int, contrast_method: str = "none") -> tf.Tensor:
     """Decoded [H, W, 1] (float in [0, 1]) -> uint8 [S, S, 1], as preprocess.prepare."""
     return contrast_g16(resize_g16(to_g16(img01), image_size), image_size, contrast_method)
 
 
+@_plain
 def prepare_bytes(data: tf.Tensor, image_size: int, contrast_method: str = "none") -> tf.Tensor:
     """Encoded bytes -> uint8 [S, S, 1] (decode_g16, then prepare's steps on the integers)."""
     return contrast_g16(resize_g16(decode_g16(data), image_size), image_size, contrast_method)
 
 
+@_plain
 def serve_image(data: tf.Tensor, image_size: int, contrast_method: str) -> tf.Tensor:
     """Encoded bytes -> the model's float32 [S, S, 1] uint8-range input (no augmentation)."""
     return tf.cast(prepare_bytes(data, image_size, contrast_method), tf.float32)

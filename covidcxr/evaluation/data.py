@@ -9,7 +9,9 @@
   on the mapped classes and the report says "external".
 - **Training-overlap guard**: images that match a training image of the model (same bytes,
   or a near-duplicate, mirrored included, by the same perceptual-hash-and-thumbnail test as
-  ``data index``) are counted, listed and left out unless ``--include-train-overlap``.
+  ``data index``) are counted, listed and left out unless ``--include-train-overlap``, even
+  when they also match a validation image (themselves, in run-aware mode: the training and
+  validation images are matched separately). Matches with validation images are listed too.
 """
 from __future__ import annotations
 
@@ -194,18 +196,56 @@ def check_classes(df: pd.DataFrame, classes: list[str]) -> list[str]:
 
 @dataclass
 class Overlap:
-    kind: np.ndarray     # per evaluated row: '' | exact | near | mirrored
-    role: np.ndarray     # 'train' | 'val' | ''
-    match: list[str]     # the matching training image (index in the fingerprints) as text
+    """Per evaluated row, its match with the model's training images and, separately, with its
+    validation images ('' | exact | near | mirrored each): an image may match both (the Val copy
+    of a Train film matches itself among the validation images and the film among the training
+    images), and a match with any training image makes it training overlap."""
+
+    kind: np.ndarray       # the match with a training image
+    val_kind: np.ndarray   # the match with a validation image
+    match: list[str]       # the matching image (index in the fingerprints; the training one first) as text
+
+    @property
+    def train(self) -> np.ndarray:
+        return self.kind != ""
+
+    @property
+    def val(self) -> np.ndarray:
+        return self.val_kind != ""
+
+    @property
+    def role(self) -> np.ndarray:
+        """'train' (matches a training image, whatever else it matches), 'val' (a validation image only) or ''."""
+        return np.where(self.train, "train", np.where(self.val, "val", ""))
+
+    def flags(self) -> np.ndarray:
+        """predictions.csv's train_overlap column: 'train:near', 'val:exact', 'train:near+val:exact', ''."""
+        return np.array(["+".join(f"{r}:{k}" for r, k in (("train", t), ("val", v)) if k)
+                         for t, v in zip(self.kind, self.val_kind)], dtype=object)
+
+    def table(self, paths: np.ndarray) -> pd.DataFrame:
+        """train_overlap.csv: every row that matches a training or a validation image."""
+        hit = self.train | self.val
+        role = self.role[hit]
+        return pd.DataFrame({"path": paths[hit], "role": role,
+                             "match": np.where(role == "train", self.kind[hit], self.val_kind[hit]),
+                             "train_match": self.kind[hit], "validation_match": self.val_kind[hit]})
+
+    def summary(self, included: bool) -> str:
+        train, val = self.train, self.val
+        both = int((train & val).sum())
+        return (f"{int(train.sum())} of {len(train)} images match an image that trained this model (exact or near "
+                f"duplicate, mirrored included; listed in train_overlap.csv)"
+                + (": INCLUDED in the figures (--include-train-overlap), which are therefore optimistic" if included
+                   else ": left out of the figures")
+                + (f"; {int(val.sum())} match its validation images (they chose the checkpoint)" if val.any() else "")
+                + (f", {both} of them a training image too (counted as training overlap)" if both else ""))
 
 
-def training_overlap(fp_path: Path | None, eval_fps: list[tuple | None]) -> Overlap | None:
-    """Match each evaluated image (its fingerprint, or None) against the model's training images."""
-    if fp_path is None:
-        return None
-    ref = np.load(fp_path)
+def _fingerprint_arrays(eval_fps: list[tuple | None]):
+    """(known, sha, phash, phash_mirror, 16 x 16 thumbnails) of the evaluated images."""
     n = len(eval_fps)
-    known = np.array([f is not None for f in eval_fps])
+    known = np.array([f is not None for f in eval_fps], bool)
     sha = np.zeros((n, 32), np.uint8)
     ph, pm = np.zeros(n, np.uint64), np.zeros(n, np.uint64)
     thumbs = np.zeros((n, 16, 16), np.uint8)
@@ -214,11 +254,27 @@ def training_overlap(fp_path: Path | None, eval_fps: list[tuple | None]) -> Over
             sha[i] = np.frombuffer(f[0], np.uint8)
             ph[i], pm[i] = np.uint64(f[1]), np.uint64(f[2])
             thumbs[i] = f[3].reshape(16, 2, 16, 2).mean(axis=(1, 3)).round().astype(np.uint8)
-    idx, kind = match_reference(sha, ph, pm, thumbs, ref["sha"], ref["phash"], ref["phash_mirror"], ref["thumbs16"])
-    kind = np.where(known, kind, "")
-    role = np.where(idx >= 0, np.where(ref["role"][np.maximum(idx, 0)] == 0, "train", "val"), "")
-    role = np.where(kind != "", role, "")
-    return Overlap(kind, role, [str(i) if i >= 0 else "" for i in idx])
+    return known, sha, ph, pm, thumbs
+
+
+def training_overlap(fp_path: Path | None, eval_fps: list[tuple | None]) -> Overlap | None:
+    """Match each evaluated image (its fingerprint, or None) against the model's training images and,
+    separately, its validation images, so that an exact match with one never hides a near-duplicate
+    of the other."""
+    if fp_path is None:
+        return None
+    ref = np.load(fp_path)
+    known, sha, ph, pm, thumbs = _fingerprint_arrays(eval_fps)
+    ref_known = ref["known"].astype(bool) if "known" in ref.files else np.ones(len(ref["role"]), bool)
+    kinds, idxs = [], []
+    for role in (0, 1):   # 0: training images, 1: validation images
+        pick = np.flatnonzero((ref["role"] == role) & ref_known)
+        idx, kind = match_reference(sha, ph, pm, thumbs, ref["sha"][pick], ref["phash"][pick],
+                                    ref["phash_mirror"][pick], ref["thumbs16"][pick])
+        kinds.append(np.where(known, kind, "").astype(object))
+        idxs.append(np.where(idx >= 0, pick[np.maximum(idx, 0)] if len(pick) else -1, -1))
+    first = np.where(kinds[0] != "", idxs[0], np.where(kinds[1] != "", idxs[1], -1))
+    return Overlap(kinds[0], kinds[1], [str(i) if i >= 0 else "" for i in first])
 
 
 def data_summary(df_all: pd.DataFrame, df: pd.DataFrame, has_split: bool, skipped: list) -> dict:
@@ -238,7 +294,8 @@ def data_summary(df_all: pd.DataFrame, df: pd.DataFrame, has_split: bool, skippe
 
 def checkpoint_images(ed: EvalData, scored: pd.DataFrame, val_matched: int, requested: str) -> dict | None:
     """The scored images that chose the model's checkpoint (its validation images, by the run's
-    manifest or by fingerprint), with the warning that says so; None when there are none."""
+    manifest or by fingerprint: ``val_matched`` scored images match one), with the warning that says
+    so; None when there are none."""
     by_run = int((scored["split"] == "val").sum()) if ed.run_data and "split" in scored else 0
     n = max(by_run, int(val_matched))
     if not n:

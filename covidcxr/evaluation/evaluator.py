@@ -142,36 +142,33 @@ class Evaluator:
 
     def _checkpoint_images(self, ed: D.EvalData, df: pd.DataFrame, p, overlap: dict) -> dict | None:
         """Scored images that chose the checkpoint: the first warning, on the console and in the report."""
-        found = D.checkpoint_images(ed, df.iloc[p.rows], overlap.get("validation_matched", 0), self.o.split)
+        found = D.checkpoint_images(ed, df.iloc[p.rows], overlap.get("validation_scored", 0), self.o.split)
         if found:
             self.warnings.insert(0, found["warning"])
             self.log("WARNING: " + found["warning"])
         return found
 
     def _guard(self, df: pd.DataFrame, p, out: Path):
-        """Leave out (unless --include-train-overlap) the images that match a training image."""
+        """Leave out (unless --include-train-overlap) the images that match any training image, exact or
+        near duplicate, even when they match a validation image too (the Val copy of a Train film)."""
         ov = D.training_overlap(self.loc.fingerprints_path, p.fingerprints)
         if ov is None:
             self.warnings.append("this model carries no training fingerprints: overlap with its training images was "
                                  "not checked.")
             self._flags = np.full(len(p.rows), "", object)
             return p, {"checked": False, "matched": 0, "excluded": 0}
-        self._flags = np.where(ov.kind != "", [f"{r}:{k}" for r, k in zip(ov.role, ov.kind)], "")
-        train, val = ov.role == "train", ov.role == "val"
+        self._flags = ov.flags()
+        train, val, keep_all = ov.train, ov.val, self.o.include_train_overlap
         if train.any() or val.any():
-            pd.DataFrame({"path": df["path"].iloc[p.rows].to_numpy()[train | val], "role": ov.role[train | val],
-                          "match": ov.kind[train | val]}).to_csv(out / "train_overlap.csv", index=False)
-        drop = train if not self.o.include_train_overlap else np.zeros_like(train)
-        summary = (f"{int(train.sum())} of {len(p.rows)} images match an image that trained this model (exact or near "
-                   f"duplicate, mirrored included; listed in train_overlap.csv)"
-                   + (": INCLUDED in the figures (--include-train-overlap), which are therefore optimistic"
-                      if self.o.include_train_overlap else ": left out of the figures")
-                   + (f"; {int(val.sum())} match its validation images (they chose the checkpoint)" if val.any() else ""))
+            ov.table(df["path"].iloc[p.rows].to_numpy()).to_csv(out / "train_overlap.csv", index=False)
+        drop = train if not keep_all else np.zeros_like(train)
+        summary = ov.summary(keep_all)
         if train.any() or val.any():
-            self.log(("WARNING: " if self.o.include_train_overlap else "") + summary)
+            self.log(("WARNING: " if keep_all else "") + summary)
         info = {"checked": True, "matched": int(train.sum()), "validation_matched": int(val.sum()),
-                "excluded": int(drop.sum()), "included": bool(self.o.include_train_overlap and train.any()),
-                "summary": summary}
+                "train_and_validation_matched": int((train & val).sum()),
+                "validation_scored": int((val & ~drop).sum()), "excluded": int(drop.sum()),
+                "included": bool(keep_all and train.any()), "summary": summary}
         self._flags = self._flags[~drop]
         return subset(p, ~drop), info
 

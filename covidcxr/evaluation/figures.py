@@ -125,8 +125,8 @@ SEG_MEANS = ("dice", "iou", "hd95")
 
 def segmentation_scores(truths, preds, labels, bootstrap: int = 0, seed: int = 0, at_model=None) -> dict:
     """``segmentation`` plus intervals of every mean, overall and per class, and, given ``at_model``
-    ((truth, prediction) pairs at the model's output resolution, as the training log scores them),
-    HD95 there too."""
+    ((truth, prediction) pairs at the model's input resolution, where its masks come out and the
+    training log scores them), HD95 there too."""
     m = segmentation(truths, preds, labels, 0, seed)
     per = m["per_image"]
     if at_model is not None:

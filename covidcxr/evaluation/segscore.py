@@ -1,8 +1,8 @@
 """The segmentation part of an evaluation: each scored image's predicted mask against its ground
 truth at the mask's native resolution (the headline Dice, IoU and HD95) and, for HD95, at the
-model's output resolution too (where the training log measures it), with bootstrap intervals of
-every mean, overall and per class; the lowest-Dice images drawn, a Dice histogram, and
-segmentation.csv (every image's figures)."""
+model's input resolution too (where its masks come out and the training log measures), with
+bootstrap intervals of every mean, overall and per class; the lowest-Dice images drawn, a Dice
+histogram, and segmentation.csv (every image's figures)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,10 +17,12 @@ from covidcxr.evaluation import figures as F
 from covidcxr.evaluation import visuals
 from covidcxr.plots import plot_dice_histogram
 
-TRAINING_LOG = ("the training log (covidcxr.train's 'val:' / 'test:' lines 'HD95 ... px' and the run's metrics.json) "
-                "measures at the model's output resolution ({model}): it resizes each ground-truth mask to that size "
-                "(nearest neighbour) and thresholds the predicted probabilities at 0.5 there. Compare it with the HD95 "
-                "at model resolution, not with the native-resolution HD95.")
+TRAINING_LOG = ("the training log (covidcxr.train's 'val:' / 'test:' lines, 'HD95 ... px at the model's {model} "
+                "input', and the segmentation entry of the run's metrics.json: scored_at 'model input {model}', "
+                "hd95_unit 'px at {model}') scores masks at the model's input size ({model}, where its masks come "
+                "out): it resizes each ground-truth mask to that size (nearest neighbour) and thresholds the "
+                "predicted probabilities at 0.5 there. Compare it with the HD95 at model resolution, not with the "
+                "native-resolution HD95.")
 
 
 @dataclass
@@ -68,7 +70,7 @@ def _resolution(seg: dict, truths: list, masks: np.ndarray) -> None:
     seg["hd95_unit"] = f"px at each ground-truth mask's native resolution ({native})"
     seg["hd95_resolution"] = {"native": native, "model": model, "hd95": "native", "per_class": "native",
                               "hd95_at_model_resolution": "model"}
-    seg["hd95_at_model_resolution"].update(unit=f"px at the model's output resolution ({model})",
+    seg["hd95_at_model_resolution"].update(unit=f"px at the model's {model} input",
                                            training_log=TRAINING_LOG.format(model=model))
 
 

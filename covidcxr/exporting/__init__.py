@@ -23,6 +23,7 @@ import pandas as pd
 from covidcxr import artifacts as A
 from covidcxr.errors import CovidCXRError, DataError
 from covidcxr.exporting.check import check_export, require
+from covidcxr.exporting.readme import README, export_readme
 from covidcxr.exporting.signatures import classifier_fns, segmenter_fns
 from covidcxr.inference import load_keras
 from covidcxr.tasks import get_task
@@ -104,5 +105,6 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
         archive.write_out(str(tmp / A.SERVING), verbose=False)
         check = check_export(tmp, paths, masks)
         require(check)
+        (tmp / README).write_text(export_readme(card, check.summary() if check else "not checked: no check images"))
     log(f"exported {out} (SavedModel in {out / A.SERVING}; " + (check.summary() if check else "not checked: no check images") + ")")
     return out

@@ -11,6 +11,7 @@ import shlex
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -274,7 +275,8 @@ def _extend(state, phases) -> None:
 
 
 def split_metrics(net, data, split: str, task, batch_size: int, features=None) -> dict | None:
-    """Classification figures and/or Dice/IoU/HD95 (model resolution) of ``net`` on a split;
+    """Classification figures and/or Dice/IoU/HD95 of ``net`` on a split, the masks scored at the
+    model's input size (the cached ground truth, resized there; ``scored_at`` and ``hd95_unit`` say so);
     ``features``: the probe's cached embeddings (then only ``net``'s head runs, on them)."""
     rows = data.rows(split)
     if not len(rows):
@@ -293,8 +295,18 @@ def split_metrics(net, data, split: str, task, batch_size: int, features=None) -
             truth = np.asarray(data.cache.masks[data.mask_column][rows[has]])
             seg = segmentation_metrics(truth, out.masks[has])
             seg.pop("per_image")
-            m["segmentation"] = seg
+            size = f"{truth.shape[2]}x{truth.shape[1]}"   # the cached masks: resized to the model's input
+            m["segmentation"] = {**seg, "scored_at": f"model input {size}", "hd95_unit": f"px at {size}"}
     return m
+
+
+def segmentation_line(split: str, target: str, s: dict) -> str:
+    """The log line of a split's masks, naming the resolution they are scored at (the model's input,
+    where ``covidcxr.evaluate``'s hd95_at_model_resolution measures too)."""
+    hd = "n/a" if s["hd95"] is None else f"{s['hd95']:.2f}"
+    size = s["scored_at"].removeprefix("model input ")
+    return (f"{split}: {target} Dice {s['dice']:.4f}, IoU {s['iou']:.4f}, HD95 {hd} px at the model's {size} input "
+            f"(n={s['n']} masks)")
 
 
 def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) -> ExportFailedError | None:
@@ -309,9 +321,7 @@ def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) 
             auc = "n/a" if m["macro_auc"] is None else f"{m['macro_auc']:.4f}"
             log(f"{split}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, macro-AUC {auc} (n={m['n']})")
         if "segmentation" in m:
-            s = m["segmentation"]
-            hd = "n/a" if s["hd95"] is None else f"{s['hd95']:.2f}"
-            log(f"{split}: {cfg.target} Dice {s['dice']:.4f}, IoU {s['iou']:.4f}, HD95 {hd} px (n={s['n']} masks)")
+            log(segmentation_line(split, cfg.target, m["segmentation"]))
     A.atomic_write_text(run_dir / A.METRICS, json.dumps(metrics, indent=2))
     write_fingerprints(run_dir, data)
     plot_history(run_dir / A.HISTORY, run_dir / A.CURVES)
@@ -326,10 +336,12 @@ def _export(run_dir: Path, export_dir: Path, log) -> ExportFailedError | None:
     retry = shlex.join(["python", "-m", "covidcxr.export", str(run_dir), "--out", str(export_dir)])
     try:
         export_run(run_dir, export_dir, overwrite=True, log=log)
-    except CovidCXRError as exc:
-        status = {"ok": False, "export_dir": str(export_dir), "error": str(exc), "retry": retry}
+    except Exception as exc:  # any failure of the export, expected or not, leaves the finished run a success
+        reason = str(exc) if isinstance(exc, CovidCXRError) else f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        status = {"ok": False, "export_dir": str(export_dir), "error": reason, "retry": retry,
+                  "traceback": "" if isinstance(exc, CovidCXRError) else traceback.format_exc()}
         A.atomic_write_text(run_dir / A.EXPORT_STATUS, json.dumps(status, indent=2))
-        log(f"EXPORT FAILED (the training run itself finished and is complete): {exc}", file=sys.stderr)
+        log(f"EXPORT FAILED (the training run itself finished and is complete): {reason}", file=sys.stderr)
         log(f"retry the export with: {retry}", file=sys.stderr)
         return ExportFailedError(f"training finished ({run_dir}), but its export failed; retry with: {retry}")
     A.atomic_write_text(run_dir / A.EXPORT_STATUS, json.dumps({"ok": True, "export_dir": str(export_dir)}, indent=2))

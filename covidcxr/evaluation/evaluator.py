@@ -55,10 +55,14 @@ class Evaluator:
         self.o, self.log = opts, log
         self.loc = A.locate(opts.model)
         self.card = self.loc.card
-        self.task = get_task(self.card.task)
         self.check_flags(explicit)
         self.pred = Predictor(self.loc, opts.batch_size, opts.workers, opts.prefer)
         self.warnings: list[str] = []
+
+    @property
+    def task(self):
+        """The model's ``covidcxr.tasks.Task`` (from its card)."""
+        return get_task(self.card.task)
 
     def check_flags(self, explicit: set[str]) -> None:
         """A flag that does not apply to this model is refused, never ignored."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from covidcxr.artifacts import atomic_write_text
 from covidcxr.data.layouts import walk_images
 from covidcxr.errors import ConfigError, DataError
-from covidcxr.prediction.outputs import (CHUNK, SKIP_COLUMNS, CsvTable, check_free, mismatch, open_table, read_meta,
+from covidcxr.prediction.outputs import (CHUNK, SKIP_COLUMNS, CsvTable, check_table_free, mismatch, open_table, read_meta,
                                          remove, sidecar)
 
 
@@ -120,7 +120,7 @@ def _check_cover(shards: list[tuple[Path, dict]]) -> None:
 def run_merge(args) -> int:
     """Check the shards, then stream their rows (and skipped inputs) into one output in path order."""
     out = Path(args.out)
-    check_free(out, False, args.overwrite)
+    check_table_free(out, False, args.overwrite)
     shards = _shards([Path(o) for o in args.outputs])
     _check_cover(shards)
     if args.overwrite:

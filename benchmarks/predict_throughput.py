@@ -70,7 +70,7 @@ def image_files(data: Path, limit: int) -> list[str]:
 def build_worker(a) -> None:
     """A random-weight classifier: model.keras + model_card.json (+ serving/1 unless --no-export)."""
     from covidcxr.artifacts import ModelCard, locate
-    from covidcxr.exporting import export_model
+    from covidcxr.exporting.savedmodel import export_model
     from covidcxr.models.classifier import build_classifier
     from covidcxr.models.registry import get_spec
 

@@ -16,8 +16,9 @@ layer above; imports between covidcxr modules are made at module level, never in
   CLIP / SigLIP zero-shot, prompted SAM segmentation).
 - L5 ``commands``: the ``python -m covidcxr.<command>`` modules.
 
-Exemption: ``covidcxr/__init__.py`` imports ``covidcxr.inference`` inside ``load_model`` so that
-``import covidcxr`` does not import Keras (``FACADE``).
+Exemptions (``FACADE``): ``covidcxr/__init__.py`` imports ``covidcxr.inference`` inside ``load_model``
+so that ``import covidcxr`` does not import Keras; ``covidcxr.exporting.export_run`` imports the
+SavedModel writer (which imports TensorFlow, optional under JAX) only when TensorFlow is the backend.
 """
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 # (module, imported module) pairs allowed inside a function
-FACADE = {("covidcxr", "covidcxr.inference")}
+FACADE = {("covidcxr", "covidcxr.inference"),
+          # the SavedModel writer imports TensorFlow, which is optional under JAX/PyTorch: loaded only
+          # where TensorFlow is the backend (export_run), so training imports on a machine without it
+          ("covidcxr.exporting", "covidcxr.exporting.savedmodel")}
 
 
 def layer_of(module: str) -> int:

@@ -22,7 +22,7 @@ CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 def _classifier(folder: Path, classes=CLASSES, export: bool = True, checks=()) -> Path:
     """A random-weight resnet18 classifier at 32 px: model.keras + model_card.json (+ serving/1)."""
     from covidcxr.artifacts import ModelCard, locate
-    from covidcxr.exporting import export_model
+    from covidcxr.exporting.savedmodel import export_model
     from covidcxr.models.classifier import build_classifier
     from covidcxr.models.registry import get_spec
 

@@ -3,6 +3,7 @@ returns, and how to load the Keras model, written from the model's own card (not
 from __future__ import annotations
 
 from covidcxr.artifacts import ModelCard
+from covidcxr.tasks import get_task
 
 README = "README.md"
 
@@ -17,11 +18,12 @@ def _inputs(card: ModelCard) -> str:
 def _outputs(card: ModelCard) -> str:
     classes = ", ".join(f"`{c}`" for c in card.classes)
     probs = f"`probabilities` (float32 `[batch, {len(card.classes)}]`, in this order: {classes}) and `label` (string)"
-    if card.task == "classify":
+    task = get_task(card.task)
+    if task.only_classifies:
         return probs
     seg = (f"`mask` (float32 `[batch, {card.image_size}, {card.image_size}]`, {card.target or 'lung'} probabilities), "
            "`mask_png` (the mask thresholded at 0.5, a PNG at each input's own size), `height`, `width`")
-    return seg + (f"; and {probs}" if card.task == "multitask" else "")
+    return seg + (f"; and {probs}" if task.multi_output else "")
 
 
 def export_readme(card: ModelCard, checked: str) -> str:

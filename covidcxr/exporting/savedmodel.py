@@ -1,0 +1,80 @@
+"""The SavedModel writer: ``serving/1`` with the endpoints of ``signatures.py``, ``model.keras``,
+the card, fingerprints, calibration, a lung segmenter where the model has one, and the export's own
+README, written into ``OUT.partial`` and kept only when the export check passes. Imports TensorFlow
+(through ``signatures``): ``covidcxr.exporting.export_run`` loads it where TensorFlow is the backend.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import keras
+import pandas as pd
+
+from covidcxr import artifacts as A
+from covidcxr.errors import DataError
+from covidcxr.exporting.check import check_export, require
+from covidcxr.exporting.readme import README, export_readme
+from covidcxr.exporting.signatures import classifier_fns, segmenter_fns
+from covidcxr.inference import load_keras
+from covidcxr.tasks import get_task
+
+CHECK_IMAGES = 24
+
+
+def default_checks(loc: A.Located, n: int = CHECK_IMAGES) -> tuple[list[str], list[str]]:
+    """Up to ``n`` held-out images (and their lung masks) of the run's manifest to check the export
+    on: one of each file kind first (mode and size, e.g. 8-bit gray 299 px, RGB, 16-bit), then
+    evenly spread over the rest, so the pixel check meets what the data holds."""
+    man = loc.manifest_path
+    if man is None:
+        return [], []
+    df = pd.read_csv(man, dtype=str, keep_default_na=False)
+    df = df[df["split"].isin(["val", "test"])] if (df["split"].isin(["val", "test"])).any() else df
+    if loc.card.lung_crop == "given":
+        df = df[df.get("lung_mask", "") != ""]
+    df = df[[os.path.exists(p) for p in df["path"]]]
+    kinds = [c for c in ("mode", "width", "height", "label") if c in df]
+    first = df.drop_duplicates(kinds).head(n) if kinds else df.head(0)
+    rest = df.drop(first.index)
+    step = max(1, len(rest) // max(1, n - len(first)))
+    df = pd.concat([first, rest.iloc[::step]]).head(n)
+    return df["path"].tolist(), (df["lung_mask"].tolist() if "lung_mask" in df else [""] * len(df))
+
+
+def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, checks: list[str] | None = None,
+                 log=print) -> Path:
+    if loc.keras_path is None:
+        raise DataError(f"{loc.root}: a bare SavedModel; export from the run or export folder (model.keras).")
+    out = Path(out)
+    A.check_free(out, overwrite)
+    model, card = load_keras(loc.keras_path), loc.card
+    segmenter = None
+    if card.lung_crop == "model":
+        if loc.segmenter_dir is None:
+            raise DataError(f"{loc.root}: this classifier crops with a lung segmenter and its lung_segmenter/ is "
+                            f"missing; export from the run folder.")
+        segmenter = (load_keras(loc.segmenter_dir / A.EXPORT_MODEL), A.ModelCard.load(loc.segmenter_dir))
+    fns = segmenter_fns(model, card) if get_task(card.task).segments else classifier_fns(model, card, segmenter)
+    paths, masks = (checks, [""] * len(checks)) if checks else default_checks(loc)
+    with A.staged(out, overwrite) as tmp:
+        model.save(tmp / A.EXPORT_MODEL)
+        card.save(tmp)
+        for name in (A.FINGERPRINTS, A.CALIBRATION):
+            if (loc.root / name).exists():
+                shutil.copy(loc.root / name, tmp / name)
+        if segmenter is not None:
+            shutil.copytree(loc.segmenter_dir, tmp / A.SEGMENTER_DIR)
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        if segmenter is not None:
+            archive.track(segmenter[0])
+        for name, fn in fns.items():
+            archive.add_endpoint(name, fn)
+        archive.write_out(str(tmp / A.SERVING), verbose=False)
+        check = check_export(tmp, paths, masks)
+        require(check)
+        (tmp / README).write_text(export_readme(card, check.summary() if check else "not checked: no check images"))
+    log(f"exported {out} (SavedModel in {out / A.SERVING}; " + (check.summary() if check else "not checked: no check images") + ")")
+    return out

@@ -95,7 +95,7 @@ def _check_flags(args, pred) -> None:
                                                        "lung mask under its file name")]
     for broken, why in rules:
         if broken:
-            raise ConfigError(f"{why}; --model {args.model} is a {task} model ({pred.kind}"
+            raise ConfigError(f"{why}; --model {args.model} is a {task.name} model ({pred.kind}"
                               f"{', lung crop ' + crop if crop else ''}).")
 
 

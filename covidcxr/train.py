@@ -164,7 +164,7 @@ def run(args) -> int:
     if cfg.lung_crop and not get_task(cfg.task).only_classifies:
         raise ConfigError("--lung-crop applies to classification (--task classify).")
     if cfg.lung_crop not in ("", "given"):
-        check_segmenter(cfg.lung_crop)("--lung-crop applies to classification (--task classify).")
+        check_segmenter(cfg.lung_crop)
     train(cfg, overwrite=args.overwrite, resume=args.resume)
     return 0
 

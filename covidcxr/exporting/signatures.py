@@ -17,11 +17,18 @@ their own preprocessing: ``pixels`` (the same inputs -> ``pixels``, the uint8 mo
 """
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
 from covidcxr.artifacts import ModelCard
 from covidcxr.data import tfgraph as G
 from covidcxr.tasks import get_task
+
+# The endpoints have no Python control flow on tensors, so AutoGraph has nothing to convert; left on,
+# it once called the wrong one of two same-named local functions ("tf__serve() missing
+# 'lung_mask_bytes'") and the wrong preprocess helper. Traced as plain Python instead.
+_graph = functools.partial(tf.function, autograph=False)
 
 
 def _images(image_bytes, size: int, contrast: str):
@@ -70,29 +77,32 @@ def classifier_fns(model, card: ModelCard, segmenter=None) -> dict:
         mask = crop_mask(image_bytes, lung_mask_bytes)
         return {"pixels": x * mask, "image_pixels": x, "crop_mask": mask}
 
-    @tf.function(input_signature=[pix_spec])
+    @_graph(input_signature=[pix_spec])
     def from_pixels(pixels):
         return _probs(model, pixels, classes)
 
     if card.lung_crop == "given":
         mask_spec = tf.TensorSpec([None], tf.string, name="lung_mask_bytes")
 
-        @tf.function(input_signature=[spec, mask_spec])
-        def pixels(image_bytes, lung_mask_bytes):
+        @_graph(input_signature=[spec, mask_spec])
+        def pixels_given(image_bytes, lung_mask_bytes):
             return pixels_of(image_bytes, lung_mask_bytes)
 
-        @tf.function(input_signature=[spec, mask_spec])
-        def serve(image_bytes, lung_mask_bytes):
+        @_graph(input_signature=[spec, mask_spec])
+        def serve_given(image_bytes, lung_mask_bytes):
             return _probs(model, tf.cast(pixels_of(image_bytes, lung_mask_bytes)["pixels"], tf.float32), classes)
+
+        pixels, serve = pixels_given, serve_given
     else:
-        @tf.function(input_signature=[spec])
-        def pixels(image_bytes):
+        @_graph(input_signature=[spec])
+        def pixels_plain(image_bytes):
             return pixels_of(image_bytes)
 
-        @tf.function(input_signature=[spec])
-        def serve(image_bytes):
+        @_graph(input_signature=[spec])
+        def serve_plain(image_bytes):
             return _probs(model, tf.cast(pixels_of(image_bytes)["pixels"], tf.float32), classes)
 
+        pixels, serve = pixels_plain, serve_plain
     return {"serving_default": serve, "pixels": pixels, "from_pixels": from_pixels}
 
 
@@ -115,7 +125,7 @@ def segmenter_fns(model, card: ModelCard) -> dict:
         full = G.mask_from_probs(m[None, ..., None], tf.stack([hh, ww]))[0]
         return tf.io.encode_png(tf.cast(full, tf.uint8) * 255)
 
-    @tf.function(input_signature=[spec])
+    @_graph(input_signature=[spec])
     def serve(image_bytes):
         x, h, w = _images(image_bytes, size, contrast)
         res = outputs(tf.cast(x, tf.float32))
@@ -123,12 +133,12 @@ def segmenter_fns(model, card: ModelCard) -> dict:
                                                          fn_output_signature=tf.TensorSpec([], tf.string)))
         return res
 
-    @tf.function(input_signature=[spec])
+    @_graph(input_signature=[spec])
     def pixels(image_bytes):
         x, _, _ = _images(image_bytes, size, contrast)
         return {"pixels": x, "image_pixels": x}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32, name="pixels")])
+    @_graph(input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32, name="pixels")])
     def from_pixels(pixels):
         return outputs(pixels)
 

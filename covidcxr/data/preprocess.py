@@ -84,11 +84,6 @@ def resize(img01: np.ndarray, size: int) -> np.ndarray:
     return g16_to_float(R.resize_g16(float_to_g16(img01), size))
 
 
-def quantize(img01: np.ndarray) -> np.ndarray:
-    """[0, 1] float -> uint8 through the 16-bit grid (as prepare(..., "none"))."""
-    return R.g16_to_u8(float_to_g16(img01))
-
-
 def _stretch(g16: np.ndarray) -> np.ndarray:
     """1st-99th percentile linear stretch, in integers."""
     flat = np.sort(g16, axis=None)

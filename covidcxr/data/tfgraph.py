@@ -232,9 +232,3 @@ def prepare(img01: tf.Tensor, image_size: int, contrast_method: str = "none") ->
 def prepare_bytes(data: tf.Tensor, image_size: int, contrast_method: str = "none") -> tf.Tensor:
     """Encoded bytes -> uint8 [S, S, 1] (decode_g16, then prepare's steps on the integers)."""
     return contrast_g16(resize_g16(decode_g16(data), image_size), image_size, contrast_method)
-
-
-@_plain
-def serve_image(data: tf.Tensor, image_size: int, contrast_method: str) -> tf.Tensor:
-    """Encoded bytes -> the model's float32 [S, S, 1] uint8-range input (no augmentation)."""
-    return tf.cast(prepare_bytes(data, image_size, contrast_method), tf.float32)

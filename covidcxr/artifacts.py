@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
 import os
 import shutil
@@ -50,6 +51,19 @@ CALIBRATION = "calibration.json"
 INPUT_FORMAT = "gray255"  # models take uint8-range grayscale [B, S, S, 1]
 
 
+class LungCrop(enum.StrEnum):
+    """How a classifier's input is cropped to the lungs (``lung_crop`` of model_card.json, stored as its
+    value; false for ``NONE``)."""
+    NONE = ""
+    GIVEN = "given"     # the dataset's own lung masks, given with each image
+    MODEL = "model"     # a lung segmenter shipped with the model (lung_segmenter/)
+
+    @classmethod
+    def of_config(cls, value: str) -> "LungCrop":
+        """From a run's ``--lung-crop`` ('' | given | PATH of a lung segmenter)."""
+        return cls.NONE if not value else cls.GIVEN if value == cls.GIVEN.value else cls.MODEL
+
+
 @dataclass
 class ModelCard:
     """What a model is: enough to preprocess its inputs and read its outputs anywhere."""
@@ -60,11 +74,14 @@ class ModelCard:
     image_size: int = 224
     normalization: str = "unit"         # applied inside the model (BackboneInput)
     contrast: str = "none"
-    lung_crop: str = ""                 # '' | given | model
+    lung_crop: LungCrop = LungCrop.NONE
     target: str | None = None           # segment/multitask: lung | infection
     input_format: str = INPUT_FORMAT
     backend: str = ""                   # Keras backend it was trained on
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.lung_crop = LungCrop(self.lung_crop)
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CARD

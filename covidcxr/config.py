@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from covidcxr.artifacts import atomic_write_text
+from covidcxr.artifacts import LungCrop, atomic_write_text
 from covidcxr.data.preprocess import CONTRAST_METHODS
 from covidcxr.data.splits import parse_fractions
 from covidcxr.errors import ConfigError
@@ -115,6 +115,11 @@ class TrainConfig:
         self.augment.validate()
         get_task(self.task).check_config(self)
         return self
+
+    @property
+    def crop(self) -> LungCrop:
+        """What ``lung_crop`` ('' | given | PATH of a lung segmenter) means."""
+        return LungCrop.of_config(self.lung_crop)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -11,6 +11,7 @@ and the batch goes on without it.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,12 +23,12 @@ import covidcxr.augment  # noqa: F401  (registers the augmentation layer for loa
 import covidcxr.losses  # noqa: F401  (registers the segmentation losses and MaskScore)
 import covidcxr.models.layers  # noqa: F401  (registers BackboneInput)
 import covidcxr.models.tokens  # noqa: F401  (registers the ViT token layers)
-from covidcxr.artifacts import Located, ModelCard, locate
+from covidcxr.artifacts import Located, LungCrop, ModelCard, locate
 from covidcxr.augment import fixed_view
 from covidcxr.data import preprocess as P
 from covidcxr.data.imageio import decode_file, inspect_file, read_mask
 from covidcxr.data.pool import decode_ahead, default_workers
-from covidcxr.errors import DataError
+from covidcxr.errors import ConfigError, DataError
 from covidcxr.tasks import get_task
 
 TF_DECODABLE = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
@@ -68,6 +69,12 @@ class Batch:
     image_pixels: np.ndarray | None = None   # SavedModel run with pixels=True: its input before a lung crop
 
 
+class ModelFile(enum.StrEnum):
+    """Which saved form of a model a Predictor runs."""
+    KERAS = "keras"              # model.keras / best.keras: every feature (Grad-CAM, TTA, the lungs-out probe)
+    SAVEDMODEL = "savedmodel"    # the TF SavedModel (serving/1): outputs only
+
+
 class Predictor:
     """``Predictor(path).run(items)`` -> an iterator of ``Batch``.
 
@@ -75,26 +82,33 @@ class Predictor:
     'keras' (default, needed for Grad-CAM, TTA and the lungs-out probe) or 'savedmodel'."""
 
     def __init__(self, path: str | Path | Located, batch_size: int = 32, workers: int | None = None,
-                 prefer: str = "keras"):
+                 prefer: str | ModelFile = ModelFile.KERAS):
         self.located = path if isinstance(path, Located) else locate(path)
         self.card: ModelCard = self.located.card
         self.task = get_task(self.card.task)
         self.batch_size, self.workers = int(batch_size), workers or default_workers()
-        use_sm = self.located.keras_path is None or (prefer == "savedmodel" and self.located.savedmodel_path)
-        self.kind = "savedmodel" if use_sm else "keras"
+        use_sm = self.located.keras_path is None or (ModelFile(prefer) is ModelFile.SAVEDMODEL
+                                                     and self.located.savedmodel_path)
+        self.kind = ModelFile.SAVEDMODEL if use_sm else ModelFile.KERAS
         self.model = self.fn = self.segmenter = None
-        if self.kind == "savedmodel":
+        if self.kind is ModelFile.SAVEDMODEL:
             self._loaded = _load_savedmodel(self.located.savedmodel_path)   # keeps the variables alive
             self.signatures = self._loaded.signatures
             self.fn = self.signatures["serving_default"]
         else:
             self.model = load_keras(self.located.keras_path)
-            if self.card.lung_crop == "model":
+            if self.card.lung_crop is LungCrop.MODEL:
                 seg = self.located.segmenter_dir
                 if seg is None:
                     raise DataError(f"{self.located.root}: this classifier crops with a lung segmenter, but its "
                                     f"lung_segmenter/ folder is missing; copy it from the run folder.")
                 self.segmenter = Predictor(seg, batch_size, self.workers)
+
+    def require_keras(self, *flags: str) -> None:
+        """The one rule for features that need the Keras model: refuse ``flags`` on a SavedModel."""
+        if flags and self.kind is not ModelFile.KERAS:
+            raise ConfigError(f"{', '.join(flags)} need(s) the Keras model (model.keras): pass the run or export "
+                              f"folder (not a bare SavedModel) and --prefer keras.")
 
     @property
     def classes(self) -> list[str]:
@@ -102,7 +116,7 @@ class Predictor:
 
     @property
     def needs_lung_masks(self) -> bool:
-        return self.card.lung_crop == "given"
+        return self.card.lung_crop is LungCrop.GIVEN
 
     # ---------------------------------------------------------------- decoding (threads)
 
@@ -125,7 +139,7 @@ class Predictor:
                 if not item.lung_mask:
                     return Decoded(item, reason="no lung mask for this image")
                 d.lungs = P.resize_mask(read_mask(item.lung_mask), c.image_size)
-            if self.kind == "savedmodel":
+            if self.kind is ModelFile.SAVEDMODEL:
                 native = Path(item.path).suffix.lower() in TF_DECODABLE
                 d.raw = Path(item.path).read_bytes() if native else P.numpy_to_png_bytes(gray)
         except Exception as exc:  # a bad mask or an odd file: this input only
@@ -147,9 +161,8 @@ class Predictor:
         """Batches of outputs. ``view``: (degrees, zoom) fixed transform (test-time augmentation);
         ``lungs_out``: black out each image's lung mask (the shortcut probe). Both need a Keras model.
         ``pixels``: for a SavedModel, also its own input pixels (``Batch.x``, ``Batch.image_pixels``)."""
-        if (view is not None or lungs_out) and self.kind != "keras":
-            raise DataError("test-time augmentation and the lungs-out probe need the Keras model (model.keras): "
-                            "pass the run or export folder instead of the bare SavedModel.")
+        self.require_keras(*(["test-time augmentation"] if view is not None else [])
+                           + (["the lungs-out probe"] if lungs_out else []))
         batch, failed = [], []
         for d in self._decoded(items, keep_gray=keep_gray, fingerprint=fingerprint, lungs=lungs_out):
             (failed if d.reason else batch).append(d)
@@ -162,10 +175,10 @@ class Predictor:
     def _run_batch(self, done: list[Decoded], failed: list[Decoded], view, lungs_out, pixels=False) -> Batch:
         if not done:
             return Batch([], None, failed=failed)
-        if self.kind == "savedmodel":
+        if self.kind is ModelFile.SAVEDMODEL:
             return self._run_savedmodel(done, failed, pixels)
         x = np.stack([d.image for d in done])[..., None]
-        if self.card.lung_crop == "given":
+        if self.card.lung_crop is LungCrop.GIVEN:
             x = x * np.stack([d.lungs for d in done])[..., None]
         elif self.segmenter is not None:
             x = x * self._predicted_lungs(done)[..., None]

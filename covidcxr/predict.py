@@ -47,7 +47,7 @@ from covidcxr import cli
 
 with cli.startup_quiet():  # Keras and its backend load here, their start-up noise hidden
     import numpy as np
-    from covidcxr.artifacts import CALIBRATION, EXPORT_MODEL, atomic_write_text
+    from covidcxr.artifacts import CALIBRATION, EXPORT_MODEL, LungCrop, atomic_write_text
     from covidcxr.calibration import apply_temperature, load_temperature
     from covidcxr.data.preprocess import mask_from_probs
     from covidcxr.errors import ConfigError, DataError, RunExistsError
@@ -86,13 +86,12 @@ def _check_flags(args, pred) -> None:
     rules = [(args.masks and not task.segments, "--masks is for segmentation and multi-task models"),
              (args.calibrated and not task.classifies, "--calibrated scales class probabilities"),
              (args.gradcam and not task.only_classifies, "--gradcam draws class heatmaps of classifiers"),
-             (args.gradcam and pred.kind != "keras", "--gradcam needs the Keras model: pass the run or export "
-                                                     "folder (not the bare SavedModel) and --prefer keras"),
              (args.gradcam_layer and not args.gradcam, "--gradcam-layer needs --gradcam"),
-             (args.lung_masks and crop != "given", "--lung-masks is for classifiers trained with --lung-crop given"),
-             (crop == "given" and not args.lung_masks, "this classifier was trained on lung-cropped images "
+             (args.lung_masks and crop is not LungCrop.GIVEN, "--lung-masks is for classifiers trained with --lung-crop given"),
+             (crop is LungCrop.GIVEN and not args.lung_masks, "this classifier was trained on lung-cropped images "
                                                        "(--lung-crop given): pass --lung-masks DIR, each input's "
                                                        "lung mask under its file name")]
+    pred.require_keras(*(["--gradcam"] if args.gradcam else []))
     for broken, why in rules:
         if broken:
             raise ConfigError(f"{why}; --model {args.model} is a {task.name} model ({pred.kind}"

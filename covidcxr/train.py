@@ -20,7 +20,7 @@ with cli.startup_quiet():  # Keras and its backend load here, their start-up noi
     from covidcxr.errors import ConfigError, DataError
     from covidcxr.lungcrop import check_segmenter
     from covidcxr.models import catalog
-    from covidcxr.models.registry import PRESET
+    from covidcxr.models.weights import PRESET
     from covidcxr.training.data import DEMO
     from covidcxr.tasks import get_task
     from covidcxr.training.run import train
@@ -102,7 +102,7 @@ def _weights(args) -> str:
 
 
 def _crop(value: str) -> str:
-    if value in ("", "given"):
+    if A.LungCrop.of_config(value) is not A.LungCrop.MODEL:
         return value
     if not Path(value).exists():
         raise ConfigError(f"--lung-crop {value}: neither 'given' nor an existing segmentation run/model.")
@@ -161,9 +161,9 @@ def run(args) -> int:
     parser = build_parser()
     cfg = resumed_config(args, parser) if args.resume else config_from_args(args)
     cfg.validate()
-    if cfg.lung_crop and not get_task(cfg.task).only_classifies:
+    if cfg.crop and not get_task(cfg.task).only_classifies:
         raise ConfigError("--lung-crop applies to classification (--task classify).")
-    if cfg.lung_crop not in ("", "given"):
+    if cfg.crop is A.LungCrop.MODEL:
         check_segmenter(cfg.lung_crop)
     train(cfg, overwrite=args.overwrite, resume=args.resume)
     return 0

@@ -23,7 +23,7 @@ from covidcxr.evaluation import data as D
 from covidcxr.evaluation import figures as F
 from covidcxr.evaluation.passes import forward, subset
 from covidcxr.evaluation.report import SCHEMA, report_skipped, write, write_metrics
-from covidcxr.inference import Predictor
+from covidcxr.inference import ModelFile, Predictor
 from covidcxr.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc, plot_single_class
 from covidcxr.tasks import get_task
 
@@ -67,7 +67,7 @@ class Evaluator:
     def check_flags(self, explicit: set[str]) -> None:
         """A flag that does not apply to this model is refused, never ignored."""
         card, o, task = self.card, self.o, self.task
-        bad = [f for f, applies in (("tta", task.classifies), ("mask_lungs", task.classifies and card.lung_crop == ""),
+        bad = [f for f, applies in (("tta", task.classifies), ("mask_lungs", task.classifies and card.lung_crop is A.LungCrop.NONE),
                                     ("gradcam", task.only_classifies), ("gradcam_layer", task.only_classifies),
                                     ("label_map", task.classifies), ("overlays", task.segments))
                if f in explicit and not applies]
@@ -77,10 +77,9 @@ class Evaluator:
             raise ConfigError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} do(es) not apply to this "
                               f"{card.task} model ({self.loc.root})" + (f": {why[bad[0]]}" if bad[0] in why else "")
                               + ".")
-        if (o.tta or o.mask_lungs or (o.gradcam and task.only_classifies and "gradcam" in explicit)) \
-                and self.loc.keras_path is None:
-            raise ConfigError("--tta, --mask-lungs and --gradcam need the Keras model (model.keras); pass the run or "
-                              "export folder instead of the bare SavedModel.")
+        self.pred.require_keras(*[f for f, on in (("--tta", o.tta), ("--mask-lungs", o.mask_lungs),
+                                                   ("--gradcam", o.gradcam and task.only_classifies
+                                                    and "gradcam" in explicit)) if on])
 
     # ---------------------------------------------------------------- the run
 
@@ -194,7 +193,7 @@ class Evaluator:
         self._say(m)
         visuals.examples(rows, y, probs, classes, out, context, seed=o.seed)
         m["gradcam"] = None
-        if o.gradcam and self.task.only_classifies and self.pred.kind == "keras":
+        if o.gradcam and self.task.only_classifies and self.pred.kind is ModelFile.KERAS:
             of = [lmap.names[next(i for i, g in enumerate(lmap.model_groups) if k in g)] for k in
                   range(len(self.card.classes))] if lmap else None
             m["gradcam"] = visuals.gradcam(self.pred, rows, y, p.probs, classes, o.gradcam, o.gradcam_layer, out,

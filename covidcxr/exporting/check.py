@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covidcxr.artifacts import LungCrop
 from covidcxr.errors import CovidCXRError, DataError
 from covidcxr.inference import Item, Predictor
 
@@ -92,13 +93,13 @@ def check_export(folder: Path, paths: list[str], masks: list[str]) -> ExportChec
         bad = (ref.failed or got.failed)[0]
         raise DataError(f"export check: {bad.item.path}: {bad.reason}; pass --check with readable image files.")
     check = ExportCheck(len(ref.done))
-    cropped = sm.card.lung_crop == "model"
+    cropped = sm.card.lung_crop is LungCrop.MODEL
     check.crop_masks = PixelReport() if cropped else None
     for i, d in enumerate(ref.done):
         check.pixels.add(d.item.path, d.image, got.image_pixels[i][..., 0])
         if cropped:
             check.crop_masks.add(d.item.path, ref.x[i], got.x[i])
-        elif sm.card.lung_crop == "given":
+        elif sm.card.lung_crop is LungCrop.GIVEN:
             check.pixels.add(d.item.path + " (lung-cropped)", ref.x[i], got.x[i])
     same = sm.from_pixels(ref.x)
     check.on_same_pixels = max(_max_diff(ref.probs, same.get("probabilities")), _max_diff(ref.masks, same.get("mask")))

@@ -2,7 +2,7 @@
 returns, and how to load the Keras model, written from the model's own card (nothing by hand)."""
 from __future__ import annotations
 
-from covidcxr.artifacts import ModelCard
+from covidcxr.artifacts import LungCrop, ModelCard
 from covidcxr.tasks import get_task
 
 README = "README.md"
@@ -10,7 +10,7 @@ README = "README.md"
 
 def _inputs(card: ModelCard) -> str:
     text = ("`image_bytes`: `tf.string [batch]`, encoded PNG/JPEG/BMP/GIF of any size, 8- or 16-bit, gray or RGB")
-    if card.lung_crop == "given":
+    if card.lung_crop is LungCrop.GIVEN:
         text += "; `lung_mask_bytes`: `tf.string [batch]`, each image's lung mask (any mode; half range and above is lung)"
     return text
 
@@ -27,8 +27,8 @@ def _outputs(card: ModelCard) -> str:
 
 
 def export_readme(card: ModelCard, checked: str) -> str:
-    crop = {"": "none", "given": "the image times its given lung mask (a second input)",
-            "model": "the image times the lung mask its embedded segmenter (`lung_segmenter/`) predicts"}
+    crop = {LungCrop.NONE: "none", LungCrop.GIVEN: "the image times its given lung mask (a second input)",
+            LungCrop.MODEL: "the image times the lung mask its embedded segmenter (`lung_segmenter/`) predicts"}
     return f"""# {card.arch} ({card.task}) exported by covidcxr
 
 **Research use only. Not a medical device; not for diagnosis.**
@@ -39,7 +39,7 @@ def export_readme(card: ModelCard, checked: str) -> str:
 | classes (output order) | {", ".join(card.classes)} |
 | input | uint8-range grayscale `[B, {card.image_size}, {card.image_size}, 1]` (`{card.input_format}`) |
 | preprocessing | decode (16-bit by its bit depth, RGB by Pillow's integer luma), exact antialiased bilinear resize to {card.image_size} px, contrast `{card.contrast}` |
-| lung crop | {crop.get(card.lung_crop, card.lung_crop)} |
+| lung crop | {crop[card.lung_crop]} |
 | trained on the Keras backend | {card.backend or "?"} |
 | export check | {checked} |
 

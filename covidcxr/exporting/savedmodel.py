@@ -32,7 +32,7 @@ def default_checks(loc: A.Located, n: int = CHECK_IMAGES) -> tuple[list[str], li
         return [], []
     df = pd.read_csv(man, dtype=str, keep_default_na=False)
     df = df[df["split"].isin(["val", "test"])] if (df["split"].isin(["val", "test"])).any() else df
-    if loc.card.lung_crop == "given":
+    if loc.card.lung_crop is A.LungCrop.GIVEN:
         df = df[df.get("lung_mask", "") != ""]
     df = df[[os.path.exists(p) for p in df["path"]]]
     kinds = [c for c in ("mode", "width", "height", "label") if c in df]
@@ -51,7 +51,7 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
     A.check_free(out, overwrite)
     model, card = load_keras(loc.keras_path), loc.card
     segmenter = None
-    if card.lung_crop == "model":
+    if card.lung_crop is A.LungCrop.MODEL:
         if loc.segmenter_dir is None:
             raise DataError(f"{loc.root}: this classifier crops with a lung segmenter and its lung_segmenter/ is "
                             f"missing; export from the run folder.")

@@ -21,7 +21,7 @@ import functools
 
 import tensorflow as tf
 
-from covidcxr.artifacts import ModelCard
+from covidcxr.artifacts import LungCrop, ModelCard
 from covidcxr.data import tfgraph as G
 from covidcxr.tasks import get_task
 
@@ -62,7 +62,7 @@ def classifier_fns(model, card: ModelCard, segmenter=None) -> dict:
     pix_spec = tf.TensorSpec([None, size, size, 1], tf.float32, name="pixels")
 
     def crop_mask(image_bytes, lung_mask_bytes=None):
-        if card.lung_crop == "given":
+        if card.lung_crop is LungCrop.GIVEN:
             return tf.map_fn(lambda b: tf.cast(G.resize_mask(G.decode_mask(b), size), tf.uint8), lung_mask_bytes,
                              fn_output_signature=tf.TensorSpec([size, size, 1], tf.uint8))
         seg, seg_card = segmenter
@@ -72,7 +72,7 @@ def classifier_fns(model, card: ModelCard, segmenter=None) -> dict:
 
     def pixels_of(image_bytes, lung_mask_bytes=None):
         x, _, _ = _images(image_bytes, size, contrast)
-        if card.lung_crop == "":
+        if card.lung_crop is LungCrop.NONE:
             return {"pixels": x, "image_pixels": x}
         mask = crop_mask(image_bytes, lung_mask_bytes)
         return {"pixels": x * mask, "image_pixels": x, "crop_mask": mask}
@@ -81,7 +81,7 @@ def classifier_fns(model, card: ModelCard, segmenter=None) -> dict:
     def from_pixels(pixels):
         return _probs(model, pixels, classes)
 
-    if card.lung_crop == "given":
+    if card.lung_crop is LungCrop.GIVEN:
         mask_spec = tf.TensorSpec([None], tf.string, name="lung_mask_bytes")
 
         @_graph(input_signature=[spec, mask_spec])

@@ -173,3 +173,21 @@ def check_native_size(spec, model, image_size: int, preset: str) -> None:
     if native is not None and int(native) != int(image_size):
         raise ConfigError(f"preset {preset} is built for {native} px images and {spec.name}'s position embeddings "
                           f"are fixed to that size: use --image-size {native}.")
+
+
+def load_with_tokenizer(preset: str, backbone_class: str, refuse) -> tuple:
+    """(backbone, tokenizer) of a two-tower keras-hub preset (zero-shot CLIP / SigLIP). A load failure
+    is a ConfigError naming the preset; a backbone that is not a ``keras_hub.models.<backbone_class>``
+    raises ``refuse(found_class_name)``."""
+    import keras_hub  # seconds to import; only the zero-shot commands load two-tower presets
+
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(preset)
+        tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(preset)
+    except Exception as exc:
+        raise ConfigError(f"--preset {preset}: cannot load a {FAMILY.get(IMAGE_TOWER.get(backbone_class), '')} model "
+                          f"and tokenizer from it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Offline, "
+                          f"pass a local preset folder.") from exc
+    if not isinstance(backbone, getattr(keras_hub.models, backbone_class)):
+        raise refuse(type(backbone).__name__)
+    return backbone, tokenizer

@@ -10,7 +10,7 @@ decoder taps, from high to low resolution (as in segmentation_models).
 - keras-hub: a preset directory (what ``save_to_preset`` writes) or a
   ``.weights.h5`` file.
 
-keras-hub presets by name or handle are passed as ``PRESET + NAME`` (``--preset NAME``);
+keras-hub presets by name or handle are passed as ``preset:NAME`` (``covidcxr.models.weights``) (``--preset NAME``);
 ``hf://`` and ``kaggle://`` handles are also accepted as ``weights`` directly. A local
 folder may also hold a Hugging Face checkpoint (``config.json`` with ``model_type`` +
 ``model.safetensors``), read by keras-hub's transformers converter exactly as ``hf://``
@@ -48,6 +48,7 @@ import keras
 from covidcxr.errors import ConfigError
 from covidcxr.models.presets import check_hf_preprocessing, check_native_size, check_preset
 from covidcxr.models.tokens import as_registry_backbone
+from covidcxr.models.weights import WeightsSource
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class ArchSpec:
     size_multiple: int = 32          # --image-size must be a multiple of this
     min_size: int = 32
     published_weights: Mapping = field(default_factory=dict)  # file name -> hash
+    needs_preset: bool = False       # a foundation encoder: random initialisation is not what it is for
 
 
 def _ka(name, ctor, norm, skips, files=None, **kw):
@@ -101,10 +103,10 @@ def _foundation_specs() -> list[ArchSpec]:
         ArchSpec("rad_dino", "keras-hub", "rad_dino", "DINOV2Backbone", hub_preset="hf://microsoft/rad-dino",
                  hub_config=dict(patch_size=14, num_layers=12, hidden_dim=768, num_heads=12, intermediate_dim=3072,
                                  position_embedding_shape=(518, 518, 3)),
-                 size_multiple=14, min_size=28),
+                 size_multiple=14, min_size=28, needs_preset=True),
         ArchSpec("medsiglip", "keras-hub", "siglip", "SigLIPVisionEncoder", hub_preset="medsiglip_900m_448",
                  hub_config=dict(patch_size=16, hidden_dim=1152, num_layers=27, num_heads=16, intermediate_dim=4304),
-                 size_multiple=16, min_size=32),
+                 size_multiple=16, min_size=32, needs_preset=True),
     ]
 
 
@@ -242,22 +244,15 @@ def _keras_weights_filename(spec: ArchSpec) -> str:
     return notop[0] if notop else ""
 
 
-def _preset_of(weights) -> str | None:
-    """The preset a ``weights`` value names: ``PRESET + NAME``, or an ``hf://`` / ``kaggle://`` handle."""
-    w = str(weights)
-    if w.startswith(PRESET):
-        return w[len(PRESET):]
-    return w if w.startswith(HUB_SCHEMES) else None
-
-
 def check_weights(spec: ArchSpec, weights: str | None) -> str | None:
     """Refuse a preset for a keras.applications backbone and a missing or wrong local weights file,
     before anything is built; returns the preset ``weights`` names (or None)."""
-    preset = _preset_of(weights)
+    source = WeightsSource.parse(weights)
+    preset = source.preset
     if preset is not None and spec.source != "keras-hub":
         raise ConfigError(f"--preset: {spec.name} comes from keras.applications, which has no presets; use "
                           f"--weights imagenet|none|PATH.")
-    if weights not in (None, "imagenet") and preset is None:
+    if source.is_file_or_folder:
         verify_weights_file(spec, weights)
     return preset
 
@@ -298,8 +293,6 @@ def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
         raise _weights_error(spec, weights, exc) from exc
 
 
-PRESET = "preset:"  # weights value for a keras-hub preset *name* (a preset folder is passed as its path)
-HUB_SCHEMES = ("hf://", "kaggle://")  # handles accepted as weights values without the PRESET prefix
 _FIXED_SIZE = ("ResNetBackbone", "CLIPVisionEncoder", "SigLIPVisionEncoder")  # presets built without image_shape
 
 
@@ -315,7 +308,7 @@ def hub_from_preset(spec: ArchSpec, preset: str, shape):
     model = keras_hub.models.Backbone.from_preset(preset, **kw)
     if hasattr(model, "vision_encoder"):  # CLIPBackbone / SigLIPBackbone: the image tower
         model = model.vision_encoder
-    if type(model).__name__ != spec.constructor:
+    if not isinstance(model, getattr(keras_hub.models, spec.constructor)):
         raise ConfigError(f"preset {preset} holds a {type(model).__name__}, but {spec.name} is a "
                           f"{spec.constructor}; pick the --arch that matches the preset.")
     if spec.constructor in ("CLIPVisionEncoder", "SigLIPVisionEncoder"):
@@ -343,7 +336,7 @@ def _weights_error(spec: ArchSpec, weights, exc: Exception) -> ConfigError:
                            f"Use --weights none to train from scratch, or {_offline_hint(spec)}.")
     if weights is None:
         return ConfigError(f"could not build {spec.name}: {text}")
-    preset = _preset_of(weights)
+    preset = WeightsSource.parse(weights).preset
     if preset is not None:
         return ConfigError(f"--preset {preset}: cannot load it for {spec.name} ({text}). "
                            f"Offline, pass a local folder: {_offline_hint(spec)}.")

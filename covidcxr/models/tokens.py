@@ -111,6 +111,11 @@ def as_registry_backbone(spec, model, image_size: int, pretrained: bool = False)
     return model
 
 
+def has_interpolated_positions(layer) -> bool:
+    """A keras-hub DINOv2 backbone: its embeddings hold interpolated position embeddings."""
+    return getattr(getattr(layer, "embeddings", None), "interpolated_position_embeddings", None) is not None
+
+
 def freeze_position_embeddings(dinov2) -> None:
     """Keep a DINOv2 backbone's (interpolated) position embeddings out of fine-tuning.
 
@@ -127,7 +132,9 @@ def freeze_position_embeddings(dinov2) -> None:
 
 def siglip_encoder_of(backbone) -> "keras.Model":
     """The ``SigLIPVisionEncoder`` inside a registry SigLIP backbone (or the encoder itself)."""
-    if type(backbone).__name__ == "SigLIPVisionEncoder":
+    import keras_hub  # heavy; already imported wherever a SigLIP tower exists (it was built from it)
+
+    if isinstance(backbone, keras_hub.models.SigLIPVisionEncoder):
         return backbone
     for layer in backbone.layers:
         if isinstance(layer, SigLIPTokens):

@@ -6,8 +6,7 @@ from covidcxr.config import TrainConfig
 from covidcxr.errors import ConfigError
 from covidcxr.models.catalog import check_arch
 from covidcxr.models.registry import check_weights, imagenet_available
-
-FOUNDATION_WEIGHTS = {"rad_dino": "hf://microsoft/rad-dino", "medsiglip": "medsiglip_900m_448"}
+from covidcxr.models.weights import WeightsKind, WeightsSource
 
 
 def check_model(cfg: TrainConfig, task):
@@ -16,15 +15,15 @@ def check_model(cfg: TrainConfig, task):
     check_arch(task, cfg.arch)
     spec = task.spec(cfg.arch, cfg.image_size)
     backbone = getattr(spec, "backbone", spec)  # segmentation specs wrap a registry backbone (or none)
-    w = cfg.weights
-    if backbone is None and w not in ("none", "auto"):
+    w = WeightsSource.parse(cfg.weights)
+    if backbone is None and w.kind not in (WeightsKind.NONE, WeightsKind.AUTO):
         raise ConfigError(f"--weights {w}: {cfg.arch} has no pretrained encoder; use --weights none.")
-    if backbone is not None and w == "auto" and backbone.name in FOUNDATION_WEIGHTS:
+    if backbone is not None and w.kind is WeightsKind.AUTO and backbone.needs_preset:
         raise ConfigError(f"--arch {cfg.arch}: pass its weights with --preset (a local folder, or "
-                          f"{FOUNDATION_WEIGHTS[backbone.name]}); a randomly initialised foundation model is not what "
+                          f"{backbone.hub_preset}); a randomly initialised foundation model is not what "
                           f"this architecture is for (use --weights none to train one from scratch anyway).")
-    if backbone is not None and w not in ("none", "auto"):
-        check_weights(backbone, w)
+    if backbone is not None and w.kind not in (WeightsKind.NONE, WeightsKind.AUTO):
+        check_weights(backbone, cfg.weights)
     return backbone
 
 
@@ -35,17 +34,17 @@ def build_network(cfg: TrainConfig, task, n_classes: int, log):
     def build(weights, bn):
         return task.build(cfg.arch, cfg.image_size, n_classes, weights, cfg.dropout, bn)
 
-    w = cfg.weights
-    if w == "none" or backbone is None:
-        return build(None, cfg.bn_momentum), "none"
-    if w == "auto":
+    w = WeightsSource.parse(cfg.weights)
+    if w.kind is WeightsKind.NONE or backbone is None:
+        return build(None, cfg.bn_momentum), str(WeightsSource(WeightsKind.NONE))
+    if w.kind is WeightsKind.AUTO:
         try:
             if backbone.source == "keras-hub" and not imagenet_available(backbone):
                 raise ConfigError("keras-hub presets are not fetched automatically")
-            return build("imagenet", None), "imagenet"
+            return build("imagenet", None), str(WeightsSource(WeightsKind.IMAGENET))
         except ConfigError as exc:
             log(f"WARNING: --weights auto: ImageNet weights unavailable ({str(exc)[:160]}...). Training FROM "
                 f"SCRATCH instead (--weights none). Pass --weights imagenet to make this an error, or --weights "
                 f"PATH for a local file.")
-            return build(None, cfg.bn_momentum), "none"
-    return build(w, None), w
+            return build(None, cfg.bn_momentum), str(WeightsSource(WeightsKind.NONE))
+    return build(cfg.weights, None), cfg.weights

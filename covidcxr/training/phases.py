@@ -20,7 +20,26 @@ import numpy as np
 from keras import ops
 
 from covidcxr.models.classifier import freeze_backbone, get_backbone, iter_layers, unfreeze_top
-from covidcxr.models.tokens import freeze_position_embeddings
+from covidcxr.models.tokens import freeze_position_embeddings, has_interpolated_positions
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """What a phase trains: the head alone (``head``), the whole network (``all``) or the head and
+    the top ``top`` backbone layers (``top:N`` in the phase's description)."""
+    head_only: bool = False
+    top: int | None = None            # None with head_only False: every layer
+
+    @classmethod
+    def parse(cls, unfreeze: str | int) -> "Trainable":
+        """From ``--unfreeze``: 'all' or a layer count."""
+        return ALL if str(unfreeze) == "all" else cls(top=int(unfreeze))
+
+    def __str__(self) -> str:
+        return "head" if self.head_only else "all" if self.top is None else f"top:{self.top}"
+
+
+HEAD, ALL = Trainable(head_only=True), Trainable()
 
 
 @dataclass
@@ -29,18 +48,18 @@ class Phase:
     epochs: int
     lr: float
     warmup_epochs: float = 0.0
-    trainable: str = "all"   # head | all | top:N
+    trainable: Trainable = ALL
     from_best: bool = False  # start from the best checkpoint so far (fine-tuning after the head)
 
 
 def plan(cfg, pretrained: bool) -> list[Phase]:
     if not pretrained:
         total = cfg.epochs + cfg.fine_tune_epochs
-        return [Phase("scratch", total, cfg.lr, cfg.warmup_epochs, "head" if cfg.freeze_encoder else "all")]
-    phases = [Phase("head", cfg.epochs, cfg.lr, cfg.warmup_epochs, "head")]
+        return [Phase("scratch", total, cfg.lr, cfg.warmup_epochs, HEAD if cfg.freeze_encoder else ALL)]
+    phases = [Phase("head", cfg.epochs, cfg.lr, cfg.warmup_epochs, HEAD)]
     if not cfg.freeze_encoder and cfg.fine_tune_epochs > 0:
-        top = "all" if cfg.unfreeze == "all" else f"top:{int(cfg.unfreeze)}"
-        phases.append(Phase("finetune", cfg.fine_tune_epochs, cfg.lr / 10, 0.0, top, from_best=True))
+        phases.append(Phase("finetune", cfg.fine_tune_epochs, cfg.lr / 10, 0.0, Trainable.parse(cfg.unfreeze),
+                            from_best=True))
     return [p for p in phases if p.epochs > 0]
 
 
@@ -52,22 +71,23 @@ def apply_trainable(net: keras.Model, phase: Phase) -> str:
     names = {layer.name for layer in net.layers}
     if "backbone" not in names:  # a plain U-Net: everything trains
         return "all layers"
-    if phase.trainable == "head":
+    if phase.trainable.head_only:
         freeze_backbone(net)
         return "head only (backbone frozen)"
-    if phase.trainable == "all" and phase.name == "scratch":
+    if phase.trainable == ALL and phase.name == "scratch":
         get_backbone(net).trainable = True
         what = "all layers"
     else:
-        n = unfreeze_top(net, "all" if phase.trainable == "all" else int(phase.trainable.split(":")[1]))
+        n = unfreeze_top(net, "all" if phase.trainable.top is None else phase.trainable.top)
         what = f"{n} backbone layers unfrozen (BatchNormalization frozen)"
     return what + _freeze_position_embeddings(get_backbone(net))
 
 
 def _freeze_position_embeddings(backbone) -> str:
     """DINOv2 position embeddings stay frozen: keras-hub 0.32 does not save their fine-tuned
-    values faithfully (see covidcxr.models.tokens.freeze_position_embeddings)."""
-    found = [layer for layer in iter_layers(backbone) if type(layer).__name__ == "DINOV2Backbone"]
+    values faithfully (see covidcxr.models.tokens.freeze_position_embeddings). Found by what they are
+    (interpolated position embeddings, which only keras-hub's DINOv2 has), not by class name."""
+    found = [layer for layer in iter_layers(backbone) if has_interpolated_positions(layer)]
     for layer in found:
         freeze_position_embeddings(layer)
     return ", DINOv2 position embeddings frozen" if found else ""

@@ -36,6 +36,7 @@ from covidcxr.training import devices as D
 from covidcxr.training.data import Batches, check_split_sizes, class_weights, label_subset, load_manifest, open_run_data
 from covidcxr.training.linear_head import FeatureBatches, features, head_model
 from covidcxr.training.loop import Loop, LoopState, predict_batches
+from covidcxr.models.weights import WeightsKind, WeightsSource
 from covidcxr.training.network import build_network, check_model
 from covidcxr.training.phases import plan
 from covidcxr.training.trainee import Trainee
@@ -75,7 +76,7 @@ def prepare_rows(cfg: TrainConfig, task, log) -> tuple[pd.DataFrame, list[str], 
         kept = df[df["split"] == "train"]["label"].value_counts().sort_index()
         log(f"label fraction {cfg.label_fraction:g}: {int(kept.sum())} of {before} training images "
             f"({', '.join(f'{c} {n}' for c, n in kept.items())}); the rest are marked 'unused'")
-    if cfg.lung_crop == "given":
+    if cfg.crop is A.LungCrop.GIVEN:
         df = given_masks(df)
     if task.segments:
         col = task.mask_column(cfg.target)
@@ -117,9 +118,8 @@ def write_fingerprints(run_dir: Path, data) -> None:
 def _card(cfg: TrainConfig, task, classes, backend: str) -> A.ModelCard:
     spec = task.spec(cfg.arch, cfg.image_size)
     norm = spec.normalization
-    crop = "" if not cfg.lung_crop else ("given" if cfg.lung_crop == "given" else "model")
     return A.ModelCard(list(classes), cfg.arch, cfg.task, cfg.image_size, norm if isinstance(norm, str) else "custom",
-                       cfg.contrast, crop, cfg.target if task.segments else None, backend=backend)
+                       cfg.contrast, cfg.crop, cfg.target if task.segments else None, backend=backend)
 
 
 # ---------------------------------------------------------------- the run
@@ -172,7 +172,7 @@ def _remove_stub(run_dir: Path, created: bool, log) -> None:
 
 
 def _lung_crop_masks(cfg: TrainConfig, df: pd.DataFrame, run_dir: Path, log) -> pd.DataFrame:
-    if not cfg.lung_crop or cfg.lung_crop == "given":
+    if cfg.crop is not A.LungCrop.MODEL:
         return df
 
     seg_dir = copy_segmenter(check_segmenter(cfg.lung_crop), run_dir)
@@ -182,7 +182,7 @@ def _lung_crop_masks(cfg: TrainConfig, df: pd.DataFrame, run_dir: Path, log) -> 
 def _train(cfg, task, df, classes, problems, run_dir, export_dir, resume, log) -> Path:
     data = open_run_data(df, classes, cfg.image_size, cfg.contrast,
                          mask_column=task.mask_column(cfg.target) if task.segments else None,
-                         needs_mask=task.only_segments, crop_column="crop_mask" if cfg.lung_crop else "",
+                         needs_mask=task.only_segments, crop_column="crop_mask" if cfg.crop else "",
                          cache_dir=cfg.cache_dir or None, workers=cfg.workers, progress=sys.stderr.isatty())
     c = data.cache
     log(f"input cache: {c.path} ({'built in %.1f s' % c.built_seconds if c.built_seconds else 'reused'}, "
@@ -245,8 +245,9 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
     log(f"arch {cfg.arch}, weights {weights}, {device.describe()}, precision {policy}, XLA {'on' if jit else 'off'}"
         + (f", {how}" if how else "") + f"; {len(data.rows('train'))} train / {len(data.rows('val'))} val / "
         f"{len(data.rows('test'))} test images, classes {data.classes}")
-    phases = plan(cfg, pretrained=weights != "none")
-    if weights == "none":
+    pretrained = WeightsSource.parse(weights).kind is not WeightsKind.NONE
+    phases = plan(cfg, pretrained=pretrained)
+    if not pretrained:
         log(f"weights none: the whole network trains from epoch 1 ({phases[0].epochs} epochs = --epochs + "
             f"--fine-tune-epochs), BatchNormalization momentum {cfg.bn_momentum}"
             + ("; --freeze-encoder: the random encoder stays frozen, only the head trains (a random-features "

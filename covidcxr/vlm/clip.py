@@ -24,6 +24,7 @@ from keras import ops
 
 from covidcxr.errors import ConfigError
 from covidcxr.models.layers import BackboneInput
+from covidcxr.models.presets import load_with_tokenizer
 
 TEMPLATES = ("a chest x-ray showing {}.", "a frontal chest radiograph with {}.", "an x-ray image of the chest with {}.")
 FINDINGS = {
@@ -50,22 +51,13 @@ def default_prompts(classes: list[str]) -> dict[str, list[str]]:
 def load_clip(preset: str):
     """(CLIPBackbone, CLIPTokenizer) from a keras-hub preset name or a local preset folder; a folder without
     the tokenizer, or a preset of another model, is refused before weights load where possible."""
-    import keras_hub
-
     if os.path.isdir(preset):
         missing = [f for f in ("config.json", "tokenizer.json") if not os.path.exists(os.path.join(preset, f))]
         if missing:
             raise ConfigError(f"--preset {preset}: lacks {', '.join(missing)}; a zero-shot preset needs the CLIP "
                               f"backbone and its tokenizer (save_to_preset of both).")
-    try:
-        backbone = keras_hub.models.Backbone.from_preset(preset)
-        tokenizer = keras_hub.models.CLIPTokenizer.from_preset(preset)
-    except Exception as exc:
-        raise ConfigError(f"--preset {preset}: cannot load a CLIP model and tokenizer from it "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Offline, pass a local preset "
-                          f"folder.") from exc
-    if type(backbone).__name__ != "CLIPBackbone":
-        raise ConfigError(f"--preset {preset}: holds a {type(backbone).__name__}, not a CLIP model (CLIPBackbone).")
+    backbone, tokenizer = load_with_tokenizer(preset, "CLIPBackbone", lambda found: ConfigError(
+        f"--preset {preset}: holds a {found}, not a CLIP model (CLIPBackbone)."))
     return backbone, tokenizer
 
 

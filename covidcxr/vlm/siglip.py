@@ -33,7 +33,7 @@ from keras import ops
 
 from covidcxr.errors import ConfigError, DataError
 from covidcxr.models.layers import BackboneInput
-from covidcxr.models.presets import describe_preset
+from covidcxr.models.presets import describe_preset, load_with_tokenizer
 from covidcxr.vlm.clip import default_prompts
 
 TOKENIZER_FILES = ("tokenizer.json", os.path.join("assets", "tokenizer", "vocabulary.spm"))
@@ -48,13 +48,17 @@ def _check_folder(preset: str) -> None:
                           f"tokenizer.save_to_preset(DIR)).")
 
 
-def _refuse_non_siglip(preset: str, found: str) -> None:
-    if found == "SigLIPBackbone":
-        return
+def _refusal(preset: str, found: str) -> ConfigError:
     hint = (" For a CLIP model use the CLIP zero-shot (python -m covidcxr.zeroshot --model clip --preset ...)."
             if found == "CLIPBackbone" else "")
-    raise ConfigError(f"--preset {preset}: holds a {found}, but SigLIP zero-shot needs a SigLIPBackbone preset "
-                      f"(e.g. medsiglip_900m_448).{hint}")
+    return ConfigError(f"--preset {preset}: holds a {found}, but SigLIP zero-shot needs a SigLIPBackbone preset "
+                       f"(e.g. medsiglip_900m_448).{hint}")
+
+
+def _refuse_non_siglip(preset: str, found: str) -> None:
+    """Before loading: ``found`` is the class a preset's config.json names (text in a file)."""
+    if found != "SigLIPBackbone":
+        raise _refusal(preset, found)
 
 
 def load_siglip(preset: str):
@@ -64,16 +68,7 @@ def load_siglip(preset: str):
     _refuse_non_siglip(preset, info.cls if info.fmt == "keras" else f"Hugging Face '{info.cls}' checkpoint")
     if os.path.isdir(preset):
         _check_folder(preset)
-    import keras_hub
-
-    try:
-        backbone = keras_hub.models.Backbone.from_preset(preset)
-        tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(preset)
-    except Exception as exc:
-        raise ConfigError(f"--preset {preset}: cannot load a SigLIP model and tokenizer from it "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Offline, pass a local preset "
-                          f"folder.") from exc
-    _refuse_non_siglip(preset, type(backbone).__name__)
+    backbone, tokenizer = load_with_tokenizer(preset, "SigLIPBackbone", lambda found: _refusal(preset, found))
     return backbone, tokenizer
 
 

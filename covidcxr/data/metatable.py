@@ -117,28 +117,34 @@ class _Index:
     """Lookups from a table's file value to the image it names."""
 
     def __init__(self, paths: list[str], roots: list[str]):
-        self.abs: dict[str, int] = {os.path.normpath(p): i for i, p in enumerate(paths)}
+        # str.rpartition, not os.path: this runs once per image and per table row (20,000 of each)
+        self.abs: dict[str, int] = {p: i for i, p in enumerate(paths)}  # index's paths are normalised already
         self.rel: dict[str, int] = {}
         for root in dict.fromkeys(os.path.normpath(r) for r in roots):
             prefix = root.rstrip(os.sep) + os.sep
+            cut = len(prefix)
             for i, p in enumerate(paths):
                 if p.startswith(prefix):
-                    self.rel.setdefault(p[len(prefix):].replace(os.sep, "/"), i)
+                    self.rel.setdefault(p[cut:].replace(os.sep, "/") if os.sep != "/" else p[cut:], i)
         self.names: dict[str, list[int]] = {}
         self.folded: dict[str, list[int]] = {}
         self.stems: dict[str, list[int]] = {}
         for i, p in enumerate(paths):
-            name = os.path.basename(p)
+            name = p.rpartition(os.sep)[2]
+            folded = name.casefold()
             self.names.setdefault(name, []).append(i)
-            self.folded.setdefault(name.casefold(), []).append(i)
-            self.stems.setdefault(os.path.splitext(name)[0].casefold(), []).append(i)
+            self.folded.setdefault(folded, []).append(i)
+            stem = folded.rpartition(".")
+            self.stems.setdefault(stem[0] if stem[1] else folded, []).append(i)
 
     def find(self, value: str) -> list[int]:
         v = value.strip().replace("\\", "/")
         if not v:
             return []
         if os.path.isabs(v):
-            i = self.abs.get(os.path.normpath(v))
+            i = self.abs.get(v)
+            if i is None:
+                i = self.abs.get(os.path.normpath(v))
             return [] if i is None else [i]
         parts = [p for p in v.split("/") if p not in ("", ".")]
         for k in range(len(parts) - 1):          # a relative path, or one ending in a relative path

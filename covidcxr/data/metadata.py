@@ -76,7 +76,7 @@ def normalise_view(text: str) -> tuple[str, bool]:
         return UNKNOWN, False
     if any(t in _OTHER_VIEW for t in tokens):
         return "other", True
-    if any(t in _LATERAL for t in tokens) or tokens[-1] == "lateral":
+    if any(t in _LATERAL for t in tokens):
         return "LATERAL", True
     first = "".join(tokens[:2]) if tokens[:2] in (["postero", "anterior"], ["antero", "posterior"]) else tokens[0]
     if first in ("pa", "posteroanterior", "frontalpa"):

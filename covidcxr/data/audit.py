@@ -1,4 +1,5 @@
-"""Dataset audit: balance, sizes and modes, masks, duplicates and split leakage."""
+"""Dataset audit: balance, sizes and modes, masks, duplicates, metadata coverage and split leakage
+(duplicate groups and patients crossing splits)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +9,7 @@ import pandas as pd
 
 from covidcxr.data.dedup import group_duplicates
 from covidcxr.data.manifest import build_manifest, crossing_groups, inspect_files, read_manifest
+from covidcxr.data.metadata import coverage, crossing_patients, format_coverage, format_crossing_patient
 from covidcxr.errors import DataError
 
 
@@ -33,14 +35,14 @@ def audit(source: str | Path, fractions=(0.7, 0.15, 0.15), seed: int = 42, worke
         res = group_duplicates(df["sha256"].tolist(), np.array([i.phash for i in infos], np.uint64),
                                np.array([i.phash_mirror for i in infos], np.uint64),
                                np.stack([i.thumb for i in infos]) if infos else np.zeros((0, 32, 32)))
-        df["group"] = res.group
+        df["dup_group"] = res.group
         layout, split_source = "manifest", f"manifest {source}"
     else:
         df, report = build_manifest(source, fractions, seed, workers, progress)
         problems += [str(p) for p in report.problems]
         res, layout, split_source = report.dedup, report.layout, report.split_source
     groups = res.duplicate_groups
-    crossing = crossing_groups(df)
+    crossing = crossing_groups(df, "dup_group")
     sizes = (df["width"].astype(str) + "x" + df["height"].astype(str)).value_counts()
     return {
         "source": str(source),
@@ -65,6 +67,8 @@ def audit(source: str | Path, fractions=(0.7, 0.15, 0.15), seed: int = 42, worke
         "crossing_groups": [[f"{df['split'][i]}: {df['path'][i]}" for i in m] for m in crossing],
         "label_conflicts": [[f"{df['label'][i]}: {df['path'][i]}" for i in m] for m in groups.values()
                             if df["label"][m].nunique() > 1],
+        "metadata": coverage(df),
+        "crossing_patients": crossing_patients(df),
         "problems": problems,
     }
 
@@ -98,6 +102,12 @@ def format_audit(a: dict, max_list: int = 10) -> str:
     lines.append(f"Groups crossing splits (leakage): {len(a['crossing_groups'])}")
     for g in a["crossing_groups"][:max_list]:
         lines.append("  - " + " | ".join(g))
+    lines += ["", "Metadata:"] + ["  " + x for x in format_coverage(a["metadata"])]
+    lines.append(f"Patients crossing splits (leakage): {len(a['crossing_patients'])}")
+    for p in a["crossing_patients"][:max_list]:
+        lines.append("  - " + format_crossing_patient(p))
+    if len(a["crossing_patients"]) > max_list:
+        lines.append(f"  ... {len(a['crossing_patients']) - max_list} more patients")
     if a["problems"]:
         lines += ["", f"Problem files ({len(a['problems'])}):"] + [f"  - {p}" for p in a["problems"][:50]]
     return "\n".join(lines)

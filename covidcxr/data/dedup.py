@@ -30,7 +30,9 @@ class DedupResult:
         return {g: m for g, m in groups.items() if len(m) > 1}
 
 
-class _UnionFind:
+class UnionFind:
+    """Disjoint sets over 0..n-1; each set's root is its smallest member."""
+
     def __init__(self, n: int):
         self.parent = np.arange(n)
 
@@ -93,7 +95,7 @@ def group_duplicates(sha256: list[str], phash: np.ndarray, phash_mirror: np.ndar
     COVID-QU-Ex scored MAD 0.026 (corr 0.90); the closest non-duplicate pair among 900 COVID-QU-Ex
     images scored MAD 0.051 and the highest correlation 0.953."""
     n = len(sha256)
-    uf = _UnionFind(n)
+    uf = UnionFind(n)
     first: dict[str, int] = {}
     exact = 0
     for i, s in enumerate(sha256):

@@ -1,10 +1,15 @@
-"""Stratified, seeded, group-aware train/val/test splits."""
+"""Stratified, seeded, group-aware train/val/test splits.
+
+Split groups (``split_groups``) are the union of near-duplicate groups and patient groups: all films
+of one patient, and every near-duplicate of any of them, move between splits as one unit.
+"""
 from __future__ import annotations
 
 from collections import Counter
 
 import numpy as np
 
+from covidcxr.data.dedup import UnionFind
 from covidcxr.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -22,6 +27,22 @@ def parse_fractions(text: str | None) -> tuple[float, ...]:
         raise ConfigError(f"--split {text!r}: give 2 (train,val) or 3 (train,val,test) "
                           f"non-negative fractions summing to 1")
     return parts + (0.0,) * (3 - len(parts))
+
+
+def split_groups(dup_group, patient_ids) -> np.ndarray:
+    """The split group of each image: the union (union-find) of its near-duplicate group
+    (``dup_group``: a group id per image, as ``group_duplicates`` gives) and its patient (images with
+    the same non-empty ``patient_ids`` entry). Each group is named by its smallest member index."""
+    dup = np.asarray(dup_group, dtype=np.int64)
+    uf = UnionFind(len(dup))
+    first: dict[int, int] = {}
+    for i, g in enumerate(dup.tolist()):
+        uf.union(i, first.setdefault(g, i))
+    seen: dict[str, int] = {}
+    for i, p in enumerate(patient_ids):
+        if p:
+            uf.union(i, seen.setdefault(p, i))
+    return np.array([uf.find(i) for i in range(len(dup))], dtype=np.int64)
 
 
 def stratified_group_split(labels: list[str], groups: list[int], fractions: tuple[float, ...],

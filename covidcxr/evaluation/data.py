@@ -283,12 +283,13 @@ def data_summary(df_all: pd.DataFrame, df: pd.DataFrame, has_split: bool, skippe
     if has_split:
         out["class_by_split"] = {c: {k: int(v) for k, v in g["split"].value_counts().items()}
                                  for c, g in df_all.groupby("label")}
-    if "group" in df_all:
-        sizes = df_all.groupby("group").size()
+    col = "dup_group" if "dup_group" in df_all else "group"  # group: duplicates and patients together
+    if col in df_all:
+        sizes = df_all.groupby(col).size()
         dup = sizes[sizes > 1]
         out["duplicate_groups"] = int(len(dup))
-        out["duplicate_groups_crossing_splits"] = int(sum(1 for _, s in df_all[df_all["group"].isin(dup.index)]
-                                                          .groupby("group") if s["split"].nunique() > 1))
+        out["duplicate_groups_crossing_splits"] = int(sum(1 for _, s in df_all[df_all[col].isin(dup.index)]
+                                                          .groupby(col) if s["split"].nunique() > 1))
     return out
 
 

@@ -10,6 +10,7 @@ import keras
 from keras import ops
 
 from covidcxr.errors import ConfigError
+from covidcxr.segmetrics import overlap_scores
 
 SMOOTH = 1.0
 
@@ -74,14 +75,8 @@ class MaskScore(keras.metrics.Metric):
         t, p = _flat(y_true, y_pred)
         t = ops.cast(t >= 0.5, "float32")
         p = ops.cast(p >= self.threshold, "float32")
-        inter = ops.sum(t * p, axis=1)
-        st, sp = ops.sum(t, axis=1), ops.sum(p, axis=1)
-        if self.kind == "dice":
-            denom = st + sp
-            score = ops.where(denom > 0, 2.0 * inter / ops.maximum(denom, 1.0), 1.0)
-        else:
-            union = st + sp - inter
-            score = ops.where(union > 0, inter / ops.maximum(union, 1.0), 1.0)
+        dice, iou = overlap_scores(t, p, ops)
+        score = dice if self.kind == "dice" else iou
         w = ops.ones_like(score) if sample_weight is None else ops.cast(ops.reshape(sample_weight, (-1,)), "float32")
         w = ops.cast(w > 0, "float32")
         self.total.assign_add(ops.sum(score * w))

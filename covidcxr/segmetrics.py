@@ -5,16 +5,30 @@ import numpy as np
 from scipy import ndimage
 
 
+def overlap_scores(t, p, xp=np):
+    """The one implementation of thresholded Dice and IoU: per-image scores of binary masks ``t`` and ``p``
+    given as 0/1 floats ``[B, pixels]``; both masks empty scores 1. ``xp``: NumPy, or ``keras.ops`` inside
+    a Keras metric (``losses.MaskScore``)."""
+    inter = xp.sum(t * p, axis=1)
+    st, sp = xp.sum(t, axis=1), xp.sum(p, axis=1)
+    union = st + sp - inter
+    return (xp.where(st + sp > 0, 2.0 * inter / xp.maximum(st + sp, 1.0), 1.0),
+            xp.where(union > 0, inter / xp.maximum(union, 1.0), 1.0))
+
+
+def mask_scores(truth: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image (Dice, IoU) of true masks (>= 0.5) and predicted probabilities (>= ``threshold``), [B, ...]."""
+    t = (np.asarray(truth).reshape(len(truth), -1) >= 0.5).astype(np.float64)
+    p = (np.asarray(probs).reshape(len(probs), -1) >= threshold).astype(np.float64)
+    return overlap_scores(t, p)
+
+
 def dice(t: np.ndarray, p: np.ndarray) -> float:
-    t, p = t.astype(bool), p.astype(bool)
-    s = t.sum() + p.sum()
-    return 1.0 if s == 0 else float(2 * np.logical_and(t, p).sum() / s)
+    return float(mask_scores(np.asarray(t, bool)[None], np.asarray(p, bool)[None])[0][0])
 
 
 def iou(t: np.ndarray, p: np.ndarray) -> float:
-    t, p = t.astype(bool), p.astype(bool)
-    u = np.logical_or(t, p).sum()
-    return 1.0 if u == 0 else float(np.logical_and(t, p).sum() / u)
+    return float(mask_scores(np.asarray(t, bool)[None], np.asarray(p, bool)[None])[1][0])
 
 
 def _surface(m: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 from covidcxr import artifacts as A
 from covidcxr.losses import get_loss
 from covidcxr.metrics import classification_metrics
+from covidcxr.segmetrics import mask_scores
 from covidcxr.tasks import Outputs, get_task
 from covidcxr.training.phases import Controls, PHASE_CODES, Phase, apply_trainable, make_optimizer
 from covidcxr.training.progress import StepProgress
@@ -67,17 +68,6 @@ def predict_batches(net, batches, task):
     return Outputs(np.concatenate(probs) if probs else None, np.concatenate(masks) if masks else None)
 
 
-def _mask_scores(truth: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image Dice and IoU of masks thresholded at 0.5 (both empty: 1), as losses.MaskScore."""
-    t = truth.reshape(len(truth), -1) >= 0.5
-    p = probs.reshape(len(probs), -1) >= 0.5
-    inter = (t & p).sum(1).astype(float)
-    st, sp = t.sum(1), p.sum(1)
-    dice = np.where(st + sp > 0, 2 * inter / np.maximum(st + sp, 1), 1.0)
-    union = st + sp - inter
-    return dice, np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
 def validate(net, batches, task, cfg) -> dict:
     """val_* figures of the network on ``batches`` (the loss as training computes it, unweighted)."""
     out = predict_batches(net, batches, task)
@@ -97,7 +87,7 @@ def validate(net, batches, task, cfg) -> dict:
         if has.any():
             per_image = keras.ops.convert_to_numpy(get_loss(cfg.seg_loss)(truth, out.masks[has][..., None]))
             loss += _weight(cfg, "mask") * float(np.mean(per_image))
-            dice, iou = _mask_scores(truth, out.masks[has])
+            dice, iou = mask_scores(truth, out.masks[has])
             logs.update(val_dice=float(dice.mean()), val_iou=float(iou.mean()))
         else:
             logs.update(val_dice=0.0, val_iou=0.0)

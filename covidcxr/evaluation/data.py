@@ -37,6 +37,11 @@ class EvalData:
     has_split: bool = False
     problems: list[tuple[str, str]] = field(default_factory=list)   # files indexing left out
 
+    @property
+    def classes(self) -> list[str]:
+        """The data's classes (every split), sorted."""
+        return sorted(self.df_all["label"].unique())
+
 
 def _same_path(a, b) -> bool:
     try:
@@ -62,6 +67,13 @@ def load(loc: A.Located, data: str | None, split: str, seed: int = 42, progress:
         df_all, desc, has_split, problems = load_external(data, seed, progress)
     df, split = choose_split(df_all, split, has_split, own)
     return EvalData(df, df_all, split, desc, own, has_split, problems)
+
+
+def load_data(data: str | Path, split: str, seed: int = 42, progress: bool = True) -> EvalData:
+    """The rows of ``split`` of a dataset folder or manifest that is not a model's own data (zero-shot)."""
+    df_all, desc, has_split, problems = load_external(data, seed, progress)
+    df, split = choose_split(df_all, split, has_split, False)
+    return EvalData(df, df_all, split, desc, False, has_split, problems)
 
 
 def load_external(data: str | Path, seed: int = 42, progress: bool = True):

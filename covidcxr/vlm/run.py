@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from covidcxr.data.pool import decode_ahead, default_workers
 from covidcxr.errors import ConfigError, DataError
 from covidcxr.evaluation import visuals
 from covidcxr.evaluation import figures as F
-from covidcxr.evaluation.data import choose_split, data_summary, load_external
+from covidcxr.evaluation.data import EvalData, data_summary, load_data
 from covidcxr.evaluation.figures import mean_ci
 from covidcxr.evaluation.report import write, write_metrics
 from covidcxr.masks import overlay
@@ -43,25 +42,10 @@ FAMILIES = {"clip": ("CLIPBackbone", "CLIP", "clip_vit_base_patch16"),
             "medsiglip": ("SigLIPBackbone", "SigLIP", "medsiglip_900m_448")}
 
 
-@dataclass
-class Rows:
-    df: pd.DataFrame              # the rows of the chosen split
-    df_all: pd.DataFrame          # every row (data summary, classes)
-    split: str
-    description: str
-    has_split: bool
-    problems: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def classes(self) -> list[str]:
-        return sorted(self.df_all["label"].unique())
-
-
-def load_rows(data: str, split: str, quiet: bool = False, seed: int = 42) -> Rows:
-    """Rows of ``data`` (folder or manifest CSV) for ``split`` (auto: test, else val, else all)."""
-    df_all, desc, has_split, problems = load_external(data, seed, progress=not quiet)
-    df, split = choose_split(df_all, split, has_split, False)
-    return Rows(df.reset_index(drop=True), df_all, split, desc, has_split, problems)
+def load_rows(data: str, split: str, quiet: bool = False, seed: int = 42) -> EvalData:
+    """The rows of ``data`` (folder or manifest CSV) for ``split`` (auto: test, else val, else all), as
+    ``evaluate`` loads external data."""
+    return load_data(data, split, seed, progress=not quiet)
 
 
 def check_family(preset: str, model: str, flag: str = "--preset") -> None:
@@ -133,7 +117,7 @@ def nothing_readable(n: int, failed: list[tuple[str, str]]) -> DataError:
     return DataError(f"none of the {n} images could be read{eg}.")
 
 
-def finish(out: Path, m: dict, rows: Rows) -> None:
+def finish(out: Path, m: dict, rows: EvalData) -> None:
     """data_summary, metrics.json and report.html (the keys ``evaluation.report.write`` reads)."""
     m["data_summary"] = data_summary(rows.df_all, rows.df, rows.has_split, m["skipped"])
     write_metrics(out, m)

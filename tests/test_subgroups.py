@@ -35,11 +35,11 @@ def _generated(n=400, seed=0):
     return rows, y, probs
 
 
-def _recompute(pred: pd.DataFrame, idx: np.ndarray) -> dict:
-    """The subgroup figures from predictions.csv's columns, with sklearn and by hand."""
-    y = pred["true_label"].map(CLASSES.index).to_numpy()[idx]
-    p = pred[[f"prob_{c}" for c in CLASSES]].to_numpy()[idx]
-    yhat = pred["pred_label"].map(CLASSES.index).to_numpy()[idx]
+def _recompute(pred: pd.DataFrame, idx: np.ndarray, classes=CLASSES) -> dict:
+    """The subgroup figures from predictions.csv's columns, with sklearn and by hand (COVID: class 0)."""
+    y = pred["true_label"].map(classes.index).to_numpy()[idx]
+    p = pred[[f"prob_{c}" for c in classes]].to_numpy()[idx]
+    yhat = pred["pred_label"].map(classes.index).to_numpy()[idx]
     present = np.unique(y)
     out = {"accuracy": skm.accuracy_score(y, yhat),
            "macro_f1": skm.f1_score(y, yhat, labels=present, average="macro", zero_division=0),
@@ -50,14 +50,14 @@ def _recompute(pred: pd.DataFrame, idx: np.ndarray) -> dict:
     return out
 
 
-def _check_recomputes(sub: dict, pred: pd.DataFrame) -> int:
+def _check_recomputes(sub: dict, pred: pd.DataFrame, classes=CLASSES) -> int:
     checked = 0
     for attr, a in sub["by_attribute"].items():
         col = pred["age_band"] if attr == "age" else pred[attr].replace("", "unknown")
         for g in a["groups"]:
             idx = np.flatnonzero(col.to_numpy() == g["value"])
             assert len(idx) == g["n"], (attr, g["value"])
-            for k, v in _recompute(pred, idx).items():
+            for k, v in _recompute(pred, idx, classes).items():
                 got = g["metrics"][k]["value"]
                 assert (got is None) == (v is None), (attr, g["value"], k)
                 if v is not None:
@@ -221,3 +221,87 @@ def test_patient_overlap_guard(tmp_path):
     old = PT.guard(tmp_path / "old.csv", rows, False, tmp_path)
     assert not old.info["checked"] and "no patient IDs in its train split" in old.info["reason"]
     assert PT.guard(None, rows, False, tmp_path).info["reason"] == "no run manifest beside the model"
+
+
+# ------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth_dir, tmp_path_factory):
+    from covidcxr import train
+
+    root = tmp_path_factory.mktemp("subrun")
+    assert train.main(["--data", str(synth_dir), "--arch", "mobilenetv3small", "--weights", "none", "--epochs", "1",
+                       "--fine-tune-epochs", "0", "--image-size", "32", "--batch-size", "8",
+                       "--run-dir", str(root / "run"), "--export-dir", str(root / "export")]) == 0
+    return root / "run"
+
+
+def _with_metadata(src, run):
+    """A copy of run ``src`` whose manifest has metadata: every image its own patient but one test image of
+    a training patient and two test images of one patient with different labels; views, sexes, ages."""
+    shutil.copytree(src, run)
+    man = pd.read_csv(run / "manifest.csv", dtype=str, keep_default_na=False)
+    n = len(man)
+    man["patient_id"] = [f"P{i}" for i in range(n)]
+    man["study_id"] = ""
+    man["view"] = np.where(np.arange(n) % 3 == 0, "AP", "PA")
+    man["sex"] = np.where(np.arange(n) % 2 == 0, "F", "M")
+    man["age"] = [str(20 + (i * 7) % 70) if i % 5 else "unknown" for i in range(n)]
+    man["site"] = "unknown"
+    man["manufacturer"] = "unknown"
+    test = man.index[man["split"] == "test"]
+    train0 = man.index[man["split"] == "train"][0]
+    man.loc[test[0], "patient_id"] = man.loc[train0, "patient_id"]          # patient overlap
+    other = [i for i in test[1:] if man.loc[i, "label"] != man.loc[test[1], "label"]][0]
+    man.loc[other, "patient_id"] = man.loc[test[1], "patient_id"]           # one patient, two labels
+    man.to_csv(run / "manifest.csv", index=False)
+    return man, man.loc[test[0], "path"]
+
+
+def test_evaluate_end_to_end_subgroups_patients_and_bad_flags(tiny_run, tmp_path, capsys):
+    from covidcxr import evaluate as ev
+
+    run = tmp_path / "run"
+    man, overlapping = _with_metadata(tiny_run, run)
+    out = tmp_path / "ev"
+    assert ev.main(["--model", str(run), "--out", str(out), "--bootstrap", "40", "--gradcam", "0", "--quiet",
+                    "--aggregate", "patient", "--age-bands", "30,50"]) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    n_test = int((man["split"] == "test").sum())
+    po = m["patient_overlap"]
+    assert (po["checked"], po["matched"], po["excluded"], po["patients"]) == (True, 1, 1, 1) and m["n"] == n_test - 1
+    assert "1 of " in said and "whose films trained this model" in said
+    assert pd.read_csv(out / "patient_overlap.csv")["path"].tolist() == [overlapping]
+    pred = pd.read_csv(out / "predictions.csv", dtype=str, keep_default_na=False)
+    assert overlapping not in pred["path"].tolist()
+    assert list(pred.columns[-8:]) == ["patient_id", "study_id", "view", "sex", "age", "site", "manufacturer",
+                                       "age_band"]
+    sub = m["subgroups"]
+    assert sub["attributes"] == ["view", "sex", "age"] and sub["age_bands"]["labels"] == ["<30", "30-49", "50+"]
+    assert all(g["small"] for a in sub["by_attribute"].values() for g in a["groups"])
+    assert "unknown" in [g["value"] for g in sub["by_attribute"]["age"]["groups"]]
+    for c in m["classes"][1:]:
+        pred[f"prob_{c}"] = pred[f"prob_{c}"].astype(float)
+    pred[f"prob_{m['classes'][0]}"] = pred[f"prob_{m['classes'][0]}"].astype(float)
+    assert m["classes"][0].startswith("COVID")
+    assert _check_recomputes(sub, pred, m["classes"]) >= 6
+    pl = m["patient_level"]
+    assert pl["mixed_label_patients"] == 1 and pl["n_patients"] == m["n"] - 2 and pl["figures"]
+    assert (out / "subgroups.png").stat().st_size > 2000 and (out / "patient_predictions.csv").exists()
+    html = (out / "report.html").read_text()
+    assert "<h2>Subgroups</h2>" in html and "By view" in html and "largest gap" in html and "(small)" in html
+    assert "<h2>Patient level</h2>" in html and "whose films trained this model" in html
+    assert any("different true labels" in w for w in m["warnings"])
+    # bad flags: one line, exit 2, nothing written
+    cases = [(["--subgroups", "site"], "no image of split 'test' has a known site"),
+             (["--subgroups", "scanner"], "not a subgroup attribute"),
+             (["--age-bands", "60,40"], "--age-bands"),
+             (["--model", str(tiny_run), "--aggregate", "patient"], "has a patient ID")]
+    for args, msg in cases:
+        bad = tmp_path / "bad"
+        assert ev.main(["--model", str(run), "--out", str(bad), "--bootstrap", "0", "--quiet", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, (args, err)
+        assert not bad.exists() and not (tmp_path / "bad.partial").exists()

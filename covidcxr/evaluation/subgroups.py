@@ -51,7 +51,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 from sklearn import metrics as skm
 
 from covidcxr.data.metadata import COLUMNS, ID_COLUMNS, UNKNOWN
@@ -159,6 +158,9 @@ class Scored:
     probs: np.ndarray | None = None
     dice: np.ndarray | None = None
 
+    def __post_init__(self):
+        self.pred = None if self.probs is None else np.asarray(self.probs).argmax(axis=1)
+
     @property
     def covid(self) -> int | None:
         c = covid_class(self.classes) if self.y is not None else None
@@ -202,12 +204,12 @@ def point(s: Scored, idx: np.ndarray) -> dict:
 
 
 def _auc(yb: np.ndarray, score: np.ndarray) -> float:
-    """Mann-Whitney ROC-AUC, ties at average rank (sklearn's roc_auc_score)."""
-    n_pos = int(yb.sum())
-    n_neg = len(yb) - n_pos
-    if not n_pos or not n_neg:
+    """Mann-Whitney ROC-AUC, ties counted one half (sklearn's roc_auc_score), by sorted counting."""
+    pos, neg = score[yb], np.sort(score[~yb])
+    if not len(pos) or not len(neg):
         return float("nan")
-    return float((rankdata(score)[yb].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    below, upto = np.searchsorted(neg, pos, "left"), np.searchsorted(neg, pos, "right")
+    return float((below.sum() + 0.5 * (upto - below).sum()) / (len(pos) * len(neg)))
 
 
 def fast(s: Scored, idx: np.ndarray, present: np.ndarray) -> dict:
@@ -215,10 +217,11 @@ def fast(s: Scored, idx: np.ndarray, present: np.ndarray) -> dict:
     subgroup itself (a stratified replicate has the same ones)."""
     out = {}
     if s.y is not None:
-        y, p = s.y[idx], s.probs[idx]
-        pred = p.argmax(axis=1)
-        f1 = [2 * np.sum((pred == c) & (y == c)) / (np.sum(pred == c) + np.sum(y == c)) for c in present]
-        out.update(accuracy=float(np.mean(pred == y)), macro_f1=float(np.mean(f1)),
+        y, p, k = s.y[idx], s.probs[idx], len(s.classes)
+        pred = s.pred[idx]
+        tp = np.bincount(y[pred == y], minlength=k)
+        f1 = 2 * tp[present] / (np.bincount(pred, minlength=k)[present] + np.bincount(y, minlength=k)[present])
+        out.update(accuracy=float(tp.sum() / len(y)), macro_f1=float(f1.mean()),
                    macro_auc=float(np.mean([_auc(y == c, p[:, c]) for c in present])) if len(present) > 1
                    else float("nan"))
         c = s.covid
@@ -251,7 +254,7 @@ def _replicates(s: Scored, groups: list[np.ndarray], n: int, seed: int) -> list[
     reps = [{} for _ in groups]
     for _ in range(n):
         for j, parts in enumerate(strata):
-            idx = np.concatenate([rng.choice(part, len(part)) for part in parts])
+            idx = np.concatenate([part[rng.integers(0, len(part), len(part))] for part in parts])
             for k, v in fast(s, idx, present[j]).items():
                 reps[j].setdefault(k, []).append(v)
     return reps

@@ -167,7 +167,8 @@ def test_no_bootstrap_no_covid_class_and_dice(tmp_path, saved_figures):
     for g in seg["by_attribute"]["site"]["groups"]:
         d = dice[(rows["site"] == g["value"]).to_numpy()]
         assert g["metrics"]["dice"]["value"] == pytest.approx(np.nanmean(d), abs=1e-12)
-        assert g["metrics"]["dice"]["ci95"]["low"] <= g["metrics"]["dice"]["value"] <= g["metrics"]["dice"]["ci95"]["high"]
+        e = g["metrics"]["dice"]
+        assert e["ci95"]["low"] <= e["value"] <= e["ci95"]["high"]
     assert plot_forest(seg, tmp_path / "seg.png") and (tmp_path / "seg.png").stat().st_size > 2000
     full = S.subgroups(S.Scored(y, CLASSES, y, probs), rows, ["view", "sex", "age"], (40, 60, 80), 50, 0)
     assert plot_forest(full, tmp_path / "subgroups.png", "test split, n=120")
@@ -210,7 +211,8 @@ def test_patient_overlap_guard(tmp_path):
     assert g.info["matched"] == 2 and g.info["patients"] == 2 and g.info["excluded"] == 2
     assert "2 of 4 images are of 2 patient(s) whose films trained this model" in g.info["summary"]
     table = pd.read_csv(tmp_path / "patient_overlap.csv")
-    assert table.to_dict("list") == {"path": ["x", "w"], "patient_id": ["p1", "p2"], "training_images_of_patient": [2, 1]}
+    assert table.to_dict("list") == {"path": ["x", "w"], "patient_id": ["p1", "p2"],
+                                     "training_images_of_patient": [2, 1]}
     kept = PT.guard(tmp_path / "manifest.csv", rows, True, tmp_path)
     assert not kept.dropped.any() and kept.info["included"] and "INCLUDED" in kept.info["summary"]
     assert PT.flags(np.array(["train:near", "", "", ""], object), g.hit).tolist() == \

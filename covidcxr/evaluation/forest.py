@@ -36,7 +36,8 @@ def plot_forest(sub: dict, out: str | Path, context: str = "") -> Path | None:
     ax = fig.add_subplot(1, 1, 1)
     ys = list(range(len(rows), 0, -1))
     if ov["value"] is not None:
-        ax.axvline(ov["value"], color="0.3", ls="--", lw=1, label=f"overall {ov['value']:.3f} (n={sub['overall']['n']})")
+        ax.axvline(ov["value"], color="0.3", ls="--", lw=1,
+                   label=f"overall {ov['value']:.3f} (n={sub['overall']['n']})")
         if ov["ci95"]:
             ax.axvspan(ov["ci95"]["low"], ov["ci95"]["high"], color="0.85", zorder=0)
     for y, (label, e, small, header) in zip(ys, rows):

@@ -314,7 +314,8 @@ def subgroups(s: Scored, rows: pd.DataFrame, attrs: list[str], edges: tuple[int,
            "covid_class": None if s.covid is None else s.classes[s.covid],
            "overall": overall(s, n, seed), "by_attribute": {}}
     if not attrs:
-        out["note"] = "no metadata column (view, sex, age, site, manufacturer) has a known value among the scored images"
+        out["note"] = ("no metadata column (view, sex, age, site, manufacturer) has a known value among the scored "
+                       "images")
     for a in attrs:
         values = values_of(rows, a, edges)
         out["by_attribute"][a] = attribute(s, values, order(values, a, edges), n, seed)

@@ -9,7 +9,14 @@ too, are counted, listed (train_overlap.csv) and left out unless ``--include-tra
 into ``--out`` (default ``<model dir>/eval-<split>``):
 
   metrics.json      every figure, with 95% bootstrap intervals and the majority-class baseline
-  predictions.csv   path, true_label, pred_label, prob_<class>..., train_overlap
+  predictions.csv   path, true_label, pred_label, prob_<class>..., train_overlap, then the metadata columns
+                    the data has (patient_id, study_id, view, sex, age, age_band, site, manufacturer)
+  subgroups.png     macro-AUC (Dice for segmenters) with 95% CI per subgroup (--subgroups, --age-bands);
+                    metrics.json "subgroups" holds every subgroup's figures and the largest gaps
+  patient_predictions.csv  --aggregate patient: one row per patient (mean probability over its films);
+                    metrics.json "patient_level"
+  patient_overlap.csv  scored images whose patient ID is a training patient's (run manifest's train
+                    split); left out like training overlap unless --include-train-overlap
   skipped.csv       files that could not be read, with the reason
   confusion_matrix.png  roc.png  pr.png  reliability.png (n per bin)  examples.png
   probabilities.png (a set of one class: its sensitivity and probability distribution; AUC and
@@ -46,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "file mapping model classes to data classes")
     a("--include-train-overlap", action="store_true",
       help="keep images that match a training image of the model (they are counted and listed either way)")
+    a("--subgroups", default=None, help="metadata columns to report subgroup figures by, e.g. view,sex,age,site "
+                                        "(default: every one with data among the scored images; 'none': off)")
+    a("--age-bands", default=None, help="age band edges in years (default 40,60,80: <40, 40-59, 60-79, 80+)")
+    a("--aggregate", default="image", choices=["image", "patient"],
+      help="patient: also score per patient (mean probability over its films), beside the image-level figures")
     a("--out", default=None, help="output folder (default <model dir>/eval-<split>)")
     a("--bootstrap", type=int, default=1000, help="bootstrap replicates for 95%% CIs (0: none)")
     a("--seed", type=int, default=0, help="bootstrap and example-picking seed")

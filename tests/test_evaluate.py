@@ -161,8 +161,10 @@ def test_evaluate_cli_writes_everything_and_figures_agree_with_sklearn(tiny_run,
     assert m["schema"] == SCHEMA and m["split"] == "test" and m["train_overlap"]["checked"]
     pred = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     classes = m["classes"]
-    assert list(pred.columns) == ["path", "true_label", "pred_label"] + [f"prob_{c}" for c in classes] + \
-        ["train_overlap"]
+    own = ["path", "true_label", "pred_label"] + [f"prob_{c}" for c in classes] + ["train_overlap"]
+    assert list(pred.columns[:len(own)]) == own   # then the metadata columns the manifest has
+    assert set(pred.columns[len(own):]) <= {"patient_id", "study_id", "view", "sex", "age", "site", "manufacturer",
+                                           "age_band"}
     y = pred["true_label"].map(classes.index).to_numpy()
     p = pred[[f"prob_{c}" for c in classes]].to_numpy()
     yhat = pred["pred_label"].map(classes.index).to_numpy()

@@ -19,8 +19,10 @@ from covidcxr import artifacts as A
 from covidcxr.calibration import apply_temperature, ece, reliability_bins, save_temperature
 from covidcxr.errors import ConfigError, DataError
 from covidcxr.evaluation import checks, segscore, visuals
+from covidcxr.evaluation import cohorts
 from covidcxr.evaluation import data as D
 from covidcxr.evaluation import figures as F
+from covidcxr.evaluation import patients as PT
 from covidcxr.evaluation.passes import forward, subset
 from covidcxr.evaluation.report import SCHEMA, report_skipped, write, write_metrics
 from covidcxr.inference import ModelFile, Predictor
@@ -48,6 +50,9 @@ class EvalOptions:
     overwrite: bool = False
     quiet: bool = False
     prefer: str = "keras"
+    subgroups: str | None = None       # None: every metadata column with data; "none": off
+    age_bands: str | None = None       # "40,60,80" (the default)
+    aggregate: str = "image"           # "patient": patient-level figures too
 
 
 class Evaluator:
@@ -88,6 +93,7 @@ class Evaluator:
         o = self.o
         ed = D.load(self.loc, o.data, o.split, progress=not o.quiet)
         df, lmap, classes = self._rows(ed)
+        self._plan, self._scores = cohorts.plan(o, self.task, df, f"split '{ed.split}'"), cohorts.Scores()
         out = Path(o.out) if o.out else self.loc.root / f"eval-{ed.split}"
         A.check_free(out, o.overwrite)  # before the long part
         with A.staged(out, o.overwrite) as tmp:
@@ -120,8 +126,9 @@ class Evaluator:
         skipped = list(ed.problems) + full.skipped
         report_skipped(skipped, out, self.log)
         p, overlap = self._guard(df, full, out)
+        p, patient_overlap = self._patient_guard(df, p, out)
         if not len(p.rows):
-            excluded = (overlap or {}).get("excluded", 0)
+            excluded = (overlap or {}).get("excluded", 0) + patient_overlap["excluded"]
             raise DataError(f"none of the {len(df)} images can be scored: {len(full.skipped)} unreadable, {excluded} "
                             f"match images that trained the model"
                             + (" (pass --include-train-overlap to score them anyway, knowing the figures are "
@@ -133,6 +140,7 @@ class Evaluator:
                                                     "data_groups": lmap.data_groups, "absent": lmap.absent},
              "train_overlap": overlap, "checkpoint_images": checkpoint, "skipped": skipped, "warnings": self.warnings,
              "bootstrap": {"replicates": o.bootstrap, "seed": o.seed, "stratified": True} if o.bootstrap else None}
+        m["patient_overlap"] = patient_overlap
         context = f"{ed.split} split, n={len(p.rows)}" + (" (external)" if lmap else "")
         if self.task.classifies:
             self._classification(m, ed, df, p, lmap, classes, out, context)
@@ -140,6 +148,8 @@ class Evaluator:
             self._segmentation(m, df, p, out, context)
         else:
             m["segmentation"] = None
+        cohorts.score(self._plan, m, df.iloc[p.rows].reset_index(drop=True), self._scores, classes, o.bootstrap,
+                      o.seed, out, context, self.log, self.warnings)
         self._finish(m, ed, df, out)
         return m
 
@@ -175,12 +185,22 @@ class Evaluator:
         self._flags = self._flags[~drop]
         return subset(p, ~drop), info
 
+    def _patient_guard(self, df: pd.DataFrame, p, out: Path):
+        """The same rule for images whose patient trained the model (``patients.guard``), when both sides
+        have patient IDs."""
+        g = PT.guard(self.loc.manifest_path, df.iloc[p.rows], self.o.include_train_overlap, out)
+        if g.info["summary"]:
+            self.log(("WARNING: " if g.info["included"] else "") + g.info["summary"])
+        self._flags = PT.flags(self._flags, g.hit)[~g.dropped]
+        return subset(p, ~g.dropped), g.info
+
     def _classification(self, m, ed, df, p, lmap, classes, out: Path, context: str) -> None:
         o = self.o
         merge = lmap.probs if lmap else (lambda x: x)
         labels = df["label"].iloc[p.rows]
         y = F.label_index([lmap.data_label(c) for c in labels] if lmap else labels, classes)
         probs = merge(p.probs)
+        self._scores.y, self._scores.probs = y, probs
         self._predictions(out, df, p, classes, probs)
         if len(np.unique(y)) == 1:
             self._one_class(m, y, probs, classes, out, context)
@@ -259,6 +279,7 @@ class Evaluator:
         for i, c in enumerate(classes):
             pred[f"prob_{c}"] = probs[:, i]
         pred["train_overlap"] = self._flags
+        pred = cohorts.with_metadata(pred, df.iloc[p.rows], self._plan)
         pred.to_csv(out / "predictions.csv", index=False, float_format="%.17g")
 
     def _temperature(self, ed: D.EvalData, lmap):
@@ -277,9 +298,10 @@ class Evaluator:
 
     def _segmentation(self, m: dict, df, p, out: Path, context: str) -> None:
         target = self.card.target or "lung"
-        rows = df.iloc[p.rows].reset_index(drop=True)
+        rows, kept = df.iloc[p.rows].reset_index(drop=True), {}
         seg = segscore.score(rows, self.task.mask_column(target), p.masks, target, self.o.bootstrap, self.o.seed, self.o.overlays,
-                             out, context, self.warnings)
+                             out, context, self.warnings, kept)
+        self._scores.dice_rows, self._scores.dice = kept.get("rows", []), kept.get("dice", [])
         m["segmentation"] = seg
         if "n" not in m:
             m["n"] = int(len(p.rows))

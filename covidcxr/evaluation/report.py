@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from covidcxr.evaluation import cohort_report
+
 SCHEMA = "covidcxr.evaluate/2"
 PLOTS = (("probabilities.png", "One class only: its predicted probability and the predicted classes"),
          ("confusion_matrix.png", "Confusion matrix"), ("roc.png", "ROC curves"), ("pr.png", "Precision-recall"),
@@ -168,6 +170,8 @@ def _caveats(m: dict) -> str:
     ov = m.get("train_overlap") or {}
     if ov.get("matched") or ov.get("validation_matched"):
         notes.insert(0, ov["summary"])
+    if cohort_report.patient_overlap_note(m):
+        notes.insert(0, cohort_report.patient_overlap_note(m))
     if m.get("external"):
         notes.insert(0, f"EXTERNAL validation: the model's classes were mapped onto this data's with "
                         f"{m['label_map']['text']!r}; figures are on the mapped classes {m['classes']}.")
@@ -243,6 +247,7 @@ images; they do not establish clinical performance. {_intervals(m)}</p>
 {m['n']} images scored, {len(m.get('skipped', []))} unreadable and skipped,
 {(m.get('train_overlap') or {}).get('excluded', 0)} left out as training overlap.</p>
 {_caveats(m)}{_sections(m)}{seg}
+{cohort_report.subgroups(m, _img(out, "subgroups.png", cohort_report.FOREST))}{cohort_report.patient_level(m)}
 <h2>Plots</h2>{f'<p>Grad-CAM layer: {html.escape(gc)}.</p>' if gc else ''}{figs}
 {report}
 <h2>Data</h2><pre>{html.escape(json.dumps(m['data_summary'], indent=2))}</pre>

@@ -85,8 +85,9 @@ def per_image_csv(sub: pd.DataFrame, per_image: dict, out: Path) -> Path:
 
 
 def score(rows: pd.DataFrame, col: str, masks: np.ndarray, target: str, bootstrap: int, seed: int,
-          n_overlays: int, out: Path, context: str, warnings: list[str]) -> dict:
-    """The ``segmentation`` entry of metrics.json (and its pictures) for the scored ``rows``."""
+          n_overlays: int, out: Path, context: str, warnings: list[str], kept: dict | None = None) -> dict:
+    """The ``segmentation`` entry of metrics.json (and its pictures) for the scored ``rows``; ``kept``, when
+    given, gets each image's Dice (``dice``) and its index among ``rows`` (``rows``) for the subgroups."""
     pairs = read_pairs(rows, col, masks, warnings)
     if not pairs.used:
         note = f"no {target} masks in the evaluated images" + (" could be read" if col in rows else "")
@@ -94,6 +95,8 @@ def score(rows: pd.DataFrame, col: str, masks: np.ndarray, target: str, bootstra
         return {"n": 0, "target": target, "note": note}
     seg = F.segmentation_scores(pairs.truths, pairs.preds, pairs.labels, bootstrap, seed, pairs.at_model)
     per_image = seg.pop("per_image")
+    if kept is not None:
+        kept.update(rows=list(pairs.used), dice=list(per_image["dice"]))
     seg.update(target=target, threshold=0.5, bootstrap_replicates=bootstrap)
     _resolution(seg, pairs.truths, masks)
     sub = rows.iloc[pairs.used].reset_index(drop=True)

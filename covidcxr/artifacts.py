@@ -19,6 +19,7 @@ folder (``serving/1`` or its parent's ``serving``), and says which it found.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import enum
 import json
@@ -207,6 +208,21 @@ def staged(out: str | Path, overwrite: bool = False):
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def report_skipped(folder: str | Path, skipped: list[tuple[str, str]], log=print) -> None:
+    """The one report of files left out: all of them in ``folder/skipped.csv`` (path, reason), their count and
+    the first five on the console. Nothing is written when nothing was skipped."""
+    if not skipped:
+        return
+    path = Path(folder) / SKIPPED
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        w.writerows(skipped)
+    log(f"WARNING: {len(skipped)} file(s) left out (all listed in {path}, each with the reason), e.g.:")
+    for p, reason in skipped[:5]:
+        log(f"  - {p}: {reason.split(': ', 1)[-1] if reason.startswith(p) else reason}")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

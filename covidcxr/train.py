@@ -21,7 +21,7 @@ with cli.startup_quiet():  # Keras and its backend load here, their start-up noi
     from covidcxr.lungcrop import check_segmenter
     from covidcxr.models import catalog
     from covidcxr.models.weights import PRESET
-    from covidcxr.training.data import DEMO
+    from covidcxr.training.rows import DEMO
     from covidcxr.tasks import get_task
     from covidcxr.training.run import train
 

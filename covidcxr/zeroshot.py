@@ -49,12 +49,12 @@ from covidcxr import cli
 with cli.startup_quiet():  # Keras and its backend load here, their start-up noise hidden
     import numpy as np
     import pandas as pd
-    from covidcxr.artifacts import staged
+    from covidcxr.artifacts import report_skipped, staged
     from covidcxr.data.imageio import read_mask
     from covidcxr.data.preprocess import mask_from_probs
     from covidcxr.errors import ConfigError, DataError
     from covidcxr.evaluation.data import check_classes
-    from covidcxr.evaluation.report import SCHEMA, report_skipped
+    from covidcxr.evaluation.report import SCHEMA
     from covidcxr.masks import save_png
     from covidcxr.vlm import clip as C
     from covidcxr.vlm import prompted as P
@@ -196,7 +196,7 @@ def classify(a) -> Path:
         skipped = rows.problems + failed
         if not keys:
             raise R.nothing_readable(len(rows.df), failed)
-        report_skipped(skipped, tmp)
+        report_skipped(tmp, skipped)
         m = _base_metrics(a, rows, skipped, check_classes(rows.df, rows.classes), kind)
         m.update(prompts=prompts, scoring=scoring,
                  model_config={"model": a.model, "preset": str(a.preset), "image_size": S.image_size_of(backbone),
@@ -324,7 +324,7 @@ def segment(a) -> Path:
         skipped = rows.problems + failed
         if not w.table:
             raise R.nothing_readable(len(rows.df), failed)
-        report_skipped(skipped, tmp)
+        report_skipped(tmp, skipped)
         pd.DataFrame(w.table).to_csv(tmp / "predictions.csv", index=False, float_format="%.17g")
         m = _base_metrics(a, rows, skipped, w.warnings, "zero-shot text-prompted segmentation (MedSigLIP + SAM)")
         m.update(n=len(w.table), prompt={"text": a.prompt, "phrasings": phrasings, "target": target},

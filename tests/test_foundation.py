@@ -48,7 +48,7 @@ def test_local_preset_folders_and_wrong_architecture(tmp_path):
 
 
 def test_label_subset_is_stratified_and_seeded():
-    from covidcxr.training.data import label_subset
+    from covidcxr.training.rows import label_subset
 
     df = pd.DataFrame({"path": [f"{i}.png" for i in range(200)],
                        "label": ["a"] * 120 + ["b"] * 60 + ["c"] * 20,

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 
 from covidcxr import pretrain
+from covidcxr.errors import DataError
+from covidcxr.training import pretraining, simclr
 
 ARGS = ["--arch", "mobilenetv3small", "--image-size", "32", "--batch-size", "8", "--workers", "1"]
 
@@ -61,7 +63,7 @@ def _tiny_simclr(arch, image_size, projection_dim=128, hidden=512, seed=None):
 
     enc = keras.Sequential([keras.Input((image_size, image_size, 3)), keras.layers.Conv2D(4, 3, strides=2),
                             keras.layers.BatchNormalization(), keras.layers.ReLU()])
-    return pretrain.simclr_class()(enc, "unit", image_size, 8, 16, seed), enc
+    return simclr.SimCLR(enc, "unit", image_size, 8, 16, seed), enc
 
 
 def test_same_seed_gives_the_same_loss_history(synth_dir, tmp_path, monkeypatch):
@@ -98,19 +100,19 @@ def test_pretrain_manifest_uses_training_rows_only(synth_dir, tmp_path, capsys):
     split = (["train", "val", "test"] * len(files))[: len(files)]
     man = tmp_path / "manifest.csv"
     pd.DataFrame({"path": files, "label": "x", "split": split}).to_csv(man, index=False)
-    assert pretrain.image_paths(man) == [f for f, s in zip(files, split) if s == "train"]
-    assert len(pretrain.image_paths(man, "train,val")) == split.count("train") + split.count("val")
-    assert len(pretrain.image_paths(man, "all")) == len(files)
-    with pytest.raises(pretrain.DataError, match="holdout"):
-        pretrain.image_paths(man, "holdout")
+    assert pretraining.image_paths(man) == [f for f, s in zip(files, split) if s == "train"]
+    assert len(pretraining.image_paths(man, "train,val")) == split.count("train") + split.count("val")
+    assert len(pretraining.image_paths(man, "all")) == len(files)
+    with pytest.raises(DataError, match="holdout"):
+        pretraining.image_paths(man, "holdout")
     assert pretrain.main(["--arch", "mobilenetv3small", "--data", str(man), "--split", "holdout",
                           "--image-size", "32", "--out", str(tmp_path / "x.weights.h5")]) == 2
     assert "holdout" in capsys.readouterr().err and not (tmp_path / "x.weights.h5").exists()
     # relative paths are relative to the manifest's folder; a folder leaves its mask folders out
     rel = synth_dir.parent / "rel.csv"
     pd.DataFrame({"path": [os.path.relpath(f, rel.parent) for f in files]}).to_csv(rel, index=False)
-    assert pretrain.image_paths(rel) == files
-    assert pretrain.image_paths(synth_dir) == files
+    assert pretraining.image_paths(rel) == files
+    assert pretraining.image_paths(synth_dir) == files
     assert pretrain.main(["--arch", "mobilenetv3small", "--data", str(synth_dir), "--image-size", "32",
                           "--out", str(tmp_path / "x.h5")]) == 2
     assert ".weights.h5" in capsys.readouterr().err
@@ -119,7 +121,7 @@ def test_pretrain_manifest_uses_training_rows_only(synth_dir, tmp_path, capsys):
 def test_recalibrate_batchnorm_gives_population_statistics():
     import keras
 
-    from covidcxr.pretrain import recalibrate_batchnorm
+    from covidcxr.training.simclr import recalibrate_batchnorm
 
     inp = keras.Input((3, 3, 2))
     bn = keras.layers.BatchNormalization(momentum=0.999)
@@ -140,7 +142,7 @@ def test_recalibrate_batchnorm_gives_population_statistics():
 
 
 def test_nt_xent_prefers_matching_views():
-    from covidcxr.pretrain import nt_xent
+    from covidcxr.training.simclr import nt_xent
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(4, 8)).astype("float32")
@@ -153,7 +155,7 @@ def test_nt_xent_prefers_matching_views():
 def _uniform(n, seed):
     import keras
 
-    return keras.random.uniform((n, pretrain.N_PARAMS), seed=keras.random.SeedGenerator(seed))
+    return keras.random.uniform((n, simclr.N_PARAMS), seed=keras.random.SeedGenerator(seed))
 
 
 def test_views_of_one_image_differ_and_stay_in_range():
@@ -163,16 +165,16 @@ def test_views_of_one_image_differ_and_stay_in_range():
     from tests.conftest import random_cxr
 
     size = 40
-    img = random_cxr(0, pretrain.load_size(size))[None, :, :, None].astype("float32")
+    img = random_cxr(0, simclr.load_size(size))[None, :, :, None].astype("float32")
     many = np.repeat(img, 8, axis=0)
-    v = ops.convert_to_numpy(pretrain.render_views(many, size, _uniform(8, 1)))
+    v = ops.convert_to_numpy(simclr.render_views(many, size, _uniform(8, 1)))
     assert v.shape == (8, size, size, 1) and v.min() >= 0.0 and v.max() <= 255.0
     assert min(np.abs(v[i] - v[j]).mean() for i in range(8) for j in range(i)) > 1.0
-    again = ops.convert_to_numpy(pretrain.render_views(many, size, _uniform(8, 1)))
+    again = ops.convert_to_numpy(simclr.render_views(many, size, _uniform(8, 1)))
     np.testing.assert_array_equal(v, again)  # seeded
     # the model's two views of an image differ too, and so do its next two
     enc = keras.Sequential([keras.Input((size, size, 3)), keras.layers.Conv2D(4, 3)])
-    model = pretrain.simclr_class()(enc, "unit", size, projection_dim=8, hidden=16, seed=0)
+    model = simclr.SimCLR(enc, "unit", size, projection_dim=8, hidden=16, seed=0)
     z1 = ops.convert_to_numpy(model(img.astype("uint8"), training=True))
     z2 = ops.convert_to_numpy(model(img.astype("uint8"), training=True))
     assert z1.shape == (2, 8) and not np.allclose(z1[0], z1[1]) and not np.allclose(z1, z2)
@@ -184,19 +186,19 @@ def test_view_of_a_constant_image_is_constant_inside_the_crop():
     from scipy import ndimage
 
     size, n = 40, 16
-    const = np.full((n, pretrain.load_size(size), pretrain.load_size(size), 1), 100.0, np.float32)
+    const = np.full((n, simclr.load_size(size), simclr.load_size(size), 1), 100.0, np.float32)
     u = _uniform(n, 3)
-    v = ops.convert_to_numpy(pretrain.render_views(const, size, u))[..., 0]
+    v = ops.convert_to_numpy(simclr.render_views(const, size, u))[..., 0]
     # where the crop lies inside the image: the geometry alone (no photometric change, no blur) keeps 1
     geometry = ops.concatenate([u[:, :5], ops.full((n, 2), 0.5), ops.ones((n, 2))], axis=1)
-    inside = ops.convert_to_numpy(pretrain.render_views(const / 100.0, size, geometry))[..., 0] > 1 - 1e-4
-    r = pretrain.BLUR_RADIUS
+    inside = ops.convert_to_numpy(simclr.render_views(const / 100.0, size, geometry))[..., 0] > 1 - 1e-4
+    r = simclr.BLUR_RADIUS
     assert inside.mean() > 0.8
     for view, ins in zip(v, inside):
         core = ndimage.binary_erosion(ins, np.ones((2 * r + 1, 2 * r + 1)), border_value=1)
         assert core.mean() > 0.4 and np.ptp(view[core]) < 1e-3
     assert np.ptp(v[:, 10:30, 10:30].mean(axis=(1, 2))) > 1.0  # brightness/contrast vary between views
-    plain = ops.convert_to_numpy(pretrain.plain_views(const, size))
+    plain = ops.convert_to_numpy(simclr.plain_views(const, size))
     np.testing.assert_allclose(plain, 100.0, atol=1e-4)  # the plain view: the whole image, unchanged
 
 
@@ -207,8 +209,8 @@ def test_blur_uses_each_images_own_sigma():
     x = np.zeros((3, 21, 21, 1), np.float32)
     x[:, 10, 10] = 1.0
     sigma = np.array([0.0, 0.7, 1.5], np.float32)
-    out = ops.convert_to_numpy(pretrain.blur(x, sigma))
+    out = ops.convert_to_numpy(simclr.blur(x, sigma))
     np.testing.assert_allclose(out[0], x[0], atol=1e-6)  # sigma 0: unchanged
     for i in (1, 2):
-        want = ndimage.gaussian_filter(x[i, :, :, 0], sigma[i], truncate=pretrain.BLUR_RADIUS / sigma[i])
+        want = ndimage.gaussian_filter(x[i, :, :, 0], sigma[i], truncate=simclr.BLUR_RADIUS / sigma[i])
         np.testing.assert_allclose(out[i, :, :, 0], want, atol=1e-5)

@@ -105,7 +105,7 @@ def test_clip_zero_shot_end_to_end_with_the_old_command_line(models, data, tmp_p
         assert (out / f).exists(), f
     skipped = pd.read_csv(out / "skipped.csv")
     assert skipped["path"].str.endswith("broken.png").tolist() == [True] and m["skipped"][0][0].endswith("broken.png")
-    assert "1 file(s) could not be read" in console and "broken.png" in console
+    assert "1 file(s) left out" in console and "broken.png" in console
     assert not (tmp_path / "clip.partial").exists()
     assert _run("--preset", models["clip"], "--data", data, "--out", out) == 2  # never overwritten unasked
     assert "already exists" in capsys.readouterr().err

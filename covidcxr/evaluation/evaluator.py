@@ -24,7 +24,7 @@ from covidcxr.evaluation import data as D
 from covidcxr.evaluation import figures as F
 from covidcxr.evaluation import patients as PT
 from covidcxr.evaluation.passes import forward, subset
-from covidcxr.evaluation.report import SCHEMA, report_skipped, write, write_metrics
+from covidcxr.evaluation.report import SCHEMA, write, write_metrics
 from covidcxr.inference import ModelFile, Predictor
 from covidcxr.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc, plot_single_class
 from covidcxr.tasks import get_task
@@ -124,7 +124,7 @@ class Evaluator:
                  f"from {ed.description}" + (" [external: label map]" if lmap else ""))
         full = forward(self.pred, df, fingerprint=True, quiet=o.quiet)
         skipped = list(ed.problems) + full.skipped
-        report_skipped(skipped, out, self.log)
+        A.report_skipped(out, skipped, self.log)
         p, overlap = self._guard(df, full, out)
         p, patient_overlap = self._patient_guard(df, p, out)
         if not len(p.rows):

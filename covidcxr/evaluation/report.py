@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from covidcxr.evaluation import cohort_report
 
@@ -194,17 +193,6 @@ def json_default(o):
 def write_metrics(out: Path, m: dict) -> Path:
     (out / "metrics.json").write_text(json.dumps(m, indent=2, default=json_default))
     return out / "metrics.json"
-
-
-def report_skipped(skipped: list[tuple[str, str]], out: Path, log=print) -> None:
-    """Every file that could not be read: count and the first few on the console, all in skipped.csv."""
-    if not skipped:
-        return
-
-    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(out / "skipped.csv", index=False)
-    log(f"WARNING: {len(skipped)} file(s) could not be read and are left out (all in skipped.csv), e.g.:")
-    for path, reason in skipped[:5]:
-        log(f"  - {path}: {reason}")
 
 
 def _intervals(m: dict) -> str:

@@ -1,4 +1,4 @@
-"""From a manifest to batches: the run's rows, label subsets, mask columns, the input cache,
+"""From a run's rows to batches: mask columns, the input cache,
 and a backend-neutral loader that slices shuffled uint8 batches out of it.
 
 No tf.data: batches are NumPy arrays gathered from the memory-mapped cache by a
@@ -10,43 +10,14 @@ batches an uninterrupted one would.
 from __future__ import annotations
 
 import math
-import shlex
-import shutil
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 
 from covidcxr.data.cache import CacheSpec, InputCache, open_cache
-from covidcxr.data.manifest import build_manifest, read_manifest
-from covidcxr.data.splits import parse_fractions
-from covidcxr.data.synth import write_synthetic_dataset
-from covidcxr.errors import DataError
-
-
-def class_weights(labels, class_names: list[str]) -> dict[str, float]:
-    """Balanced weights n / (k * n_c) from the training labels (missing classes -> 0)."""
-    counts = pd.Series(list(labels)).value_counts()
-    n, k = len(labels), len(class_names)
-    return {c: (n / (k * counts[c]) if counts.get(c, 0) else 0.0) for c in class_names}
-
-
-def label_subset(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
-    """Keep a stratified, seeded ``fraction`` of the training rows (at least one per class);
-    the others get split 'unused' so the manifest still lists them."""
-    if fraction >= 1.0:
-        return df
-    rng = np.random.default_rng(seed)
-    df = df.copy()
-    for _, idx in df[df["split"] == "train"].groupby("label").groups.items():
-        idx = np.array(sorted(idx))
-        keep = max(1, int(round(fraction * len(idx))))
-        df.loc[rng.permutation(idx)[keep:], "split"] = "unused"
-    return df
 
 
 @dataclass
@@ -164,54 +135,3 @@ class Batches(keras.utils.PyDataset):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
-
-
-def check_split_sizes(data: RunData) -> None:
-    """Refuse a run whose training or validation split is empty after bad files are left out."""
-    for split in ("train", "val"):
-        if not len(data.rows(split)):
-            what = f" with a {data.mask_column.replace('_', ' ')}" if data.needs_mask and data.mask_column else ""
-            raise DataError(f"no usable '{split}' image{what} (after leaving out unreadable files); use --split with "
-                            f"a non-zero {split} fraction or a manifest that has such {split} rows.")
-
-
-DEMO = dict(per_class=100, synth_size=128, image_size=128, epochs=4, fine_tune_epochs=4, batch_size=32)
-
-
-def demo_data(cache_root: Path) -> Path:
-    """Build (once) and reuse the synthetic demo set."""
-    d = cache_root / f"demo-{DEMO['per_class']}x{DEMO['synth_size']}px-seed0"
-    if not (d / ".complete").exists():
-        if d.exists():
-            shutil.rmtree(d)
-        write_synthetic_dataset(d, DEMO["per_class"], DEMO["synth_size"], seed=0)
-        (d / ".complete").write_text("ok\n")
-    return d
-
-
-def load_manifest(data: str | None, split: str, seed: int, demo_root: Path, log=print):
-    """(manifest DataFrame, class names, [(path, reason)] left out by indexing) for a run."""
-    src = Path(data) if data else demo_data(demo_root)
-    problems: list[tuple[str, str]] = []
-    if src.is_file():
-        df = read_manifest(src)
-        log(f"manifest: {src} ({len(df)} images)")
-    else:
-        df, report = build_manifest(src, parse_fractions(split), seed, progress=sys.stderr.isatty())
-        log(f"indexed {report.root}: {report.layout} layout, {len(df)} images; split: {report.split_source}")
-        problems = [(p.path, p.reason) for p in report.problems]
-        groups = report.dedup.duplicate_groups
-        log(f"duplicate groups: {len(groups)} ({sum(map(len, groups.values()))} images), kept within one split")
-        if report.crossing_groups:
-            log(f"WARNING: {len(report.crossing_groups)} duplicate groups cross the dataset's own split "
-                f"(see {shlex.join(['python', '-m', 'covidcxr.data', 'audit', str(src)])})")
-    classes = sorted(df["label"].unique())
-    counts = df[df["split"] == "train"]["label"].value_counts()
-    empty = [c for c in classes if counts.get(c, 0) == 0]
-    if empty:
-        raise DataError(f"class(es) {empty} have no training images; add images or remove the class.")
-    for s in ("train", "val"):
-        if not (df["split"] == s).any():
-            raise DataError(f"the '{s}' split is empty; use --split with a non-zero {s} fraction or a manifest "
-                            f"that has {s} rows.")
-    return df.reset_index(drop=True), classes, problems

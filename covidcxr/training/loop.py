@@ -200,6 +200,17 @@ def load_resume(trainee, run_dir: Path, optimizer: bool = True) -> None:
 # ---------------------------------------------------------------- the loop
 
 
+def fit_epoch(model, batches, epoch: int, desc: str) -> tuple[dict, float]:
+    """One epoch of ``model.fit`` over ``batches`` in the order ``batches.set_epoch(epoch)`` fixes (the same
+    seed gives the same batches on every backend), with a step progress line: (last logs, seconds).
+    Supervised phases (``Loop``) and SimCLR pretraining both train through it."""
+    batches.set_epoch(epoch)
+    progress = StepProgress(len(batches), batches.bs, desc)
+    t0 = time.perf_counter()
+    fit = model.fit(batches, epochs=1, verbose=0, shuffle=False, callbacks=[progress])
+    return {k: float(v[-1]) for k, v in fit.history.items()}, time.perf_counter() - t0
+
+
 @dataclass
 class Loop:
     """Runs ``phases`` for ``trainee`` over ``train``/``val`` batches, writing into ``run_dir``."""
@@ -284,12 +295,8 @@ class Loop:
     def _epoch(self, phase: Phase, state: LoopState, controls: Controls, twin):
         opt = getattr(self.trainee.optimizer, "inner_optimizer", self.trainee.optimizer)
         lr = opt.base_learning_rate
-        self.train.set_epoch(state.epochs_done)
-        progress = StepProgress(len(self.train), self.train.bs, f"epoch {state.epochs_done + 1} [{phase.name}]  ")
-        t0 = time.perf_counter()
-        fit = self.trainee.fit(self.train, epochs=1, verbose=0, shuffle=False, callbacks=[progress])
-        logs = {k: float(v[-1]) for k, v in fit.history.items()}
-        seconds = time.perf_counter() - t0
+        logs, seconds = fit_epoch(self.trainee, self.train, state.epochs_done,
+                                  f"epoch {state.epochs_done + 1} [{phase.name}]  ")
         val = validate(self.trainee.net, self.val, self.task, self.cfg)
         row = {"epoch": state.epochs_done, "phase": PHASE_CODES[phase.name], "lr": lr,
                **{_plain(k): v for k, v in sorted(logs.items())}, **val}

@@ -16,29 +16,28 @@ from dataclasses import replace
 from pathlib import Path
 
 import keras
-import numpy as np
 import pandas as pd
 
 from covidcxr import artifacts as A
 from covidcxr.augment import Augment
 from covidcxr.cli import Interrupted
 from covidcxr.config import AugmentConfig, TrainConfig
-from covidcxr.data.cache import default_cache_dir, fingerprints
-from covidcxr.errors import ConfigError, CovidCXRError, DataError, ExportFailedError, RunExistsError
+from covidcxr.data.cache import default_cache_dir
+from covidcxr.errors import ConfigError, CovidCXRError, ExportFailedError, RunExistsError
 from covidcxr.exporting import export_run
 from covidcxr.inference import load_keras
-from covidcxr.lungcrop import check_segmenter, copy_segmenter, given_masks, predicted_masks
-from covidcxr.metrics import classification_metrics
+from covidcxr.lungcrop import check_segmenter, copy_segmenter, predicted_masks
+from covidcxr.models.weights import WeightsKind, WeightsSource
 from covidcxr.plots import plot_history
-from covidcxr.segmetrics import segmentation_metrics
 from covidcxr.tasks import get_task
 from covidcxr.training import devices as D
-from covidcxr.training.data import Batches, check_split_sizes, class_weights, label_subset, load_manifest, open_run_data
+from covidcxr.training.data import Batches, open_run_data
 from covidcxr.training.linear_head import FeatureBatches, features, head_model
-from covidcxr.training.loop import Loop, LoopState, predict_batches
-from covidcxr.models.weights import WeightsKind, WeightsSource
+from covidcxr.training.loop import Loop, LoopState
 from covidcxr.training.network import build_network, check_model
 from covidcxr.training.phases import plan
+from covidcxr.training.rows import check_split_sizes, class_weights, prepare_rows
+from covidcxr.training.scores import segmentation_line, split_metrics, write_fingerprints
 from covidcxr.training.trainee import Trainee
 
 
@@ -63,53 +62,6 @@ def resolve_dirs(cfg: TrainConfig, overwrite: bool, resume: bool) -> tuple[Path,
         raise RunExistsError(f"export directory {export_dir} already exists; pass --overwrite or another "
                              f"--export-dir (or --export-dir none).")
     return run_dir, export_dir
-
-
-# ---------------------------------------------------------------- data
-
-
-def prepare_rows(cfg: TrainConfig, task, log) -> tuple[pd.DataFrame, list[str], list]:
-    df, classes, problems = load_manifest(cfg.data, cfg.split, cfg.seed, Path("experiments") / "cache", log)
-    if cfg.label_fraction < 1.0:
-        before = int((df["split"] == "train").sum())
-        df = label_subset(df, cfg.label_fraction, cfg.seed)
-        kept = df[df["split"] == "train"]["label"].value_counts().sort_index()
-        log(f"label fraction {cfg.label_fraction:g}: {int(kept.sum())} of {before} training images "
-            f"({', '.join(f'{c} {n}' for c, n in kept.items())}); the rest are marked 'unused'")
-    if cfg.crop is A.LungCrop.GIVEN:
-        df = given_masks(df)
-    if task.segments:
-        col = task.mask_column(cfg.target)
-        has = df[col].astype(str) != "" if col in df else pd.Series(False, index=df.index)
-        if not has[df["split"] == "train"].any():
-            raise DataError(f"--task {cfg.task} --target {cfg.target}: the training split has no {cfg.target} masks "
-                            f"({col} is empty for every image). Use data with {cfg.target} masks (COVID-QU-Ex has lung "
-                            f"and infection masks; the Kaggle set has lung masks for some classes).")
-        log(f"{cfg.target} masks: {int(has.sum())} of {len(has)} images"
-            + ("" if task.only_segments else " (images without one train the classifier only: mask loss weight 0)"))
-    return df, classes, problems
-
-
-def report_skipped(run_dir: Path, skipped: list[tuple[str, str]], log) -> None:
-    """Every file left out: count and the first few on the console, all of them in skipped.csv."""
-    if not skipped:
-        return
-    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(run_dir / A.SKIPPED, index=False)
-    log(f"WARNING: {len(skipped)} file(s) left out (all listed in {run_dir / A.SKIPPED}), e.g.:")
-    for path, reason in skipped[:5]:
-        log(f"  - {path}: {reason.split(': ', 1)[-1] if reason.startswith(path) else reason}")
-
-
-def write_fingerprints(run_dir: Path, data) -> None:
-    """sha256, perceptual hashes and 16 x 16 thumbnails of the training (role 0) and validation
-    (role 1) images: what ``evaluate`` compares new data against (the training-overlap guard)."""
-    fp = fingerprints(data.cache)
-    rows = np.concatenate([data.rows("train"), data.rows("val")])
-    role = np.concatenate([np.zeros(len(data.rows("train")), np.uint8), np.ones(len(data.rows("val")), np.uint8)])
-    sub = fp.subset(rows)
-    thumbs16 = sub.thumbs.reshape(len(rows), 16, 2, 16, 2).mean(axis=(2, 4)).round().astype(np.uint8)
-    np.savez_compressed(run_dir / A.FINGERPRINTS, sha=sub.sha, phash=sub.phash, phash_mirror=sub.phash_mirror,
-                        thumbs16=thumbs16, role=role, known=sub.known)
 
 
 # ---------------------------------------------------------------- model
@@ -188,7 +140,7 @@ def _train(cfg, task, df, classes, problems, run_dir, export_dir, resume, log) -
     log(f"input cache: {c.path} ({'built in %.1f s' % c.built_seconds if c.built_seconds else 'reused'}, "
         f"{int(c.ok.sum())} of {len(c.ok)} images)")
     if not resume:
-        report_skipped(run_dir, problems + data.skipped, log)
+        A.report_skipped(run_dir, problems + data.skipped, log)
     check_split_sizes(data)
     loop = _fit(cfg, task, data, run_dir, resume, log)
     export_failure = _finish(cfg, task, data, run_dir, export_dir, loop, log)
@@ -273,41 +225,6 @@ def _extend(state, phases) -> None:
         if state.phase_finished and state.epoch_in_phase < phases[state.phase_index].epochs:
             state.phase_finished = False
     state.finished = False
-
-
-def split_metrics(net, data, split: str, task, batch_size: int, features=None) -> dict | None:
-    """Classification figures and/or Dice/IoU/HD95 of ``net`` on a split, the masks scored at the
-    model's input size (the cached ground truth, resized there; ``scored_at`` and ``hd95_unit`` say so);
-    ``features``: the probe's cached embeddings (then only ``net``'s head runs, on them)."""
-    rows = data.rows(split)
-    if not len(rows):
-        return None
-    if features is not None:
-        net, batches = head_model(net), FeatureBatches(data, features, rows, batch_size)
-    else:
-        batches = Batches(data, rows, batch_size, prefetch=0)
-    out = predict_batches(net, batches, task)
-    m = {}
-    if out.probs is not None:
-        m = classification_metrics(data.labels()[rows], out.probs, data.classes)
-    if out.masks is not None:
-        has = data.cache.has_mask[data.mask_column][rows]
-        if has.any():
-            truth = np.asarray(data.cache.masks[data.mask_column][rows[has]])
-            seg = segmentation_metrics(truth, out.masks[has])
-            seg.pop("per_image")
-            size = f"{truth.shape[2]}x{truth.shape[1]}"   # the cached masks: resized to the model's input
-            m["segmentation"] = {**seg, "scored_at": f"model input {size}", "hd95_unit": f"px at {size}"}
-    return m
-
-
-def segmentation_line(split: str, target: str, s: dict) -> str:
-    """The log line of a split's masks, naming the resolution they are scored at (the model's input,
-    where ``covidcxr.evaluate``'s hd95_at_model_resolution measures too)."""
-    hd = "n/a" if s["hd95"] is None else f"{s['hd95']:.2f}"
-    size = s["scored_at"].removeprefix("model input ")
-    return (f"{split}: {target} Dice {s['dice']:.4f}, IoU {s['iou']:.4f}, HD95 {hd} px at the model's {size} input "
-            f"(n={s['n']} masks)")
 
 
 def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) -> ExportFailedError | None:

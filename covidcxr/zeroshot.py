@@ -58,11 +58,13 @@ with cli.startup_quiet():  # Keras and its backend load here, their start-up noi
     from covidcxr.masks import save_png
     from covidcxr.vlm import clip as C
     from covidcxr.vlm import prompted as P
-    from covidcxr.vlm import run as R
+    from covidcxr.vlm import inputs as VI
+    from covidcxr.vlm import outputs as VO
     from covidcxr.vlm import siglip as S
     from covidcxr.vlm.clip import DEFAULT_LOGIT_SCALE, default_prompts, load_clip, text_embeddings
     from covidcxr.vlm.prompted import read_prompt_file
-    from covidcxr.vlm.run import SegScores, decoded_batches
+    from covidcxr.vlm.inputs import decoded_batches
+    from covidcxr.vlm.outputs import SegScores
     from covidcxr.vlm.siglip import check_prompts
 
 # Re-exported: covidcxr.vlm.siglip.cxr_prompts imports default_prompts from here, and older callers
@@ -182,11 +184,11 @@ def _embed(a, backbone, tokenizer, prompts, df, failed: list):
 
 def classify(a) -> Path:
     t0 = time.perf_counter()
-    R.check_family(a.preset, a.model)  # reads config.json only: before indexing the data
-    rows = R.load_rows(a.data, a.split, a.quiet)
+    VI.check_family(a.preset, a.model)  # reads config.json only: before indexing the data
+    rows = VI.load_rows(a.data, a.split, a.quiet)
     prompts = _class_prompts(a, rows.classes)
     out = _out(a, rows.split)
-    R.check_out(out, a.overwrite)
+    VI.check_out(out, a.overwrite)
     backbone, tok = load_clip(a.preset) if a.model == "clip" else S.load_siglip(a.preset)
     kind = "zero-shot CLIP" if a.model == "clip" else "zero-shot MedSigLIP (SigLIP sigmoid scores)"
     print(f"{kind}: {a.preset} on {len(rows.df)} images of split '{rows.split}' from {rows.description}")
@@ -195,15 +197,15 @@ def classify(a) -> Path:
         keys, probs, scores, scoring = _embed(a, backbone, tok, prompts, rows.df, failed)
         skipped = rows.problems + failed
         if not keys:
-            raise R.nothing_readable(len(rows.df), failed)
+            raise VI.nothing_readable(len(rows.df), failed)
         report_skipped(tmp, skipped)
         m = _base_metrics(a, rows, skipped, check_classes(rows.df, rows.classes), kind)
         m.update(prompts=prompts, scoring=scoring,
                  model_config={"model": a.model, "preset": str(a.preset), "image_size": S.image_size_of(backbone),
                                "prompt_ensembling": "mean of L2-normalised prompt embeddings", **scoring})
-        R.write_classification(tmp, m, rows.df.iloc[keys].reset_index(drop=True), probs, scores, a.bootstrap,
+        VO.write_classification(tmp, m, rows.df.iloc[keys].reset_index(drop=True), probs, scores, a.bootstrap,
                                a.seed)
-        R.finish(tmp, m, rows)
+        VO.finish(tmp, m, rows)
     auc = "n/a" if m["macro_auc"] is None else f"{m['macro_auc']:.4f}"
     print(f"zero-shot on {m['n']} images: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, macro-AUC "
           f"{auc}; written to {out} ({time.perf_counter() - t0:.0f} s); open {out / 'report.html'}")
@@ -278,9 +280,9 @@ def _segment_all(a, rows, backbone, txt, sam, size: int, w: _MaskWriter) -> tupl
     """Every image through map -> prompts -> SAM -> mask; (unreadable, overlay masks, overlay Dice) by row."""
     df = rows.df
     truth = df[w.col].astype(str).ne("").to_numpy() if w.col and w.col in df else np.zeros(len(df), bool)
-    picks = R.overlay_picks(df, truth if truth.any() else np.ones(len(df), bool), a.overlays, a.seed)
+    picks = VO.overlay_picks(df, truth if truth.any() else np.ones(len(df), bool), a.overlays, a.seed)
     failed, shown, dice = [], {}, {}
-    for keys, x, hws in R.decoded_batches(df["path"].tolist(), size, a.batch_size, failed, a.quiet, a.workers,
+    for keys, x, hws in VI.decoded_batches(df["path"].tolist(), size, a.batch_size, failed, a.quiet, a.workers,
                                           "segmenting"):
         masks, boxes = _segment_batch(a, backbone, txt, sam, x)
         for j, k in enumerate(keys):
@@ -304,14 +306,14 @@ def _prompt_sets(path: str | None) -> dict[str, list[str]] | None:
 
 def segment(a) -> Path:
     t0 = time.perf_counter()
-    R.check_family(a.preset, "medsiglip")  # config.json only: before indexing the data
-    R.check_sam(a.sam)
+    VI.check_family(a.preset, "medsiglip")  # config.json only: before indexing the data
+    P.check_sam(a.sam)
     phrasings = P.resolve_prompt(a.prompt, _prompt_sets(a.prompt_file))
-    target = R.seg_target(a.prompt, phrasings, a.target)
-    rows = R.load_rows(a.data, a.split, a.quiet)
+    target = VO.seg_target(a.prompt, phrasings, a.target)
+    rows = VI.load_rows(a.data, a.split, a.quiet)
     out = _out(a, rows.split)
-    R.check_out(out, a.overwrite)
-    sam, size = R.load_sam(a.sam)
+    VI.check_out(out, a.overwrite)
+    sam, size = P.load_sam(a.sam)
     backbone, tok = S.load_siglip(a.preset)
     P.check_segmentation_prompt(backbone, a.prompt)
     col = f"{target}_mask" if target else None
@@ -323,7 +325,7 @@ def segment(a) -> Path:
         failed, shown, dice = _segment_all(a, rows, backbone, txt, sam, size, w)
         skipped = rows.problems + failed
         if not w.table:
-            raise R.nothing_readable(len(rows.df), failed)
+            raise VI.nothing_readable(len(rows.df), failed)
         report_skipped(tmp, skipped)
         pd.DataFrame(w.table).to_csv(tmp / "predictions.csv", index=False, float_format="%.17g")
         m = _base_metrics(a, rows, skipped, w.warnings, "zero-shot text-prompted segmentation (MedSigLIP + SAM)")
@@ -332,9 +334,9 @@ def segment(a) -> Path:
                  bootstrap={"replicates": a.bootstrap, "seed": a.seed, "stratified": True} if a.bootstrap else None,
                  model_config={"model": "medsiglip", "preset": str(a.preset), "sam": str(a.sam), "working_size": size,
                                "threshold": a.threshold, "top_k": a.top_k, "negatives": a.negatives})
-        R.overlay_grid(rows.df, shown, col, dice, tmp, f"{a.prompt}: prediction red, ground truth green",
+        VO.overlay_grid(rows.df, shown, col, dice, tmp, f"{a.prompt}: prediction red, ground truth green",
                        f"{rows.split} split, n={len(w.table)}")
-        R.finish(tmp, m, rows)
+        VO.finish(tmp, m, rows)
     seg = m["segmentation"]
     print(f"{len(w.table)} masks written to {out / 'masks'}" + (
         f"; {seg['target']} masks (n={seg['n']}): Dice {seg['dice']:.4f}, IoU {seg['iou']:.4f}" if seg["n"] else

@@ -174,7 +174,7 @@ def test_text_prompted_segmentation_end_to_end(models, data, tmp_path, capsys):
 
 def test_streaming_segmentation_summary_equals_figures_segmentation():
     from covidcxr.evaluation.figures import segmentation
-    from covidcxr.vlm.run import SegScores, seg_target
+    from covidcxr.vlm.outputs import SegScores, seg_target
 
     rng = np.random.default_rng(0)
     truths = [rng.random((s, s + 3)) > 0.5 for s in (8, 9, 10, 11, 12)] + [np.zeros((6, 6), bool)]

@@ -2,8 +2,9 @@
 
 - ``clip``: CLIP zero-shot classification (softmax over prompt embeddings);
 - ``siglip``: MedSigLIP zero-shot classification with SigLIP's sigmoid scores;
-- ``prompted``: text-prompted segmentation (SigLIP patch similarity -> SAM prompts -> SAM);
-- ``run``: the machinery of a zero-shot run (rows, decoded batches, outputs, segmentation scores).
+- ``prompted``: text-prompted segmentation (SigLIP patch similarity -> SAM prompts -> SAM), loading SAM;
+- ``inputs``: the rows of a zero-shot run, preset families, decoded batches;
+- ``outputs``: its predictions, figures, plots, report and segmentation scores.
 
 The image towers as trainable backbones (``rad_dino``, ``medsiglip``, ``setr_*``) live in
 ``covidcxr.models`` (``registry``, ``presets``, ``tokens``).

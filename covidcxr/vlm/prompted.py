@@ -207,3 +207,25 @@ def sam_segment(sam_model, gray_uint8, boxes=None, points=None, labels=None, bat
         chosen = masks[np.arange(len(masks)), k][..., None]
         out.append(np.asarray(ops.image.resize(chosen, (size, size), interpolation="bilinear"))[..., 0] > 0)
     return np.concatenate(out)
+
+
+def check_sam(preset: str) -> None:
+    """Refuse (before any weights load) a ``--sam`` preset that is not a keras-hub SAMBackbone."""
+    info = describe_preset(preset)
+    if info.cls != "SAMBackbone":
+        raise ConfigError(f"--sam {preset} holds a {info.cls}, but --sam needs a keras-hub SAM preset (SAMBackbone, "
+                          f"e.g. sam_base_sa1b, or a folder written by its save_to_preset).")
+
+
+def load_sam(preset: str):
+    """(SAMImageSegmenter, its input side in pixels) from a keras-hub SAM preset name or folder (wrapped once
+    here, so that ``prompted.sam_segment`` does not build a segmenter per batch)."""
+    import keras_hub  # seconds to import; only prompted segmentation loads SAM
+
+    check_sam(preset)
+    try:
+        sam = keras_hub.models.Backbone.from_preset(preset)
+    except Exception as exc:
+        raise ConfigError(f"--sam {preset}: cannot load a SAM model from it ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}). Offline, pass a local preset folder.") from exc
+    return keras_hub.models.SAMImageSegmenter(backbone=sam), int(sam.image_encoder.input.shape[1])

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
 ECE_BINS = 15
 
@@ -61,8 +62,6 @@ def reliability_bins(y: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> 
 
 def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
     """Temperature minimising the negative log-likelihood of ``y`` (bounded search on log T)."""
-    from scipy.optimize import minimize_scalar
-
     y = np.asarray(y, int)
     if len(y) == 0:
         raise ValueError("cannot fit a temperature on zero images")

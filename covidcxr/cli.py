@@ -52,7 +52,7 @@ def quiet(verbose: bool, keras_needed: bool = True) -> None:
 
             # Keras imports TensorFlow, when installed, on any backend (model saving checks for TF types).
             if importlib.util.find_spec("tensorflow") is not None:
-                import tensorflow as tf
+                import tensorflow as tf  # optional: silenced only where it is installed
 
                 if keras.backend.backend() == "tensorflow":
                     tf.config.list_physical_devices()  # driver probing ("failed call to cuInit") happens here

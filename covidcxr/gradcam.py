@@ -26,9 +26,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
 import keras
 import numpy as np
 from keras import ops
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 
 from covidcxr.errors import CovidCXRError
 from covidcxr.models.registry import get_spec
@@ -122,19 +126,19 @@ def _value_and_grad(f, delta):
     """(d f(delta)[0] / d delta, f(delta)[1]) with the current backend's autodiff."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # optional under JAX/PyTorch: only where TensorFlow runs
 
         with tf.GradientTape() as tape:
             tape.watch(delta)
             score, aux = f(delta)
         return tape.gradient(score, delta), aux
     if backend == "jax":
-        import jax
+        import jax  # only on the JAX backend
 
         (_, aux), grad = jax.value_and_grad(f, has_aux=True)(delta)
         return grad, aux
     if backend == "torch":
-        import torch
+        import torch  # only on the PyTorch backend
 
         delta.requires_grad_(True)
         score, aux = f(delta)
@@ -303,9 +307,6 @@ class GradCAM:
 
 def overlay(gray01: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """Grayscale image [H, W] in [0, 1] + heatmap [h, w] in [0, 1] -> RGB uint8 [H, W, 3] (jet)."""
-    from matplotlib import colormaps
-    from PIL import Image
-
     h, w = gray01.shape[:2]
     cam_img = Image.fromarray((np.clip(cam, 0, 1) * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
     heat = colormaps["jet"](np.asarray(cam_img, np.float32) / 255.0)[..., :3]
@@ -318,9 +319,6 @@ def render_cam(gray01: np.ndarray, cam: np.ndarray, out_path: str | Path, title_
     """One Grad-CAM figure: the X-ray with the map overlaid (jet), a colour bar "relative
     importance (0-1)", the wrapped ``title_lines`` above (e.g. true / predicted class, file
     name) and ``note`` (e.g. ``CAMResult.note(i)``) boxed below, so a flat map is labelled as such."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
     width = 5.0
     note_text = wrap_text(note, width - 0.5, 9) if note else ""
     fig = titled_figure(width, 4.4 + (0.18 * (note_text.count("\n") + 2) if note else 0), "\n".join(title_lines), 9)

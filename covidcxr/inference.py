@@ -186,8 +186,6 @@ class Predictor:
             x = x * (1 - np.stack([d.lungs for d in done]))[..., None]
         feed = x
         if view is not None and (view[0] or view[1] != 1.0):
-            import keras
-
             feed = np.round(keras.ops.convert_to_numpy(fixed_view(x, *view))).astype(np.uint8)
         out = self.task.unpack(self._call(feed))
         n = len(done)
@@ -211,7 +209,7 @@ class Predictor:
         return np.stack([P.mask_from_probs(p, self.card.image_size) for p in probs]).astype(np.uint8)
 
     def _savedmodel_feed(self, done: list[Decoded]) -> dict:
-        import tensorflow as tf
+        import tensorflow as tf  # optional under JAX/PyTorch: only where TensorFlow runs
 
         feed = {"image_bytes": tf.constant([d.raw for d in done])}
         if self.needs_lung_masks:
@@ -219,7 +217,7 @@ class Predictor:
         return feed
 
     def _run_savedmodel(self, done: list[Decoded], failed: list[Decoded], pixels=False) -> Batch:
-        import tensorflow as tf
+        import tensorflow as tf  # optional under JAX/PyTorch: only where TensorFlow runs
 
         try:
             feed = self._savedmodel_feed(done)
@@ -237,7 +235,7 @@ class Predictor:
 
     def from_pixels(self, x: np.ndarray) -> dict:
         """A SavedModel's model alone on uint8-range pixels [n, S, S, 1] (its ``from_pixels`` endpoint)."""
-        import tensorflow as tf
+        import tensorflow as tf  # optional under JAX/PyTorch: only where TensorFlow runs
 
         if "from_pixels" not in self.signatures:
             raise DataError(f"{self.located.root}: this SavedModel has no from_pixels endpoint (exported before "
@@ -292,7 +290,7 @@ def load_keras(path: str | Path):
 
 def _load_savedmodel(path: Path):
     try:
-        import tensorflow as tf
+        import tensorflow as tf  # optional under JAX/PyTorch: only where TensorFlow runs
     except ImportError as exc:
         raise DataError(f"{path} is a TensorFlow SavedModel and TensorFlow is not installed; pass the run or "
                         f"export folder (model.keras) instead, or pip install tensorflow.") from exc

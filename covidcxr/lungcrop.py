@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from PIL import Image
 import numpy as np
 import pandas as pd
 
@@ -70,8 +71,6 @@ def predicted_masks(df: pd.DataFrame, segmenter_dir: Path, image_size: int, out_
                     batch_size: int = 16, log=print) -> pd.DataFrame:
     """The manifest with a ``crop_mask`` column: the segmenter's masks for every row as PNGs at
     ``image_size`` in ``out_dir``; '' where the image could not be read."""
-    from PIL import Image
-
     seg = Predictor(segmenter_dir, batch_size=batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [""] * len(df)

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
 import numpy as np
 from scipy import ndimage
 
 
 def save_png(mask: np.ndarray, path: str | Path) -> Path:
     """Boolean mask -> 8-bit PNG with 0 and 255."""
-    from PIL import Image
-
     Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255).save(path)
     return Path(path)
 

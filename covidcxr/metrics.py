@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn import metrics as skm
 
 
@@ -76,8 +77,6 @@ def covid_class(class_names: list[str]) -> str | None:
 
 def _fast_auc(yb: np.ndarray, score: np.ndarray) -> float:
     """Mann-Whitney ROC-AUC with average ranks for ties (equals sklearn's roc_auc_score)."""
-    from scipy.stats import rankdata
-
     n_pos = int(yb.sum())
     n_neg = len(yb) - n_pos
     if n_pos == 0 or n_neg == 0:

@@ -10,8 +10,17 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
+from sklearn.metrics import average_precision_score, precision_recall_curve
+from sklearn.metrics import auc, roc_curve
 
 _EM = 0.62   # average character width of the default font (DejaVu Sans), in font sizes
 _DPI = 110
@@ -36,9 +45,6 @@ def _titled(title: str, context: str) -> str:
 def titled_figure(width: float, height: float, title: str = "", fontsize: float = 11.0):
     """A constrained-layout Figure on an Agg canvas at the saving dpi, ``width`` inches wide and
     ``height`` inches plus room for the wrapped ``title`` (drawn as the suptitle)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     text = wrap_text(title, width - 0.4, fontsize) if title else ""
     fig = Figure(figsize=(width, height + _n_lines(text) * fontsize * 1.4 / 72), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -103,8 +109,6 @@ def plot_history(history_csv: str | Path, out: str | Path, monitor: str | None =
     """Accuracy, loss and validation metrics per epoch (integer ticks, 1-based), the fine-tune phase
     marked, and the best epoch by ``monitor`` (``mode`` max or min; see ``best_epoch``) drawn as a
     vertical line labelled "best epoch N (<monitor> <value>)". None when there is no history."""
-    from matplotlib.ticker import MaxNLocator
-
     history_csv = Path(history_csv)
     if not history_csv.exists():
         return None
@@ -135,8 +139,6 @@ def plot_history(history_csv: str | Path, out: str | Path, monitor: str | None =
 
 def class_colors(class_names: list[str]) -> dict[str, tuple]:
     """One fixed colour per class (tab10 in class order), shared by every plot."""
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10"]
     return {c: cmap(i % 10) for i, c in enumerate(class_names)}
 
@@ -168,8 +170,6 @@ def plot_confusion(cm, class_names: list[str], out: str | Path, title: str = "",
 
 def plot_roc(y, probs, class_names: list[str], out: str | Path, context: str = "") -> Path:
     """One-vs-rest ROC per class (AUC in the legend) plus micro and macro averages."""
-    from sklearn.metrics import auc, roc_curve
-
     colors = class_colors(class_names)
     y = np.asarray(y, int)
     fig = titled_figure(6.4, 5.6, _titled("ROC curves, one class vs rest", context))
@@ -200,8 +200,6 @@ def plot_roc(y, probs, class_names: list[str], out: str | Path, context: str = "
 
 def plot_pr(y, probs, class_names: list[str], out: str | Path, context: str = "") -> Path:
     """Precision-recall curve per class with average precision and the class prevalence."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve
-
     colors = class_colors(class_names)
     y = np.asarray(y, int)
     fig = titled_figure(6.4, 5.6, _titled("Precision-recall curves (dotted: chance = prevalence)", context))
@@ -229,8 +227,6 @@ FEW_IN_BIN = 10   # a reliability bin with fewer images is drawn hatched and fai
 def _reliability_panel(ax, b: dict, name: str, e: float) -> None:
     """Accuracy bars (opacity growing with the bin's images, hatched under ``FEW_IN_BIN``), the gap to
     the mean confidence, and n at each bar's foot."""
-    from matplotlib.patches import Patch
-
     edges, count = np.asarray(b["edges"]), np.asarray(b["count"], int)
     width = edges[1] - edges[0]
     acc = np.array([a if a is not None else 0 for a in b["accuracy"]])
@@ -330,9 +326,6 @@ def plot_image_grid(rows: list[tuple[str, list[tuple]]], out: str | Path, title:
     """rows: (row title, [(image HxW or HxWx3, caption, colour)]) -> one figure, one row each.
     Captions wrap within their panel; ``colorbar``: a label for one shared jet 0-1 colour bar
     (Grad-CAM grids)."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
     panel, size = 2.1, 7
     ncol = max([len(items) for _, items in rows] + [1])
     captions = [[wrap_text(item[1], panel - 0.15, size) for item in items] for _, items in rows]

@@ -47,6 +47,8 @@ from covidcxr import cli
 
 with cli.startup_quiet():  # Keras and its backend load here, their start-up noise hidden
     import numpy as np
+    import pandas as pd
+    from tqdm import tqdm
     from covidcxr.artifacts import CALIBRATION, EXPORT_MODEL, LungCrop, atomic_write_text
     from covidcxr.calibration import apply_temperature, load_temperature
     from covidcxr.data.preprocess import mask_from_probs
@@ -265,8 +267,6 @@ def run(args) -> int:
 def _score(args, pred, scorer: Scorer, tables, todo: list[str], bad: dict) -> dict:
     """Run the model over ``todo``, appending each batch's rows and failures as it finishes; returns
     counts, the first few failures and rows (memory stays flat however many files there are)."""
-    from tqdm import tqdm
-
     table, skipped = tables
     lung = Path(args.lung_masks) if args.lung_masks else None
     items = (Item(p, _lung_mask(lung, p)) for p in todo if p not in bad)
@@ -319,8 +319,6 @@ def _lung_mask(folder: Path | None, path: str) -> str:
 def _report(args, out: Path, meta: dict, stats: dict, old_rows: int, old_bad: int, scorer: Scorer) -> None:
     """The first rows and the totals on stdout; the skipped inputs (count, first few) on stderr."""
     if stats["preview"] and not args.quiet:
-        import pandas as pd
-
         show = pd.DataFrame(stats["preview"]).drop(columns=["mask_path"], errors="ignore")
         show["path"] = [Path(p).name for p in show["path"]]
         print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -23,9 +23,11 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
+import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from covidcxr.data import preprocess as P
 from covidcxr.data.imageio import THUMB_SIZE, inspect_file, read_mask
@@ -174,8 +176,6 @@ def _decode_chunks(chunks: list, spec: CacheSpec, tmp: Path, workers: int, bar) 
     process takes them from the back (so the processes' start-up costs nothing and no core idles)."""
     results = []
     if workers > 1 and len(chunks) > 1:
-        import multiprocessing as mp
-
         try:
             with ProcessPoolExecutor(workers - 1, mp_context=mp.get_context("spawn")) as ex:
                 futs = [ex.submit(_write_chunk, str(tmp), ch, spec) for ch in chunks]
@@ -198,8 +198,6 @@ def _decode_chunks(chunks: list, spec: CacheSpec, tmp: Path, workers: int, bar) 
 
 
 def _build(rows: list[dict], spec: CacheSpec, tmp: Path, workers: int, progress: bool) -> dict:
-    from tqdm import tqdm
-
     n, s2 = len(rows), spec.image_size ** 2
     tmp.mkdir(parents=True)
     _reserve(tmp / "images.u8", n * s2)

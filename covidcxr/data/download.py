@@ -46,7 +46,7 @@ def download(name: str, out: str | Path, overwrite: bool = False) -> Path:
     if not _reachable():
         raise DataError(f"cannot reach kaggle.com (offline?). {manual_instructions(name, out)}")
     try:
-        import kagglehub
+        import kagglehub  # optional: only the download command needs it (and the network)
 
         cached = Path(kagglehub.dataset_download(DATASETS[name]["handle"]))
     except Exception as exc:

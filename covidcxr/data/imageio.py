@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
+import io
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,8 @@ def is_dicom(path: str | Path) -> bool:
 
 def _read_dicom(path: Path) -> tuple[np.ndarray, str]:
     try:
-        import pydicom
-        from pydicom.pixels import apply_voi_lut
+        import pydicom  # only DICOM input needs it
+        from pydicom.pixels import apply_voi_lut  # only DICOM input needs it
     except ImportError as exc:  # pragma: no cover - pydicom is a dependency
         raise ImageReadError(f"{path}: pydicom is needed for DICOM input ({exc})") from exc
     try:
@@ -221,8 +222,6 @@ def inspect_file(path: str | Path, keep_gray: bool = False) -> FileInfo:
             gray, mode = _read_dicom(path)
             h, w = gray.shape
         else:
-            import io
-
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 mode, (w, h) = img.mode, img.size

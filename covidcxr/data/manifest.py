@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from covidcxr.data import metadata as meta
 from covidcxr.data.dedup import DedupResult, group_duplicates
@@ -52,8 +53,6 @@ def inspect_files(paths: list[str], workers: int | None = None, progress: bool =
                   desc: str = "checking images") -> list[FileInfo]:
     """Decode, hash and thumbnail every file, in parallel threads (Pillow and
     hashlib release the GIL), with a progress bar."""
-    from tqdm import tqdm
-
     workers = workers or default_workers()
     with ThreadPoolExecutor(max_workers=workers) as ex:
         it = ex.map(inspect_file, paths, chunksize=16)
@@ -62,8 +61,6 @@ def inspect_files(paths: list[str], workers: int | None = None, progress: bool =
 
 
 def _check_masks(records, workers, progress, problems) -> None:
-    from tqdm import tqdm
-
     masks = [(r, kind) for r in records for kind in ("lung_mask", "infection_mask") if getattr(r, kind)]
     if not masks:
         return

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from tqdm import tqdm
 
 CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 
@@ -71,8 +72,6 @@ def synth_cxr(rng: np.random.Generator, size: int, cls: str) -> tuple[np.ndarray
 def write_synthetic_dataset(out: str | Path, per_class: int = 60, size: int = 128, seed: int = 0,
                             classes: tuple[str, ...] = CLASSES, progress: bool = True) -> Path:
     """Write ``<out>/<Class>/images/<Class>-<n>.png`` and ``masks/`` like Kaggle's set."""
-    from tqdm import tqdm
-
     out = Path(out)
     rng = np.random.default_rng(seed)
     jobs = [(c, i) for i in range(per_class) for c in classes]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from covidcxr import artifacts as A
 from covidcxr.data.dedup import match_reference
@@ -140,8 +141,6 @@ class LabelMap:
 def _parse_pairs(text: str) -> list[tuple[str, str]]:
     path = Path(text)
     if path.suffix.lower() in (".yaml", ".yml", ".json") and path.exists():
-        import yaml
-
         doc = yaml.safe_load(path.read_text())
         if not isinstance(doc, dict):
             raise ConfigError(f"--label-map {text}: expected a mapping MODEL_CLASS: [DATA_CLASS, ...].")

@@ -11,6 +11,9 @@ and bootstrap CIs of every mean, overall and per class, from one resampling of t
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import norm
+from sklearn.metrics import f1_score
+from sklearn.metrics import roc_auc_score
 
 from covidcxr.calibration import ece, nll, reliability_bins
 from covidcxr.metrics import bootstrap_ci, classification_metrics, cosine_similarity
@@ -19,8 +22,6 @@ from covidcxr.segmetrics import hd95, segmentation_metrics
 
 def classification(y: np.ndarray, probs: np.ndarray, classes: list[str], bootstrap: int = 0, seed: int = 0) -> dict:
     """Every classification figure for true indices ``y`` and probabilities ``probs``."""
-    from sklearn.metrics import roc_auc_score
-
     probs = np.asarray(probs, np.float64)
     m = classification_metrics(y, probs, classes)
     m["cosine_similarity"] = cosine_similarity(y, probs)
@@ -38,8 +39,6 @@ def classification(y: np.ndarray, probs: np.ndarray, classes: list[str], bootstr
 def majority_baseline(y: np.ndarray, classes: list[str]) -> dict | None:
     """Always predicting the most frequent true class of the scored set (ties: the first in class
     order): its accuracy (that class's share) and macro-F1 over the same classes as ``macro_f1``."""
-    from sklearn.metrics import f1_score
-
     y = np.asarray(y, int)
     if not len(y):
         return None
@@ -151,8 +150,6 @@ def segmentation_scores(truths, preds, labels, bootstrap: int = 0, seed: int = 0
 
 def wilson(k: int, n: int, level: float = 0.95) -> dict | None:
     """Wilson score interval of the proportion k/n (sound at 0/n and n/n, unlike a bootstrap)."""
-    from scipy.stats import norm
-
     if not n:
         return None
     z, p = float(norm.ppf(1 - (1 - level) / 2)), k / n

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from covidcxr.inference import Item, Predictor
 
@@ -30,8 +31,6 @@ def items_of(df: pd.DataFrame) -> list[Item]:
 
 def forward(predictor: Predictor, df: pd.DataFrame, *, view=None, lungs_out=False, fingerprint=False,
             quiet=False, desc="evaluating") -> Pass:
-    from tqdm import tqdm
-
     rows, probs, masks, sizes, fps, skipped = [], [], [], [], [], []
     bar = tqdm(total=len(df), desc=desc, unit="img", disable=quiet, delay=2, file=sys.stderr, mininterval=0.5)
     for batch in predictor.run(items_of(df), fingerprint=fingerprint, view=view, lungs_out=lungs_out):

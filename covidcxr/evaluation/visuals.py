@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
 import numpy as np
 import pandas as pd
 
@@ -86,8 +87,6 @@ def overlays(df: pd.DataFrame, col: str, masks: np.ndarray, per_image: dict, out
              target: str, context: str) -> dict:
     """Prediction (red) over ground truth (green) for the worst cases: the ``ceil(n / classes)``
     images of each class with the lowest Dice, lowest first. {files, selection}."""
-    from PIL import Image
-
     labels, dice = df["label"].to_numpy(), np.asarray(per_image["dice"], float)
     per_class = int(np.ceil(n / max(1, len(set(labels))))) if n else 0
     rows, files = [], []

@@ -49,7 +49,7 @@ class PresetInfo:
 
 
 def _builtin_class(name: str) -> str | None:
-    from keras_hub.src.utils import preset_utils
+    from keras_hub.src.utils import preset_utils  # seconds to import; only keras-hub architectures and presets need it
 
     for cls, presets in preset_utils.BUILTIN_PRESETS_FOR_BACKBONE.items():
         if name in presets:
@@ -100,7 +100,7 @@ def describe_preset(preset: str) -> PresetInfo:
         if "://" not in preset:
             raise ConfigError(f"--preset {preset}: not a keras-hub preset name, nor a folder, nor a handle such as "
                               f"hf://microsoft/rad-dino or kaggle://OWNER/MODEL/keras/VARIANT.")
-        from keras_hub.src.utils import preset_utils
+        from keras_hub.src.utils import preset_utils  # seconds to import; only keras-hub architectures and presets need it
 
         config = preset_utils.load_json(preset, "config.json")
         local = False
@@ -148,7 +148,7 @@ def check_hf_preprocessing(spec, info: PresetInfo) -> None:
                 return
             pre = json.loads(open(path, encoding="utf-8").read())
         else:
-            from keras_hub.src.utils import preset_utils
+            from keras_hub.src.utils import preset_utils  # seconds to import; only keras-hub architectures and presets need it
 
             pre = preset_utils.load_json(info.preset, "preprocessor_config.json")
     except (OSError, ValueError):

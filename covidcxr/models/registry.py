@@ -41,6 +41,7 @@ import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
 
 import keras
@@ -222,8 +223,6 @@ def verify_weights_file(spec: ArchSpec, path: str | Path) -> str:
                           f"or the path of a weights file.")
     meta = Path(str(path) + ".json")  # written by covidcxr.pretrain beside its weights
     if meta.exists():
-        import json
-
         arch = json.loads(meta.read_text()).get("arch")
         if arch and arch != spec.name:
             raise ConfigError(f"--weights {path}: these are {arch} weights (see {meta.name}); use --arch {arch} "
@@ -275,7 +274,7 @@ def build_backbone(spec: ArchSpec, image_size: int, weights: str | None):
                 model.load_weights(weights)
                 return model
             return ctor(weights=str(weights), **kw)
-        import keras_hub
+        import keras_hub  # seconds to import; only keras-hub architectures and presets need it
 
         if weights == "imagenet":
             return as_registry_backbone(spec, hub_from_preset(spec, spec.hub_preset, shape), image_size, True)
@@ -300,7 +299,7 @@ def hub_from_preset(spec: ArchSpec, preset: str, shape):
     """A keras-hub backbone from a preset name, an ``hf://``/``kaggle://`` handle, a local preset folder
     (``save_to_preset``) or a local Hugging Face model folder; a CLIP/SigLIP preset gives its image tower.
     Refuses a preset of another architecture before loading weights (``covidcxr.models.presets``)."""
-    import keras_hub
+    import keras_hub  # seconds to import; only keras-hub architectures and presets need it
 
     info = check_preset(spec, preset)
     check_hf_preprocessing(spec, info)

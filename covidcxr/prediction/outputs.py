@@ -64,8 +64,8 @@ class CsvTable:
 
 def pyarrow_module():
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # optional: only --format parquet needs it
+        import pyarrow.parquet as pq  # optional: only --format parquet needs it
     except ImportError as exc:
         raise ConfigError("--format parquet needs pyarrow: pip install pyarrow (or use --format csv).") from exc
     return pa, pq

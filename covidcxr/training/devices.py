@@ -11,8 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+import random
 
 import keras
+from keras.src.backend.common import global_state
+from keras.src.random import seed_generator
+import numpy as np
 
 from covidcxr.errors import ConfigError
 
@@ -41,7 +45,7 @@ def _gpu_bf16_tf(tf) -> bool:
 def detect() -> Device:
     backend = keras.backend.backend()
     if backend == "jax":
-        import jax
+        import jax  # only on the JAX backend
 
         devs = jax.devices()
         kind = devs[0].platform
@@ -50,13 +54,13 @@ def detect() -> Device:
         bf16 = kind == "tpu" or (kind == "gpu" and not any(old in name for old in ("V100", "T4", "P100", "K80")))
         return Device(backend, kind, len(devs), name, bf16)
     if backend == "torch":
-        import torch
+        import torch  # only on the PyTorch backend
 
         if torch.cuda.is_available():
             return Device(backend, "gpu", torch.cuda.device_count(), torch.cuda.get_device_name(0),
                           torch.cuda.is_bf16_supported())
         return Device(backend, "cpu", 1, "CPU", False)
-    import tensorflow as tf
+    import tensorflow as tf  # optional under JAX/PyTorch: only where TensorFlow runs
 
     if os.environ.get("TPU_NAME") or os.environ.get("COLAB_TPU_ADDR"):
         return Device(backend, "tpu", 1, "TPU", True)
@@ -85,7 +89,7 @@ def distribution_scope(device: Device, batch_size: int):
     if device.count <= 1 or device.kind == "cpu":
         return contextlib.nullcontext(), ""
     if device.backend == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # optional under JAX/PyTorch: only where TensorFlow runs
 
         strategy = tf.distribute.MirroredStrategy() if device.kind == "gpu" else _tpu_strategy(tf)
         return strategy.scope(), f"{type(strategy).__name__} over {strategy.num_replicas_in_sync} devices"
@@ -110,22 +114,16 @@ def make_deterministic(seed: int, device: Device) -> None:
     if device.backend == "tensorflow":
         keras.utils.set_random_seed(seed)
     else:  # keras.utils.set_random_seed also imports TensorFlow when it is installed: not on JAX/PyTorch
-        import random
-
-        import numpy as np
-        from keras.src.backend.common import global_state
-        from keras.src.random import seed_generator
-
         global_state.set_global_attribute("global_random_seed", seed)
         global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
         random.seed(seed)
         np.random.seed(seed)
         if device.backend == "torch":
-            import torch
+            import torch  # only on the PyTorch backend
 
             torch.manual_seed(seed)
     if device.backend == "tensorflow" and device.kind == "cpu":
-        import tensorflow as tf
+        import tensorflow as tf  # optional under JAX/PyTorch: only where TensorFlow runs
 
         try:
             tf.config.experimental.enable_op_determinism()

@@ -137,8 +137,8 @@ class Scalars:
     """TensorBoard scalars (event files written directly: no TensorFlow needed on JAX/PyTorch)."""
 
     def __init__(self, folder: Path):
-        from tensorboard.compat.proto import event_pb2
-        from tensorboard.summary.writer.record_writer import RecordWriter
+        from tensorboard.compat.proto import event_pb2  # loaded only when a run writes its TensorBoard scalars
+        from tensorboard.summary.writer.record_writer import RecordWriter  # loaded only when a run writes its TensorBoard scalars
 
         folder.mkdir(parents=True, exist_ok=True)
         self._pb = event_pb2
@@ -146,7 +146,7 @@ class Scalars:
         self._w.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
 
     def write(self, step: int, values: dict) -> None:
-        from tensorboard.compat.proto import summary_pb2
+        from tensorboard.compat.proto import summary_pb2  # loaded only when a run writes its TensorBoard scalars
 
         vals = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()
                 if isinstance(v, (int, float, np.floating)) and np.isfinite(v)]

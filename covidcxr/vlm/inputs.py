@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from covidcxr.artifacts import check_free
 from covidcxr.data import preprocess as P
@@ -75,8 +76,6 @@ def decoded_batches(paths: list[str], size: int, batch_size: int, failed: list, 
                     workers: int | None = None, desc: str = "zero-shot"):
     """Yield (row indices, uint8 ``[n, size, size, 1]``, [(height, width)]) in row order; unreadable files go
     to ``failed`` as (path, reason). Decoding runs ahead in threads, bounded to ~3 batches."""
-    from tqdm import tqdm
-
     workers = workers or default_workers()
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=quiet, delay=2, file=sys.stderr, mininterval=0.5)
     keys, images, sizes = [], [], []

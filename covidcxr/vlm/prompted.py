@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from keras import ops
+import yaml
 
 from covidcxr.errors import ConfigError, DataError
 from covidcxr.models.layers import BackboneInput
@@ -52,8 +53,6 @@ def read_prompt_file(path: str | Path) -> dict[str, list[str]]:
         raise DataError(f"--prompts {path}: no such file.")
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             doc = yaml.safe_load(path.read_text())
         else:
             doc = json.loads(path.read_text())
@@ -153,7 +152,7 @@ def prompts_from_map(sim, image_size: int, threshold: float = 0.5, top_k: int = 
 
 def _sam_parts(sam_model):
     """(SAMImageSegmenter, SAM input side, prompt-frame side, mask-prompt side) for a segmenter or backbone."""
-    import keras_hub
+    import keras_hub  # seconds to import; only keras-hub architectures and presets need it
 
     backbone = getattr(sam_model, "backbone", sam_model)
     if type(backbone).__name__ != "SAMBackbone":

@@ -49,7 +49,7 @@ def penultimate(predictor, df: pd.DataFrame, quiet: bool = True) -> tuple[np.nda
 
     fm, size = feature_model(predictor.model), predictor.batch_size
     feats, rows = [], []
-    for batch in tqdm(predictor.run(items_of(df)), disable=quiet, desc="site probe features", delay=2):
+    for batch in tqdm(predictor.run(items_of(df)), disable=quiet, desc="site probe features", unit="batch", delay=2):
         if not batch.done:
             continue
         x = batch.x

@@ -231,6 +231,10 @@ def _eval_limits(i: int, ev: dict) -> list[str]:
         if small:
             out.append(f"evaluation {i}: small {attr} subgroups (n < {SMALL}): " + ", ".join(
                 f"{R._group_row(g, [])[0]} (n={fmt(g.get('n'))})" for g in small))
+    ov = ev.get("train_overlap") or {}
+    if ov.get("included"):
+        out.append(f"evaluation {i}: the figures include {ov.get('matched')} images that trained the model "
+                   f"(--include-train-overlap): optimistic")
     if ev.get("single_class"):
         out.append(f"evaluation {i}: one class only, so AUC and specificity cannot be computed")
     if (ev.get("patient_overlap") or {}).get("n") or (ev.get("patient_overlap") or {}).get("matched"):

@@ -29,6 +29,7 @@ from covidcxr.exporting import export_run
 from covidcxr.inference import load_keras
 from covidcxr.lungcrop import check_segmenter, copy_segmenter, given_masks, predicted_masks
 from covidcxr.metrics import classification_metrics
+from covidcxr.modelcard import write_run as write_model_card
 from covidcxr.plots import plot_history
 from covidcxr.segmetrics import segmentation_metrics
 from covidcxr.tasks import get_task
@@ -325,6 +326,7 @@ def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) 
     A.atomic_write_text(run_dir / A.METRICS, json.dumps(metrics, indent=2))
     write_fingerprints(run_dir, data)
     plot_history(run_dir / A.HISTORY, run_dir / A.CURVES)
+    write_model_card(run_dir)
     failure = _export(run_dir, export_dir, log) if export_dir is not None else None
     log(f"run directory: {run_dir}")
     return failure

@@ -15,8 +15,10 @@ from covidcxr import modelcard
 from covidcxr.evaluation import siteprobe
 from covidcxr.modelcard import facts as F
 from covidcxr.modelcard.mdhtml import to_html
+from covidcxr.tasks import get_task
 
 CLASSES = ["COVID", "Normal", "Viral Pneumonia"]
+TASK = get_task("classify")
 
 
 def _run_folder(root: Path, n_per: int = 12) -> Path:
@@ -54,7 +56,7 @@ def _front(text: str) -> dict:
 
 def test_front_matter_is_yaml_with_the_hugging_face_keys(tmp_path):
     run = _run_folder(tmp_path / "run")
-    text = modelcard.write_run(run).read_text()
+    text = modelcard.write_run(run, TASK).read_text()
     doc = _front(text)
     assert doc["library_name"] == "keras" and doc["license"] == "other"
     assert {"chest-x-ray", "covid-19", "classify", "resnet50"} <= set(doc["tags"])
@@ -68,7 +70,7 @@ def test_front_matter_is_yaml_with_the_hugging_face_keys(tmp_path):
 
 def test_the_cards_counts_are_the_manifests(tmp_path):
     run = _run_folder(tmp_path / "run")
-    text = modelcard.write_run(run).read_text()
+    text = modelcard.write_run(run, TASK).read_text()
     man = pd.read_csv(run / "manifest.csv")
     t = pd.crosstab(man["label"], man["split"])
     header = next(ln for ln in text.splitlines() if ln.startswith("| class | train"))
@@ -103,7 +105,7 @@ def test_subgroups_and_operating_point_render_and_missing_keys_read_not_reported
                              "specificity": 0.62, "ci95": {"specificity": ci}, "confusion": [[10, 2], [1, 27]]}}
     out = tmp_path / "ev"
     out.mkdir()
-    text = modelcard.write_evaluation(run, out, m).read_text()
+    text = modelcard.write_evaluation(run, out, m, TASK).read_text()
     assert "| F | 25 | yes | 0.812 [0.610, 0.830] |" in text and "0.700 [0.500, 0.900]" in text
     assert "Largest gap" in text and "0.112" in text
     assert "threshold 0.314" in text and "0.951 [0.900, 0.990]" in text and "0.620 [0.610, 0.830]" in text

@@ -296,7 +296,7 @@ class Evaluator:
         m["data_summary"] = D.data_summary(ed.df_all, df, ed.has_split, m["skipped"])
         m["model_config"] = {"card": self.card.__dict__, "train_config": self.loc.config}
         write_metrics(out, m)
-        write_model_card(self.loc.root, out, m)   # the model's card + this evaluation, here only
+        write_model_card(self.loc.root, out, m, self.task)   # the model's card + this evaluation, here only
         write(out, m)
 
     def _calibration_beside_model(self, out: Path, m: dict) -> None:

@@ -78,6 +78,6 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
         require(check)
         summary = check.summary() if check else "not checked: no check images"
         (tmp / README).write_text(export_readme(card, summary))
-        write_model_card(loc.root, tmp, summary)   # MODEL_CARD.md beside model.keras and serving/
+        write_model_card(loc.root, tmp, get_task(card.task), summary)   # MODEL_CARD.md beside model.keras and serving/
     log(f"exported {out} (SavedModel in {out / A.SERVING}; " + (check.summary() if check else "not checked: no check images") + ")")
     return out

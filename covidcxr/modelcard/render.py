@@ -21,15 +21,15 @@ CLS_METRICS = ("accuracy", "f1", "roc_auc")
 
 def front_matter(f: dict) -> str:
     card, cfg, data = f.get("model") or {}, f.get("config") or {}, f.get("data") or {}
-    task = card.get("task", "classify")
-    seg = task in ("segment", "multitask")
-    metrics = (list(CLS_METRICS) + ["ece"] if task != "segment" else []) + (["dice", "iou", "hd95"] if seg else [])
+    task, heads = card.get("task", "?"), f.get("heads") or {"classifies": True, "segments": bool(card.get("target"))}
+    metrics = (list(CLS_METRICS) + ["ece"] if heads["classifies"] else []) \
+        + (["dice", "iou", "hd95"] if heads["segments"] else [])
     src = data.get("source")
     doc = {"library_name": "keras", "license": cfg.get("license") or "other",
            "tags": ["chest-x-ray", "covid-19", task] + ([card["arch"]] if card.get("arch") else []) + ["covidcxr"],
            "datasets": [str(src).rstrip("/").split("/")[-1]] if src else [],
            "metrics": metrics,
-           "pipeline_tag": "image-segmentation" if task == "segment" else "image-classification"}
+           "pipeline_tag": "image-classification" if heads["classifies"] else "image-segmentation"}
     return "---\n" + yaml.safe_dump(doc, sort_keys=False) + "---\n"
 
 
@@ -42,6 +42,8 @@ def model_section(f: dict) -> str:
             ["Keras backend it was trained on", fmt(card.get("backend") or NOT)],
             ["software", f"covidcxr {fmt(f.get('covidcxr'))} (Keras 3); code: the covidcxr repository"],
             ["written from", f"`{fmt(f.get('source'))}`"]]
+    if f.get("export"):
+        rows.append(["export", f"`{fmt(f['export'].get('folder'))}`; check: {fmt(f['export'].get('check'))}"])
     return "## Model\n\n" + table(["", ""], rows)
 
 

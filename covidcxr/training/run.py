@@ -326,7 +326,7 @@ def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) 
     A.atomic_write_text(run_dir / A.METRICS, json.dumps(metrics, indent=2))
     write_fingerprints(run_dir, data)
     plot_history(run_dir / A.HISTORY, run_dir / A.CURVES)
-    write_model_card(run_dir)
+    write_model_card(run_dir, task)
     failure = _export(run_dir, export_dir, log) if export_dir is not None else None
     log(f"run directory: {run_dir}")
     return failure

@@ -204,3 +204,14 @@ def tiny_eval(synth_dir, tmp_path_factory):
     assert evaluate.main(["--model", str(run), "--out", str(out), "--bootstrap", "20", "--gradcam", "0",
                           "--quiet"]) == 0
     return run, out, before, _digest(run)
+
+
+def test_site_probe_skips_without_a_site_column_and_for_a_bare_savedmodel():
+    class SavedModelOnly:
+        kind = "savedmodel"
+
+    rows = pd.DataFrame({"path": ["a", "b", "c", "d"], "label": ["COVID", "Normal"] * 2})
+    assert siteprobe.probe(SavedModelOnly(), rows, [0, 1, 0, 1], 0, 0, True) is None
+    rows["site"] = ["A", "A", "B", "B"]
+    r = siteprobe.probe(SavedModelOnly(), rows, [0, 1, 0, 1], 0, 0, True)
+    assert not r["ran"] and "SavedModel" in r["reason"]

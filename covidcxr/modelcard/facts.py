@@ -125,7 +125,14 @@ def evaluation_facts(metrics: dict, out: str | Path) -> dict:
     return ev
 
 
+def _plain(o):
+    """numpy scalars and arrays (an evaluation's live metrics) as JSON numbers and lists."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
 def save(folder: str | Path, facts: dict) -> Path:
     path = Path(folder) / FACTS
-    A.atomic_write_text(path, json.dumps(facts, indent=2, default=str))
+    A.atomic_write_text(path, json.dumps(facts, indent=2, default=_plain))
     return path

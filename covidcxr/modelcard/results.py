@@ -15,6 +15,8 @@ def slug(heading: str) -> str:
 
 
 def fmt(v, digits: int = 3) -> str:
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)) and getattr(v, "ndim", 1) == 0:
+        v = v.item()   # a numpy scalar from an evaluation's live metrics
     if v is None:
         return "n/a"
     if isinstance(v, bool):

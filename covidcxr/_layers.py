@@ -5,7 +5,8 @@ layer above; imports between covidcxr modules are made at module level, never in
 
 - L0 ``foundation``: errors, the command runner, run/export folders (artifacts), the data layer
   (``data/``, which imports nothing above it) and leaf utilities that need no model: metrics,
-  segmentation metrics, calibration, plots, mask pictures, Keras losses.
+  segmentation metrics, calibration, plots, mask pictures, Keras losses, and the MODEL_CARD.md writer
+  (``modelcard``, which reads the files of a run, export or evaluation folder).
 - L1 ``models``: the architecture table, backbones, hub presets, ViT token layers, normalisations,
   classifiers and segmenters.
 - L2 ``tasks``: what differs between classify / segment / multitask (``tasks``), the augmentation
@@ -25,7 +26,7 @@ from __future__ import annotations
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("covidcxr", "covidcxr._layers", "covidcxr.errors", "covidcxr.cli", "covidcxr.artifacts",
                     "covidcxr.data", "covidcxr.metrics", "covidcxr.segmetrics", "covidcxr.calibration",
-                    "covidcxr.plots", "covidcxr.masks", "covidcxr.losses")),
+                    "covidcxr.plots", "covidcxr.masks", "covidcxr.losses", "covidcxr.modelcard")),
     ("models", ("covidcxr.models",)),
     ("tasks", ("covidcxr.tasks", "covidcxr.augment", "covidcxr.config")),
     ("inference", ("covidcxr.inference", "covidcxr.gradcam", "covidcxr.lungcrop")),

@@ -6,6 +6,7 @@ A **run** (``experiments/runs/<name>/``, written by ``covidcxr.train``)::
     state.json + resume.npz (continue with --resume; a finished run's resume.npz is removed unless
     --keep-resume-state)  skipped.csv  train_fingerprints.npz  tensorboard/
     lung_segmenter/ + crop_masks/ (lung-cropped classifiers)
+    MODEL_CARD.md + model_card_facts.json (``covidcxr.modelcard``; exports and evaluations write them too)
 
 An **export** (``saved_models/<name>/``, written by ``covidcxr.export``)::
 

@@ -67,7 +67,7 @@ def _tiny_simclr(arch, image_size, projection_dim=128, hidden=512, seed=None):
 
 
 def test_same_seed_gives_the_same_loss_history(synth_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrain, "build_simclr", _tiny_simclr)
+    monkeypatch.setattr(pretraining, "build_simclr", _tiny_simclr)
 
     def losses(name, seed):
         out = tmp_path / f"{name}.weights.h5"

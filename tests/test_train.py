@@ -67,6 +67,7 @@ def test_run_folder_and_export(reference, synth_dir, capsys):
     keras_p = next(Predictor(reference / "export").run([Item(str(png))])).probs[0]
     np.testing.assert_allclose(keras_p, res["probabilities"].numpy()[0], atol=1e-5)
     assert (reference / "export" / "train_fingerprints.npz").exists()  # the overlap guard travels with the export
+    assert (r / "MODEL_CARD.md").exists() and (reference / "export" / "MODEL_CARD.md").exists()
 
 
 def test_nothing_is_overwritten(reference, synth_dir, capsys):

@@ -18,14 +18,14 @@ import pandas as pd
 from covidcxr import artifacts as A
 from covidcxr.calibration import apply_temperature, ece, reliability_bins, save_temperature
 from covidcxr.errors import ConfigError, DataError
-from covidcxr.evaluation import checks, segscore, visuals
-from covidcxr.evaluation import cohorts
+from covidcxr.evaluation import checks, cohorts, segscore, siteprobe, visuals
 from covidcxr.evaluation import data as D
 from covidcxr.evaluation import figures as F
 from covidcxr.evaluation import patients as PT
 from covidcxr.evaluation.passes import forward, subset
 from covidcxr.evaluation.report import SCHEMA, write, write_metrics
 from covidcxr.inference import ModelFile, Predictor
+from covidcxr.modelcard import write_evaluation as write_model_card
 from covidcxr.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc, plot_single_class
 from covidcxr.tasks import get_task
 
@@ -207,6 +207,8 @@ class Evaluator:
         else:
             self._figures(m, ed, p, y, probs, lmap, merge, classes, out, context)
         rows = df.iloc[p.rows].reset_index(drop=True)
+        m["site_probe"] = siteprobe.probe(self.pred, rows, y, o.seed, o.bootstrap, o.quiet)
+        siteprobe.announce(m["site_probe"], self.warnings, self.log)
         m["tta"] = checks.tta(self.pred, df, p.rows, y, classes, merge, o.bootstrap, o.seed, o.quiet) if o.tta else None
         m["mask_lungs"] = (checks.lungs_out(self.pred, df, p.rows, y, probs, classes, merge, o.bootstrap, o.seed,
                                             o.quiet) if o.mask_lungs else None)
@@ -314,6 +316,7 @@ class Evaluator:
         m["data_summary"] = D.data_summary(ed.df_all, df, ed.has_split, m["skipped"])
         m["model_config"] = {"card": self.card.__dict__, "train_config": self.loc.config}
         write_metrics(out, m)
+        write_model_card(self.loc.root, out, m, self.task)   # the model's card + this evaluation, here only
         write(out, m)
 
     def _calibration_beside_model(self, out: Path, m: dict) -> None:

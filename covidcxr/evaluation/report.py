@@ -10,6 +10,8 @@ import numpy as np
 
 from covidcxr.evaluation import cohort_report
 
+from covidcxr.modelcard import MODEL_CARD, to_html
+
 SCHEMA = "covidcxr.evaluate/2"
 PLOTS = (("probabilities.png", "One class only: its predicted probability and the predicted classes"),
          ("confusion_matrix.png", "Confusion matrix"), ("roc.png", "ROC curves"), ("pr.png", "Precision-recall"),
@@ -179,6 +181,12 @@ def _caveats(m: dict) -> str:
     return f'<ul class="note">{"".join(f"<li>{html.escape(w)}</li>" for w in notes)}</ul>' if notes else ""
 
 
+def _model_card(out: Path) -> str:
+    """MODEL_CARD.md of this evaluation's folder (the model's card with these figures), as HTML."""
+    p = out / MODEL_CARD
+    return f"<h2>Model card ({MODEL_CARD})</h2><div class=\"card\">{to_html(p.read_text())}</div>" if p.exists() else ""
+
+
 def json_default(o):
     """numpy scalars and arrays in metrics.json."""
     if isinstance(o, np.integer):
@@ -241,6 +249,7 @@ images; they do not establish clinical performance. {_intervals(m)}</p>
 <h2>Data</h2><pre>{html.escape(json.dumps(m['data_summary'], indent=2))}</pre>
 {f'<h3>Skipped files</h3><ul>{skipped}</ul>' if skipped else ''}
 <h2>Model configuration</h2><pre>{html.escape(json.dumps(m['model_config'], indent=2))}</pre>
+{_model_card(out)}
 <p><small>covidcxr, metrics.json schema {SCHEMA}.</small></p></body></html>"""
     (out / "report.html").write_text(doc)
     return out / "report.html"

@@ -46,6 +46,8 @@ def export_readme(card: ModelCard, checked: str) -> str:
 ## Files
 - `serving/1/`: TF SavedModel (TF Serving: `--model_base_path=$PWD/serving`).
 - `model.keras`: the Keras model; `model_card.json`: the card this README is written from.
+- `MODEL_CARD.md`: the model card (training data, splits, figures, limitations, TRIPOD+AI / CLAIM table), written
+  from `model_card_facts.json`, the facts of the run it was exported from.
 - `train_fingerprints.npz`: hashes of its training and validation images (`covidcxr.evaluate`'s overlap guard);
   `calibration.json` when the model was calibrated; `lung_segmenter/` for lung-cropped classifiers.
 

@@ -18,6 +18,7 @@ from covidcxr.exporting.check import check_export, require
 from covidcxr.exporting.readme import README, export_readme
 from covidcxr.exporting.signatures import classifier_fns, segmenter_fns
 from covidcxr.inference import load_keras
+from covidcxr.modelcard import write_export as write_model_card
 from covidcxr.tasks import get_task
 
 CHECK_IMAGES = 24
@@ -75,6 +76,8 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
         archive.write_out(str(tmp / A.SERVING), verbose=False)
         check = check_export(tmp, paths, masks)
         require(check)
-        (tmp / README).write_text(export_readme(card, check.summary() if check else "not checked: no check images"))
+        summary = check.summary() if check else "not checked: no check images"
+        (tmp / README).write_text(export_readme(card, summary))
+        write_model_card(loc.root, tmp, get_task(card.task), summary)   # MODEL_CARD.md beside model.keras and serving/
     log(f"exported {out} (SavedModel in {out / A.SERVING}; " + (check.summary() if check else "not checked: no check images") + ")")
     return out

@@ -27,6 +27,7 @@ from covidcxr.errors import ConfigError, CovidCXRError, ExportFailedError, RunEx
 from covidcxr.exporting import export_run
 from covidcxr.inference import load_keras
 from covidcxr.lungcrop import check_segmenter, copy_segmenter, predicted_masks
+from covidcxr.modelcard import write_run as write_model_card
 from covidcxr.models.weights import WeightsKind, WeightsSource
 from covidcxr.plots import plot_history
 from covidcxr.tasks import get_task
@@ -243,6 +244,7 @@ def _finish(cfg, task, data, run_dir: Path, export_dir: Path | None, loop, log) 
     A.atomic_write_text(run_dir / A.METRICS, json.dumps(metrics, indent=2))
     write_fingerprints(run_dir, data)
     plot_history(run_dir / A.HISTORY, run_dir / A.CURVES)
+    write_model_card(run_dir, task)
     failure = _export(run_dir, export_dir, log) if export_dir is not None else None
     log(f"run directory: {run_dir}")
     return failure

@@ -95,19 +95,26 @@ def test_subgroups_and_operating_point_render_and_missing_keys_read_not_reported
     m = {"split": "test", "n": 40, "external": False, "classes": CLASSES, "accuracy": 0.75,
          "macro_f1": 0.7, "macro_auc": 0.8, "ci95": {"accuracy": ci}, "warnings": [],
          "bootstrap": {"replicates": 200, "seed": 0},
-         "subgroups": {"sex": {"groups": [{"group": "F", "n": 25, "small": True, "macro_auc": 0.812,
-                                           "ci95": {"macro_auc": ci}},
-                                          {"group": "M", "n": 15, "small": True,
-                                           "macro_auc": {"value": 0.7, "low": 0.5, "high": 0.9, "n": 200}}],
-                               "largest_gap": {"metric": "macro_auc", "gap": 0.112, "low": 0.01, "high": 0.3}}},
+         "subgroups": {"attributes": ["sex"], "min_n": 30, "metrics": ["accuracy", "macro_auc"], "bootstrap": 200,
+                       "by_attribute": {"sex": {
+                           "groups": [{"value": "F", "n": 25, "small": True,
+                                       "metrics": {"accuracy": {"value": 0.8, "ci95": None, "reason": None},
+                                                   "macro_auc": {"value": 0.812, "ci95": ci, "reason": None}}},
+                                      {"value": "M", "n": 15, "small": True,
+                                       "metrics": {"accuracy": {"value": 0.6, "ci95": None, "reason": None},
+                                                   "macro_auc": {"value": 0.7, "ci95": {"low": 0.5, "high": 0.9,
+                                                                                       "n": 200}}}}],
+                           "gaps": {"macro_auc": {"value": 0.112, "high_group": "F", "low_group": "M",
+                                                  "ci95": {"low": 0.01, "high": 0.3, "n": 200},
+                                                  "involves_small": True, "reason": None}}}}},
          "operating_point": {"class": "COVID", "threshold": 0.314, "rule": "sensitivity=0.95", "chosen_on": "val",
                              "sensitivity": {"value": 0.951, "low": 0.9, "high": 0.99, "n": 200},
                              "specificity": 0.62, "ci95": {"specificity": ci}, "confusion": [[10, 2], [1, 27]]}}
     out = tmp_path / "ev"
     out.mkdir()
     text = modelcard.write_evaluation(run, out, m, TASK).read_text()
-    assert "| F | 25 | yes | 0.812 [0.610, 0.830] |" in text and "0.700 [0.500, 0.900]" in text
-    assert "Largest gap" in text and "0.112" in text
+    assert "| F | 25 | yes | 0.800 | 0.812 [0.610, 0.830] |" in text and "0.700 [0.500, 0.900]" in text
+    assert "macro_auc: F - M = 0.112 [0.010, 0.300] (involves a small subgroup)" in text
     assert "threshold 0.314" in text and "0.951 [0.900, 0.990]" in text and "0.620 [0.610, 0.830]" in text
     assert "chosen_on val" in text and "[[10, 2], [1, 27]]" in text
     after = text.split("**Patient level**")[1]

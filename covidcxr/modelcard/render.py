@@ -228,11 +228,10 @@ def _data_limits(data: dict | None) -> list[str]:
 
 def _eval_limits(i: int, ev: dict) -> list[str]:
     out = [f"evaluation {i}: {w}" for w in ev.get("warnings") or []]
-    for attr, v in (ev.get("subgroups") or {}).items() if isinstance(ev.get("subgroups"), dict) else ():
-        small = [g for g in R._groups(v)[0] if isinstance(g, dict) and g.get("small")]
+    for attr, small in R.small_groups(ev.get("subgroups")).items():
         if small:
             out.append(f"evaluation {i}: small {attr} subgroups (n < {SMALL}): " + ", ".join(
-                f"{R._group_row(g, [])[0]} (n={fmt(g.get('n'))})" for g in small))
+                f"{fmt(g.get('value'))} (n={fmt(g.get('n'))})" for g in small))
     ov = ev.get("train_overlap") or {}
     if ov.get("included"):
         out.append(f"evaluation {i}: the figures include {ov.get('matched')} images that trained the model "

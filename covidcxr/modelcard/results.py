@@ -99,49 +99,35 @@ def calibration(cal: dict | None) -> str:
             + f" ({fmt(cal.get('note') or cal.get('fitted_on'))}).\n")
 
 
-def _groups(v) -> tuple[list, object]:
-    if isinstance(v, list):
-        return v, None
-    if isinstance(v, dict):
-        groups = v.get("groups") or v.get("subgroups") or []
-        gap = v.get("largest_gap") or v.get("gap")
-        return (groups if isinstance(groups, list) else []), gap
-    return [], None
+def _figure(x) -> str:
+    """One ``{"value", "ci95", "reason"}`` entry of ``covidcxr.evaluation.subgroups``."""
+    return "n/a" if not isinstance(x, dict) else cell(x.get("value"), x.get("ci95"))
 
 
-def _group_row(g: dict, keys: list[str]) -> list[str]:
-    name = next((g[k] for k in ("group", "name", "value", "label") if k in g), "?")
-    m, ci = {**g, **(g.get("metrics") or {})}, g.get("ci95") or {}
-    return [fmt(name), fmt(g.get("n")), "yes" if g.get("small") else ""] + [cell(m.get(k), ci.get(k)) for k in keys]
+def small_groups(sg) -> dict[str, list[dict]]:
+    """Per attribute, its subgroups flagged small (fewer than ``min_n`` images)."""
+    by = (sg or {}).get("by_attribute") if isinstance(sg, dict) else None
+    return {a: [g for g in v.get("groups", []) if g.get("small")] for a, v in (by or {}).items()}
 
 
 def subgroups(sg) -> str:
-    """Every attribute's groups with n, the small flag and each metric with its interval; the largest gap."""
-    if not isinstance(sg, dict) or not sg:
-        return NOT + "\n"
+    """metrics.json ``subgroups`` (schema: ``covidcxr.evaluation.subgroups``): per attribute a table of its
+    subgroups (n, the small flag, each figure with its interval) and the largest gap of each figure."""
+    if not isinstance(sg, dict) or not sg.get("by_attribute"):
+        return (sg.get("note") if isinstance(sg, dict) and sg.get("note") else NOT) + "\n"
+    names, min_n = sg.get("metrics") or [], sg.get("min_n", 30)
     out = []
-    for attr, v in sg.items():
-        groups, gap = _groups(v)
-        groups = [g for g in groups if isinstance(g, dict)]
-        if not groups and gap is None:
-            continue
-        keys = []
-        for g in groups:
-            for k, x in {**g, **(g.get("metrics") or {})}.items():
-                if k not in ("group", "name", "value", "label", "n", "small", "metrics", "ci95") and k not in keys \
-                        and (isinstance(x, (int, float)) and not isinstance(x, bool) or is_ci(x)):
-                    keys.append(k)
-        out.append(f"**{fmt(attr)}**\n\n" + table(["group", "n", f"small (n < 30)"] + keys,
-                                                 [_group_row(g, keys) for g in groups]))
-        if gap is not None:
-            out.append(f"Largest gap: {_gap(gap)}\n")
-    return "\n".join(out) if out else NOT + "\n"
-
-
-def _gap(gap) -> str:
-    if isinstance(gap, dict) and not is_ci(gap):
-        return "; ".join(f"{fmt(k)} {cell(v)}" for k, v in gap.items() if not isinstance(v, (list, dict)) or is_ci(v))
-    return cell(gap)
+    for attr, v in sg["by_attribute"].items():
+        rows = [[fmt(g.get("value")), fmt(g.get("n")), "yes" if g.get("small") else ""]
+                + [_figure((g.get("metrics") or {}).get(k)) for k in names] for g in v.get("groups", [])]
+        out.append(f"**{fmt(attr)}**\n\n" + table(["subgroup", "n", f"small (n < {min_n})"] + [fmt(k) for k in names],
+                                                  rows))
+        gaps = [f"{fmt(k)}: {fmt(g.get('high_group'))} - {fmt(g.get('low_group'))} = {cell(g['value'], g.get('ci95'))}"
+                + (" (involves a small subgroup)" if g.get("involves_small") else "")
+                for k, g in (v.get("gaps") or {}).items() if isinstance(g, dict) and g.get("value") is not None]
+        if gaps:
+            out.append("Largest gap between subgroups: " + "; ".join(gaps) + "\n")
+    return "\n".join(out)
 
 
 def operating_point(op) -> str:

@@ -47,7 +47,8 @@ def export_readme(card: ModelCard, checked: str) -> str:
 - `serving/1/`: TF SavedModel (TF Serving: `--model_base_path=$PWD/serving`).
 - `model.keras`: the Keras model; `model_card.json`: the card this README is written from.
 - `train_fingerprints.npz`: hashes of its training and validation images (`covidcxr.evaluate`'s overlap guard);
-  `calibration.json` when the model was calibrated; `lung_segmenter/` for lung-cropped classifiers.
+  `calibration.json` when the model was calibrated; `operating_point.json` when it has one (a class's
+  threshold, from `covidcxr.evaluate --operating-point`, used by `predict --operating-point`); `lung_segmenter/` for lung-cropped classifiers.
 
 ## The SavedModel
 - `serving_default`: {_inputs(card)} -> {_outputs(card)}. It decodes and preprocesses inside the graph with

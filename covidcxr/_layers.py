@@ -26,6 +26,7 @@ from __future__ import annotations
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("covidcxr", "covidcxr._layers", "covidcxr.errors", "covidcxr.cli", "covidcxr.artifacts",
                     "covidcxr.data", "covidcxr.metrics", "covidcxr.segmetrics", "covidcxr.calibration",
+                    "covidcxr.operating",
                     "covidcxr.plots", "covidcxr.masks", "covidcxr.losses", "covidcxr.modelcard")),
     ("models", ("covidcxr.models",)),
     ("tasks", ("covidcxr.tasks", "covidcxr.augment", "covidcxr.config")),

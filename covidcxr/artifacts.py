@@ -50,6 +50,7 @@ CROP_MASKS = "crop_masks"
 EXPORT_MODEL = "model.keras"
 SERVING = Path("serving") / "1"
 CALIBRATION = "calibration.json"
+OPERATING_POINT = "operating_point.json"   # evaluate --operating-point: one class's threshold
 INPUT_FORMAT = "gray255"  # models take uint8-range grayscale [B, S, S, 1]
 
 

@@ -26,6 +26,17 @@ into ``--out`` (default ``<model dir>/eval-<split>``):
   dice_histogram.png, segmentation.csv (every image's Dice, IoU, HD95)   (segmentation and
                     multi-task models; HD95 at the masks' native resolution and at the model's)
   calibration.json  the temperature fitted on the validation split (predict --calibrated)
+  operating_point.json  with --operating-point [SPEC]: one class's threshold, chosen on the
+                    validation split (the one the temperature is fitted on) and applied unchanged
+                    to the scored split: SPEC is CLASS:sensitivity=S (the highest threshold whose
+                    validation sensitivity is >= S), CLASS:specificity=S (the lowest whose
+                    specificity is >= S), CLASS:youden or CLASS:threshold=T (fixed, any split);
+                    bare: COVID:sensitivity=0.95. An image is flagged when p(CLASS) >= T, on the
+                    uncalibrated probabilities of predictions.csv. Sensitivity, specificity, PPV,
+                    NPV (with CIs) and TP/FN/FP/TN at T, on the scored and validation images, go in
+                    metrics.json (operating_point), on roc.png and in the report; the file is also
+                    saved beside the model (if absent, or with --overwrite) for export and
+                    predict --operating-point. Choosing on the scored images is refused.
   report.html       all of it on one self-contained page; a warning box first when the scored
                     images are the model's validation images (they chose its checkpoint)
 
@@ -51,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="images to evaluate (auto: the run's or the data's test split, else val; a plain folder: all)")
     a("--label-map", default=None, help="external validation: MODEL_CLASS=DATA_CLASS[+DATA_CLASS],... or a YAML "
                                         "file mapping model classes to data classes")
+    a("--operating-point", nargs="?", const="", default=None, metavar="SPEC",
+      help="choose a threshold on the validation split: [CLASS:]sensitivity=S | specificity=S | youden | "
+           "threshold=T (bare: COVID:sensitivity=0.95)")
     a("--include-train-overlap", action="store_true",
       help="keep images that match a training image of the model (they are counted and listed either way)")
     a("--subgroups", default=None, help="metadata columns to report subgroup figures by, e.g. view,sex,age,site "

@@ -75,6 +75,20 @@ class ModelFile(enum.StrEnum):
     SAVEDMODEL = "savedmodel"    # the TF SavedModel (serving/1): outputs only
 
 
+def chosen_file(located: Located, prefer: str | ModelFile = ModelFile.KERAS) -> ModelFile:
+    """Which saved form a Predictor of ``located`` runs: the Keras model unless there is none or the
+    SavedModel is preferred (and present)."""
+    sm = located.keras_path is None or (ModelFile(prefer) is ModelFile.SAVEDMODEL and located.savedmodel_path)
+    return ModelFile.SAVEDMODEL if sm else ModelFile.KERAS
+
+
+def require_keras(kind: ModelFile, *flags: str) -> None:
+    """The one rule for features that need the Keras model: refuse ``flags`` when ``kind`` is not Keras."""
+    if flags and kind is not ModelFile.KERAS:
+        raise ConfigError(f"{', '.join(flags)} need(s) the Keras model (model.keras): pass the run or export "
+                          f"folder (not a bare SavedModel) and --prefer keras.")
+
+
 class Predictor:
     """``Predictor(path).run(items)`` -> an iterator of ``Batch``.
 
@@ -87,9 +101,7 @@ class Predictor:
         self.card: ModelCard = self.located.card
         self.task = get_task(self.card.task)
         self.batch_size, self.workers = int(batch_size), workers or default_workers()
-        use_sm = self.located.keras_path is None or (ModelFile(prefer) is ModelFile.SAVEDMODEL
-                                                     and self.located.savedmodel_path)
-        self.kind = ModelFile.SAVEDMODEL if use_sm else ModelFile.KERAS
+        self.kind = chosen_file(self.located, prefer)
         self.model = self.fn = self.segmenter = None
         if self.kind is ModelFile.SAVEDMODEL:
             self._loaded = _load_savedmodel(self.located.savedmodel_path)   # keeps the variables alive
@@ -105,10 +117,7 @@ class Predictor:
                 self.segmenter = Predictor(seg, batch_size, self.workers)
 
     def require_keras(self, *flags: str) -> None:
-        """The one rule for features that need the Keras model: refuse ``flags`` on a SavedModel."""
-        if flags and self.kind is not ModelFile.KERAS:
-            raise ConfigError(f"{', '.join(flags)} need(s) the Keras model (model.keras): pass the run or export "
-                              f"folder (not a bare SavedModel) and --prefer keras.")
+        require_keras(self.kind, *flags)
 
     @property
     def classes(self) -> list[str]:

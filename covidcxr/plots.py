@@ -168,8 +168,9 @@ def plot_confusion(cm, class_names: list[str], out: str | Path, title: str = "",
     return _save(fig, out)
 
 
-def plot_roc(y, probs, class_names: list[str], out: str | Path, context: str = "") -> Path:
-    """One-vs-rest ROC per class (AUC in the legend) plus micro and macro averages."""
+def plot_roc(y, probs, class_names: list[str], out: str | Path, context: str = "", point: dict | None = None) -> Path:
+    """One-vs-rest ROC per class (AUC in the legend) plus micro and macro averages; ``point``
+    ({"class", "fpr", "tpr", "label"}: an operating point) is marked on its class's curve."""
     colors = class_colors(class_names)
     y = np.asarray(y, int)
     fig = titled_figure(6.4, 5.6, _titled("ROC curves, one class vs rest", context))
@@ -183,6 +184,8 @@ def plot_roc(y, probs, class_names: list[str], out: str | Path, context: str = "
         fpr, tpr, _ = roc_curve(yb, probs[:, i])
         tprs.append(np.interp(grid, fpr, tpr))
         ax.plot(fpr, tpr, color=colors[c], lw=2, label=f"{c} (AUC {auc(fpr, tpr):.3f})")
+        if point and point["class"] == c:
+            ax.plot([point["fpr"]], [point["tpr"]], "o", ms=10, mfc="none", mec=colors[c], mew=2.5, label=point["label"])
     onehot = np.eye(len(class_names))[y]
     if len(tprs):
         fpr, tpr, _ = roc_curve(onehot.ravel(), np.asarray(probs).ravel())

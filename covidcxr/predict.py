@@ -31,7 +31,11 @@ every input exactly once.
 model, or ``--calibration FILE``); ``--gradcam DIR``: one Grad-CAM figure per input (Keras
 classifiers); ``--masks DIR``: where segmenters write one mask PNG per input at its own size (default
 ``<out stem>_masks``); ``--lung-masks DIR``: each input's lung mask (same file name), for classifiers
-trained with ``--lung-crop given``. Exit codes: 0; 1 inputs skipped; 2 usage error; 130 Ctrl-C.
+trained with ``--lung-crop given``. ``--operating-point [FILE|CLASS:threshold=T]`` adds a
+``flag_<class>`` column, 1 where p(class) >= the threshold (on the uncalibrated probability, as it was
+chosen, even with --calibrated): bare (put it after the inputs), the operating_point.json that
+``covidcxr.evaluate --operating-point`` saved beside the model.
+Exit codes: 0; 1 inputs skipped; 2 usage error; 130 Ctrl-C.
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ with cli.startup_quiet():  # Keras and its backend load here, their start-up noi
     from covidcxr.gradcam import GradCAM, render_cam
     from covidcxr.inference import Item, Predictor
     from covidcxr.masks import save_png
+    from covidcxr.prediction.flags import add_flags, resolve as resolve_operating_point
     from covidcxr.prediction.outputs import (CsvTable, MASK_COLUMNS, SKIP_COLUMNS, check_table_free, existing, mismatch,
                                              open_table, pyarrow_module, read_meta, remove, sidecar)
     from covidcxr.prediction.shards import build_merge_parser, in_shard, input_list, list_digest, parse_shard, run_merge
@@ -89,6 +94,7 @@ def _check_flags(args, pred) -> None:
              (args.calibrated and not task.classifies, "--calibrated scales class probabilities"),
              (args.gradcam and not task.only_classifies, "--gradcam draws class heatmaps of classifiers"),
              (args.gradcam_layer and not args.gradcam, "--gradcam-layer needs --gradcam"),
+             (args.operating_point is not None and not task.classifies, "--operating-point flags a class"),
              (args.lung_masks and crop is not LungCrop.GIVEN, "--lung-masks is for classifiers trained with --lung-crop given"),
              (crop is LungCrop.GIVEN and not args.lung_masks, "this classifier was trained on lung-cropped images "
                                                        "(--lung-crop given): pass --lung-masks DIR, each input's "
@@ -126,8 +132,8 @@ class Scorer:
     occur more than once in the whole input list; those files get the path's sha1 in their names, so
     names are unique and the same in every shard and on resume."""
 
-    def __init__(self, classes, temperature=None, mask_dir=None, cam=None, cam_dir=None, dupes=frozenset()):
-        self.classes, self.temperature, self.mask_dir = list(classes), temperature, mask_dir
+    def __init__(self, classes, temperature=None, mask_dir=None, cam=None, cam_dir=None, dupes=frozenset(), op=None):
+        self.classes, self.temperature, self.mask_dir, self.op = list(classes), temperature, mask_dir, op
         self.cam, self.cam_dir, self.dupes = cam, cam_dir, dupes
 
     def name(self, path: str, kind: str, folder: Path) -> Path:
@@ -142,6 +148,8 @@ class Scorer:
             for row, p in zip(rows, probs):
                 row["label"] = self.classes[int(np.argmax(p))]
                 row.update({f"prob_{c}": float(v) for c, v in zip(self.classes, p)})
+            if self.op is not None:
+                add_flags(rows, batch.probs, self.op, self.classes)
         if self.mask_dir is not None:
             for row, d, m in zip(rows, batch.done, batch.masks):
                 self._mask(row, d, m)
@@ -181,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar and no preview table")
     p.add_argument("--calibrated", action="store_true", help="apply the temperature fitted by covidcxr.evaluate")
     p.add_argument("--calibration", default=None, metavar="FILE", help="calibration.json to use (implies --calibrated)")
+    p.add_argument("--operating-point", nargs="?", const="", default=None, metavar="FILE|SPEC",
+                   help="add flag_<class> (1/0) at an operating point: bare (after the inputs), the "
+                        "operating_point.json beside the model; or a FILE; or CLASS:threshold=T")
     p.add_argument("--gradcam", default=None, metavar="DIR", help="write a Grad-CAM figure per input into DIR")
     p.add_argument("--gradcam-layer", default=None, help="layer inside the backbone (default: its last block)")
     p.add_argument("--masks", default=None, metavar="DIR", help="segmentation/multi-task: folder for the mask PNGs")
@@ -213,12 +224,16 @@ def _scorer(args, pred, out: Path, entries: list[str]) -> Scorer:
     if args.gradcam:
         cam, cam_dir = GradCAM(pred.model, args.gradcam_layer), _folder(args.gradcam, "--gradcam", args)
     dupes = {s for s, c in Counter(Path(p).stem for p in entries).items() if c > 1}
-    return Scorer(pred.classes, temperature, mask_dir, cam, cam_dir, dupes)
+    op = None
+    if args.operating_point is not None:
+        op = resolve_operating_point(args.operating_point, args.model, pred.located.root, pred.classes)
+        print(f"operating point: {op['column']} = 1 where p({op['class']}) >= {op['threshold']:.6g} ({op['source']})")
+    return Scorer(pred.classes, temperature, mask_dir, cam, cam_dir, dupes, op)
 
 
 def _resume(out: Path, tables, meta: dict) -> list[list[str]]:
     """The paths each table already holds, after checking the output is of this model and input list."""
-    why = mismatch(read_meta(out), meta, ("calibration", "format", "columns", "shard", "inputs"))
+    why = mismatch(read_meta(out), meta, ("calibration", "operating_point", "format", "columns", "shard", "inputs"))
     if why:
         raise DataError(f"--resume: {out} was written with {why}; pass the same arguments, another --out, or "
                         f"--overwrite to start again.")
@@ -243,8 +258,9 @@ def run(args) -> int:
     _report_masks(masks, out)
     mine = [p for p in entries if in_shard(p, k, n)]
     scorer = _scorer(args, pred, out, entries)
-    columns = pred.task.output_columns(pred.classes, MASK_COLUMNS)
+    columns = pred.task.output_columns(pred.classes, MASK_COLUMNS) + ([scorer.op["column"]] if scorer.op else [])
     meta = {"model": model_identity(pred, args.model), "calibration": scorer.temperature, "format": fmt,
+            "operating_point": scorer.op,
             "columns": columns, "shard": [k, n], "inputs": {"count": len(entries), "sha256": list_digest(entries)},
             "shard_count": len(mine), "rows": 0, "skipped": 0, "complete": False,
             "masks_left_out": {"files": sum(masks.values()), "folders": masks}}

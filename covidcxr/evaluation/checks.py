@@ -134,12 +134,16 @@ def verdict(normal: dict, masked: dict, k: int | None = None) -> str:
             + _rise_note(normal, masked, majority))
 
 
-def fit_temperature(predictor, df: pd.DataFrame, classes, note: str, quiet: bool):
-    """(temperature, n) fitted on ``df`` (model classes), or (None, reason)."""
+def fit_temperature(predictor, df: pd.DataFrame, classes, note: str, quiet: bool, keep: dict | None = None):
+    """(temperature, n) fitted on ``df`` (model classes), or (None, reason); ``keep`` receives the pass
+    ({"y", "probs", "n", "note"}) for the operating point to reuse."""
     df = df[df["label"].isin(classes)].reset_index(drop=True)
     if len(df) < 2:
         return None, f"{note}: too few images, temperature not fitted"
     p = forward(predictor, df, quiet=quiet, desc="calibration split")
     if len(p.rows) < 2:
         return None, f"{note}: too few readable images, temperature not fitted"
-    return (fit(F.label_index(df["label"].iloc[p.rows], classes), p.probs), len(p.rows)), note
+    y = F.label_index(df["label"].iloc[p.rows], classes)
+    if keep is not None:
+        keep.update(y=y, probs=p.probs, n=len(p.rows), note=note)
+    return (fit(y, p.probs), len(p.rows)), note

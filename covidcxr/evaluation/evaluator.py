@@ -2,8 +2,8 @@
 
 Writes into ``OUT.partial`` and renames to ``OUT`` only when everything is written:
 metrics.json, predictions.csv (every scored image, with its training-overlap flag),
-skipped.csv, train_overlap.csv, the plots, Grad-CAM and overlay PNGs, calibration.json and
-report.html.
+skipped.csv, train_overlap.csv, the plots, Grad-CAM and overlay PNGs, calibration.json,
+operating_point.json (--operating-point) and report.html.
 """
 from __future__ import annotations
 
@@ -16,15 +16,17 @@ import numpy as np
 import pandas as pd
 
 from covidcxr import artifacts as A
+from covidcxr import operating as OP
 from covidcxr.calibration import apply_temperature, ece, reliability_bins, save_temperature
 from covidcxr.errors import ConfigError, DataError
 from covidcxr.evaluation import checks, cohorts, segscore, siteprobe, visuals
 from covidcxr.evaluation import data as D
 from covidcxr.evaluation import figures as F
 from covidcxr.evaluation import patients as PT
+from covidcxr.evaluation import operating_point as OPE
 from covidcxr.evaluation.passes import forward, subset
 from covidcxr.evaluation.report import SCHEMA, write, write_metrics
-from covidcxr.inference import ModelFile, Predictor
+from covidcxr.inference import ModelFile, Predictor, chosen_file, require_keras
 from covidcxr.modelcard import write_evaluation as write_model_card
 from covidcxr.plots import plot_confusion, plot_history, plot_pr, plot_reliability, plot_roc, plot_single_class
 from covidcxr.tasks import get_task
@@ -46,6 +48,7 @@ class EvalOptions:
     batch_size: int = 32
     workers: int | None = None
     label_map: str | None = None
+    operating_point: str | None = None   # a SPEC (covidcxr/operating.py); '' = the default
     include_train_overlap: bool = False
     overwrite: bool = False
     quiet: bool = False
@@ -61,6 +64,7 @@ class Evaluator:
         self.loc = A.locate(opts.model)
         self.card = self.loc.card
         self.check_flags(explicit)
+        self.op_spec, self._val = self._op_spec(), {}
         self.pred = Predictor(self.loc, opts.batch_size, opts.workers, opts.prefer)
         self.warnings: list[str] = []
 
@@ -74,7 +78,8 @@ class Evaluator:
         card, o, task = self.card, self.o, self.task
         bad = [f for f, applies in (("tta", task.classifies), ("mask_lungs", task.classifies and card.lung_crop is A.LungCrop.NONE),
                                     ("gradcam", task.only_classifies), ("gradcam_layer", task.only_classifies),
-                                    ("label_map", task.classifies), ("overlays", task.segments))
+                                    ("label_map", task.classifies), ("overlays", task.segments),
+                                    ("operating_point", task.classifies))
                if f in explicit and not applies]
         if bad:
             why = {"mask_lungs": "the lungs-out probe needs a classifier that sees the whole image",
@@ -82,9 +87,18 @@ class Evaluator:
             raise ConfigError(f"{', '.join('--' + b.replace('_', '-') for b in bad)} do(es) not apply to this "
                               f"{card.task} model ({self.loc.root})" + (f": {why[bad[0]]}" if bad[0] in why else "")
                               + ".")
-        self.pred.require_keras(*[f for f, on in (("--tta", o.tta), ("--mask-lungs", o.mask_lungs),
+        require_keras(chosen_file(self.loc, o.prefer), *[f for f, on in (("--tta", o.tta), ("--mask-lungs", o.mask_lungs),
                                                    ("--gradcam", o.gradcam and task.only_classifies
                                                     and "gradcam" in explicit)) if on])
+
+    def _op_spec(self) -> OP.Spec | None:
+        """The --operating-point SPEC checked against the model's classes (None without the flag)."""
+        if self.o.operating_point is None or not self.task.classifies:
+            return None
+        if self.o.label_map:
+            raise ConfigError("--operating-point is chosen and saved on the model's own classes: evaluate without "
+                              "--label-map to set it.")
+        return OP.parse_spec(self.o.operating_point, list(self.card.classes))
 
     # ---------------------------------------------------------------- the run
 
@@ -93,12 +107,15 @@ class Evaluator:
         o = self.o
         ed = D.load(self.loc, o.data, o.split, progress=not o.quiet)
         df, lmap, classes = self._rows(ed)
+        if self.op_spec is not None:
+            OPE.check_split(self.op_spec, *self._validation_split(ed, lmap), df, ed.split)
         self._plan, self._scores = cohorts.plan(o, self.task, df, f"split '{ed.split}'"), cohorts.Scores()
         out = Path(o.out) if o.out else self.loc.root / f"eval-{ed.split}"
         A.check_free(out, o.overwrite)  # before the long part
         with A.staged(out, o.overwrite) as tmp:
             m = self._evaluate(ed, df, lmap, classes, tmp)
         self._calibration_beside_model(out, m)
+        OPE.beside_model(out, self.loc.root, o.overwrite, self.log)
         self.log(f"evaluation written to {out} ({time.perf_counter() - t0:.0f} s); open {out / 'report.html'}")
         return out
 
@@ -204,6 +221,7 @@ class Evaluator:
         self._predictions(out, df, p, classes, probs)
         if len(np.unique(y)) == 1:
             self._one_class(m, y, probs, classes, out, context)
+            m["operating_point"] = self._operating_point(ed, lmap, y, probs, classes, out)
         else:
             self._figures(m, ed, p, y, probs, lmap, merge, classes, out, context)
         rows = df.iloc[p.rows].reset_index(drop=True)
@@ -235,10 +253,11 @@ class Evaluator:
             after = reliability_bins(y, cal_probs)
             save_temperature(out / A.CALIBRATION, t, note, n_fit, m["ece"], cal["ece_after"])
         m["calibration"] = cal
+        m["operating_point"] = self._operating_point(ed, lmap, y, probs, classes, out)
         plot_reliability(m["reliability"], after, m["ece"], cal["ece_after"], cal["temperature"],
                          out / "reliability.png", context=context)
         plot_confusion(m["confusion_matrix"], classes, out / "confusion_matrix.png", context=context)
-        plot_roc(y, probs, classes, out / "roc.png", context=context)
+        plot_roc(y, probs, classes, out / "roc.png", context=context, point=OPE.roc_point(m["operating_point"]))
         plot_pr(y, probs, classes, out / "pr.png", context=context)
 
     def _one_class(self, m, y, probs, classes, out: Path, context: str) -> None:
@@ -286,6 +305,13 @@ class Evaluator:
 
     def _temperature(self, ed: D.EvalData, lmap):
         """Fit on the data's validation split (model classes), else on the run's own."""
+        val, note = self._validation_split(ed, lmap)
+        if val is None:
+            return None, note
+        return checks.fit_temperature(self.pred, val, self.card.classes, note, self.o.quiet, keep=self._val)
+
+    def _validation_split(self, ed: D.EvalData, lmap) -> tuple[pd.DataFrame | None, str]:
+        """The validation rows (the data's val split, else the run's) and where they come from."""
         if ed.has_split and lmap is None and (ed.df_all["split"] == "val").any():
             val = ed.df_all[ed.df_all["split"] == "val"].reset_index(drop=True)
             note = "validation split of the data" + (" (the evaluated split itself: the calibrated ECE is optimistic)"
@@ -296,7 +322,19 @@ class Evaluator:
             note = f"validation split of the run ({self.loc.manifest_path})"
         else:
             return None, "no validation split in the data or the run: temperature not fitted"
-        return checks.fit_temperature(self.pred, val, self.card.classes, note, self.o.quiet)
+        return val, note
+
+    def _operating_point(self, ed, lmap, y, probs, classes, out: Path) -> dict | None:
+        """--operating-point on ``probs``: chosen on the temperature fit's validation pass (or its own)."""
+        if self.op_spec is None:
+            return None
+        if self.op_spec.chosen and not self._val:
+            val, note = self._validation_split(ed, lmap)
+            self._val.update(OPE.validation_scores(self.pred, val, self.card.classes, note, self.o.quiet))
+        op = OPE.operating_point(self.op_spec, classes, y, probs, self._val or None, self.o.bootstrap, self.o.seed)
+        OP.save(out / A.OPERATING_POINT, op)
+        self.log(OPE.console_line(op))
+        return op
 
     def _segmentation(self, m: dict, df, p, out: Path, context: str) -> None:
         target = self.card.target or "lung"

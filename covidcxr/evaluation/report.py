@@ -12,6 +12,8 @@ from covidcxr.evaluation import cohort_report
 
 from covidcxr.modelcard import MODEL_CARD, to_html
 
+from covidcxr.evaluation.operating_point import html_section as operating_point_html
+
 SCHEMA = "covidcxr.evaluate/2"
 PLOTS = (("probabilities.png", "One class only: its predicted probability and the predicted classes"),
          ("confusion_matrix.png", "Confusion matrix"), ("roc.png", "ROC curves"), ("pr.png", "Precision-recall"),
@@ -219,8 +221,8 @@ def _intervals(m: dict) -> str:
 
 def _sections(m: dict) -> str:
     if m.get("single_class"):
-        return _single(m)
-    return _classification(m) if "accuracy" in m else ""
+        return _single(m) + operating_point_html(m.get("operating_point"))
+    return (_classification(m) if "accuracy" in m else "") + operating_point_html(m.get("operating_point"))
 
 
 def write(out: Path, m: dict) -> Path:

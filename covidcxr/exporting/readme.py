@@ -49,7 +49,8 @@ def export_readme(card: ModelCard, checked: str) -> str:
 - `MODEL_CARD.md`: the model card (training data, splits, figures, limitations, TRIPOD+AI / CLAIM table), written
   from `model_card_facts.json`, the facts of the run it was exported from.
 - `train_fingerprints.npz`: hashes of its training and validation images (`covidcxr.evaluate`'s overlap guard);
-  `calibration.json` when the model was calibrated; `lung_segmenter/` for lung-cropped classifiers.
+  `calibration.json` when the model was calibrated; `operating_point.json` when it has one (a class's
+  threshold, from `covidcxr.evaluate --operating-point`, used by `predict --operating-point`); `lung_segmenter/` for lung-cropped classifiers.
 
 ## The SavedModel
 - `serving_default`: {_inputs(card)} -> {_outputs(card)}. It decodes and preprocesses inside the graph with

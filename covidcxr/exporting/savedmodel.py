@@ -1,5 +1,5 @@
 """The SavedModel writer: ``serving/1`` with the endpoints of ``signatures.py``, ``model.keras``,
-the card, fingerprints, calibration, a lung segmenter where the model has one, and the export's own
+the card, fingerprints, calibration, operating point, a lung segmenter where the model has one, and the export's own
 README, written into ``OUT.partial`` and kept only when the export check passes. Imports TensorFlow
 (through ``signatures``): ``covidcxr.exporting.export_run`` loads it where TensorFlow is the backend.
 """
@@ -62,7 +62,7 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
     with A.staged(out, overwrite) as tmp:
         model.save(tmp / A.EXPORT_MODEL)
         card.save(tmp)
-        for name in (A.FINGERPRINTS, A.CALIBRATION):
+        for name in (A.FINGERPRINTS, A.CALIBRATION, A.OPERATING_POINT):
             if (loc.root / name).exists():
                 shutil.copy(loc.root / name, tmp / name)
         if segmenter is not None:

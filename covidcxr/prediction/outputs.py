@@ -81,7 +81,8 @@ class ParquetTable:
         self.parts, self._next = self.path.with_name(self.path.name + ".parts"), None
         kinds = {"path": pa.string(), "label": pa.string(), "mask_path": pa.string(), "height": pa.int64(),
                  "width": pa.int64()}
-        self.schema = pa.schema([(c, kinds.get(c, pa.float64())) for c in self.columns])
+        self.schema = pa.schema([(c, kinds.get(c, pa.int64() if c.startswith("flag_") else pa.float64()))
+                                 for c in self.columns])
 
     def repair(self) -> None:
         """Back to parts: a joined ``<out>`` becomes part 0 again (its parts were all in it); drop temporaries."""

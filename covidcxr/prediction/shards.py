@@ -77,7 +77,7 @@ def _shards(paths: list[Path]) -> list[tuple[Path, dict]]:
     p0, m0 = shards[0]
     n, ks = m0["shard"][1], Counter(m["shard"][0] for _, m in shards)
     for p, m in shards:
-        why = mismatch(m, m0, ("calibration", "format", "columns", "inputs")) or \
+        why = mismatch(m, m0, ("calibration", "operating_point", "format", "columns", "inputs")) or \
             (m["shard"][1] != n and f"N {m['shard'][1]}, not {n}")
         if why:
             raise DataError(f"merge: {p} was written with {why} (as {p0}); they are not shards of one run.")

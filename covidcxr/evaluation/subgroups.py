@@ -274,7 +274,8 @@ def _gap(groups: list[dict], reps: list[dict], metric: str, n: int) -> dict:
         return {"value": None, "high_group": None, "low_group": None, "ci95": None, "involves_small": False,
                 "reason": "fewer than two known subgroups where it can be computed"}
     vals = [groups[j]["metrics"][metric]["value"] for j in have]
-    hi, lo = have[int(np.argmax(vals))], have[int(np.argmin(vals))]
+    order = np.argsort(vals, kind="stable")        # ties: two distinct subgroups all the same (gap 0)
+    hi, lo = have[int(order[-1])], have[int(order[0])]
     diff = (np.asarray(reps[hi][metric]) - np.asarray(reps[lo][metric])) if n else []
     return {"value": float(max(vals) - min(vals)), "high_group": groups[hi]["value"],
             "low_group": groups[lo]["value"], "ci95": _interval(diff, n) if n else None,

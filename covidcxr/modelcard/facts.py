@@ -59,11 +59,12 @@ def _crossing(man: pd.DataFrame, col: str) -> int:
 def split_facts(man: pd.DataFrame, cfg: dict) -> dict:
     """How the split was made: fractions, seed, and the groups (duplicates, patients) it kept together."""
     out = {"fractions": cfg.get("split"), "seed": cfg.get("seed"), "label_fraction": cfg.get("label_fraction")}
-    if "group" in man:
-        sizes = man.groupby("group").size()
+    col = "dup_group" if "dup_group" in man else "group"   # group: duplicates and patients joined (split groups)
+    if col in man:
+        sizes = man.groupby(col).size()
         dup = sizes[sizes > 1]
         out.update(duplicate_groups=int(len(dup)), images_in_duplicate_groups=int(dup.sum()),
-                   duplicate_groups_crossing_splits=_crossing(man[man["group"].isin(dup.index)], "group"))
+                   duplicate_groups_crossing_splits=_crossing(man[man[col].isin(dup.index)], col))
     has_pid = "patient_id" in man and (man["patient_id"].astype(str).str.strip() != "").any()
     out["patients"] = int(man.loc[man["patient_id"].astype(str).str.strip() != "", "patient_id"].nunique()) \
         if has_pid else None

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from covidcxr.errors import ConfigError
-from covidcxr.models.registry import PRESET, build_backbone, get_spec
+from covidcxr.models.registry import build_backbone, get_spec
+from covidcxr.models.weights import PRESET
 
 
 def _tiny_dinov2(size=28):

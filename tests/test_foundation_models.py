@@ -85,7 +85,8 @@ def _assert_hf_weights_arrived(model, arrays):
 def test_rad_dino_from_a_hugging_face_folder_and_from_hf_handle(presets, monkeypatch):
     from keras_hub.src.utils import preset_utils
 
-    from covidcxr.models.registry import PRESET, build_backbone, get_spec
+    from covidcxr.models.registry import build_backbone, get_spec
+    from covidcxr.models.weights import PRESET
 
     root, arrays = presets
     spec = get_spec("rad_dino")
@@ -139,7 +140,8 @@ def test_folders_of_other_architectures_are_refused(presets, tmp_path):
 
 def test_siglip_and_clip_presets_are_not_interchangeable(presets):
     from covidcxr.vlm.siglip import load_siglip
-    from covidcxr.models.registry import PRESET, build_backbone, get_spec
+    from covidcxr.models.registry import build_backbone, get_spec
+    from covidcxr.models.weights import PRESET
 
     root, _ = presets
     with pytest.raises(ConfigError, match=r"holds a CLIPBackbone .*medsiglip is a SigLIPVisionEncoder \(SigLIP\)"):

@@ -25,8 +25,8 @@ SavedModel writer (which imports TensorFlow, optional under JAX) only when Tenso
 from __future__ import annotations
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("covidcxr", "covidcxr._layers", "covidcxr.errors", "covidcxr.cli", "covidcxr.hub", "covidcxr.artifacts",
-                    "covidcxr.data", "covidcxr.metrics", "covidcxr.segmetrics", "covidcxr.calibration",
+    ("foundation", ("covidcxr", "covidcxr._layers", "covidcxr.errors", "covidcxr.cli", "covidcxr.hub",
+                    "covidcxr.artifacts", "covidcxr.data", "covidcxr.metrics", "covidcxr.segmetrics", "covidcxr.calibration",
                     "covidcxr.plots", "covidcxr.masks", "covidcxr.losses", "covidcxr.modelcard")),
     ("models", ("covidcxr.models",)),
     ("tasks", ("covidcxr.tasks", "covidcxr.augment", "covidcxr.config")),

@@ -7,8 +7,8 @@ of the model, so decoding overlaps the model call and memory does not grow with 
 files. The model runs once per batch: the backend's compiled ``predict_on_batch`` for a Keras
 model (batches padded to one shape: one compilation), the ``serving_default`` signature with a
 batch of image bytes for a SavedModel, an ONNX Runtime session on the host's uint8-range pixels for
-``model.onnx`` (no TensorFlow or Keras compute; any batch size, so no padding). A file that cannot be read is reported with its reason
-and the batch goes on without it.
+``model.onnx`` (no TensorFlow or Keras compute; any batch size, so no padding). A file that cannot be
+read is reported with its reason and the batch goes on without it.
 """
 from __future__ import annotations
 

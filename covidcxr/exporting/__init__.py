@@ -43,7 +43,8 @@ def export_run(src: str | Path, out: str | Path, overwrite: bool = False, checks
 
         return export_model(A.locate(src), out, overwrite, checks, log, formats)
     if importlib.util.find_spec("tensorflow") is None:
-        later = shlex.join(["python", "-m", "covidcxr.export", str(src), "--out", str(out), "--format", ",".join(formats)])
+        later = shlex.join(["python", "-m", "covidcxr.export", str(src), "--out", str(out),
+                            "--format", ",".join(formats)])
         log(f"NOTE: no export written: the SavedModel needs TensorFlow, which is not installed here. Export later "
             f"with: pip install tensorflow; KERAS_BACKEND=tensorflow {later}")
         return None

@@ -121,7 +121,7 @@ def hub_readme(folder: Path, source: Path, card: ModelCard, checked: str) -> str
     else:
         metrics = json.loads((source / METRICS).read_text()) if (source / METRICS).exists() else {}
         head = fallback_card(card, metrics)
-    formats = [f for f, there in (("savedmodel", (folder / "serving").is_dir()), ("onnx", (folder / ONNX_MODEL).exists()))
-               if there]
+    there = {"savedmodel": (folder / "serving").is_dir(), "onnx": (folder / ONNX_MODEL).exists()}
+    formats = [f for f, yes in there.items() if yes]
     usage = export_readme(card, checked, formats)
     return head.rstrip() + "\n\n" + _demoted(usage)

@@ -94,6 +94,7 @@ def export_model(loc: A.Located, out: str | Path, overwrite: bool = False, check
         summary = "; ".join(checked)
         write_model_card(loc.root, tmp, get_task(card.task), summary)   # MODEL_CARD.md beside model.keras and serving/
         (tmp / README).write_text(hub_readme(tmp, loc.root, card, summary))   # the Hub model card, then the usage
-    wrote = [f"SavedModel in {out / A.SERVING}"] * ("savedmodel" in formats) + [str(out / A.ONNX_MODEL)] * ("onnx" in formats)
+    wrote = [f"SavedModel in {out / A.SERVING}"] * ("savedmodel" in formats) \
+        + [str(out / A.ONNX_MODEL)] * ("onnx" in formats)
     log(f"exported {out} ({', '.join(wrote)}; {summary})")
     return out

@@ -90,7 +90,7 @@ class Predictor:
         self.card: ModelCard = self.located.card
         self.task = get_task(self.card.task)
         self.batch_size, self.workers = int(batch_size), workers or default_workers()
-        self.kind = _kind(self.located, ModelFile(prefer))
+        self.kind = chosen_file(self.located, prefer)
         self.model = self.fn = self.segmenter = self.session = None
         if self.kind is ModelFile.ONNX:
             self.session = _onnx_session(self.located.onnx_path)
@@ -251,8 +251,10 @@ class Predictor:
         return out
 
 
-def _kind(loc: Located, prefer: ModelFile) -> ModelFile:
-    """Which file of ``loc`` runs: the preferred one, else the Keras model, else what the folder has."""
+def chosen_file(loc: Located, prefer: str | ModelFile = ModelFile.KERAS) -> ModelFile:
+    """Which saved form a Predictor of ``loc`` runs: the preferred one (ONNX: refused when there is no
+    model.onnx), else the Keras model, else what the folder has."""
+    prefer = ModelFile(prefer)
     if prefer is ModelFile.ONNX:
         if loc.onnx_path is None:
             raise ConfigError(f"--engine onnx: {loc.root} has no model.onnx; export it with python -m covidcxr.export "

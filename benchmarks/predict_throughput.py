@@ -80,7 +80,7 @@ def build_worker(a) -> None:
     build_classifier(spec, len(CLASSES), a.size, None).save(src / "model.keras")
     ModelCard(CLASSES, a.arch, image_size=a.size, normalization=spec.normalization).save(src)
     if a.export:
-        export_model(locate(src), out, overwrite=True, checks=a.files[:2])
+        export_model(locate(src), out, overwrite=True, checks=a.files[:2], formats=tuple(a.formats.split(",")))
 
 
 def baseline_worker(a) -> None:
@@ -141,9 +141,10 @@ def child(mode: str, a, **extra) -> list[str]:
 
 
 def ensure_model(a, arch: str, size: int, files: list[str], export: bool = True) -> Path:
-    out = Path(a.work) / f"{arch}-{size}"
+    out = Path(a.work) / f"{arch}-{size}" if a.formats == "savedmodel" else Path(a.work) / f"{arch}-{size}-{a.formats}"
     if not (out / "model_card.json").exists():
-        rc, wall, _, text = run_child(child("build", a, arch=arch, size=size, out=out, files=files[:2])
+        rc, wall, _, text = run_child(child("build", a, arch=arch, size=size, out=out, files=files[:2],
+                                            formats=a.formats)
                                       + ([] if export else ["--no-export"]), "tensorflow")
         if rc != 0:
             raise SystemExit(f"building {arch} failed (exit {rc}): {text[-2000:]}")
@@ -215,6 +216,7 @@ def main() -> None:
     p.add_argument("--arch", default="mobilenetv3small")
     p.add_argument("--kinds", default="keras,savedmodel")
     p.add_argument("--kind", default="keras")
+    p.add_argument("--formats", default="savedmodel", help="export formats of the built models (savedmodel,onnx)")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--limit", type=int, default=320)
     p.add_argument("--size", type=int, default=None, help="default 224 (speed), 32 (memory)")

@@ -3,7 +3,8 @@
 A module may import from its own layer (without a circle) and from the layers below it, never from a
 layer above; imports between covidcxr modules are made at module level, never inside a function.
 
-- L0 ``foundation``: errors, the command runner, run/export folders (artifacts), the data layer
+- L0 ``foundation``: errors, the command runner, run/export folders (artifacts; ``hub`` turns hf:// handles
+  into such folders and uploads them), the data layer
   (``data/``, which imports nothing above it) and leaf utilities that need no model: metrics,
   segmentation metrics, calibration, plots, mask pictures, Keras losses, and the MODEL_CARD.md writer
   (``modelcard``, which reads the files of a run, export or evaluation folder).
@@ -24,8 +25,8 @@ SavedModel writer (which imports TensorFlow, optional under JAX) only when Tenso
 from __future__ import annotations
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("covidcxr", "covidcxr._layers", "covidcxr.errors", "covidcxr.cli", "covidcxr.artifacts",
-                    "covidcxr.data", "covidcxr.metrics", "covidcxr.segmetrics", "covidcxr.calibration",
+    ("foundation", ("covidcxr", "covidcxr._layers", "covidcxr.errors", "covidcxr.cli", "covidcxr.hub",
+                    "covidcxr.artifacts", "covidcxr.data", "covidcxr.metrics", "covidcxr.segmetrics", "covidcxr.calibration",
                     "covidcxr.operating",
                     "covidcxr.plots", "covidcxr.masks", "covidcxr.losses", "covidcxr.modelcard")),
     ("models", ("covidcxr.models",)),

@@ -11,6 +11,7 @@ A **run** (``experiments/runs/<name>/``, written by ``covidcxr.train``)::
 An **export** (``saved_models/<name>/``, written by ``covidcxr.export``)::
 
     model.keras  model_card.json  train_fingerprints.npz  serving/1/ (TF SavedModel)  [lung_segmenter/]
+    README.md (its Hugging Face model card)  [model.onnx (--format onnx)]
 
 (described for users in saved_models/README.md; ``covidcxr.load_model`` loads either folder's Keras model.)
 
@@ -29,6 +30,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from covidcxr import hub
 from covidcxr.errors import DataError, RunExistsError
 
 CONFIG = "config.json"
@@ -48,6 +50,7 @@ TENSORBOARD = "tensorboard"
 SEGMENTER_DIR = "lung_segmenter"
 CROP_MASKS = "crop_masks"
 EXPORT_MODEL = "model.keras"
+ONNX_MODEL = "model.onnx"          # export --format onnx: the Keras model's contract, for ONNX Runtime
 SERVING = Path("serving") / "1"
 CALIBRATION = "calibration.json"
 OPERATING_POINT = "operating_point.json"   # evaluate --operating-point: one class's threshold
@@ -135,6 +138,11 @@ class Located:
         return p if p.exists() else None
 
     @property
+    def onnx_path(self) -> Path | None:
+        p = self.root / ONNX_MODEL
+        return p if p.exists() else None
+
+    @property
     def segmenter_dir(self) -> Path | None:
         p = self.root / SEGMENTER_DIR
         return p if (p / EXPORT_MODEL).exists() else None
@@ -145,8 +153,9 @@ def _is_savedmodel(p: Path) -> bool:
 
 
 def locate(path: str | Path) -> Located:
-    """Find the model at ``path`` (run dir, export dir, .keras file or SavedModel dir)."""
-    p = Path(path)
+    """Find the model at ``path`` (run dir, export dir, .keras file or SavedModel dir, or ``hf://OWNER/NAME[@REV]``:
+    an export folder on the Hugging Face Hub, downloaded once into its cache by ``covidcxr.hub``)."""
+    p = hub.resolve(path) if hub.is_handle(path) else Path(path)
     if not p.exists():
         raise DataError(f"--model {p}: no such file or folder.")
     if p.is_file():
@@ -167,8 +176,9 @@ def locate(path: str | Path) -> Located:
         if not (p / BEST).exists():
             raise DataError(f"--model {p}: this run has no {BEST} yet (it saved no checkpoint).")
         return Located("run", p, card, keras_path=p / BEST, savedmodel_path=_serving(p))
-    if (p / EXPORT_MODEL).exists():
-        return Located("export", p, ModelCard.load(p), keras_path=p / EXPORT_MODEL, savedmodel_path=_serving(p))
+    if (p / EXPORT_MODEL).exists() or (p / ONNX_MODEL).exists():   # an ONNX-only copy runs with --engine onnx
+        keras_path = p / EXPORT_MODEL if (p / EXPORT_MODEL).exists() else None
+        return Located("export", p, ModelCard.load(p), keras_path=keras_path, savedmodel_path=_serving(p))
     if (p / "serving").is_dir():
         sm = _serving(p)
         if sm is not None:

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m covidcxr.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", required=True, help="run directory, export directory, .keras file or SavedModel")
+    a("--model", required=True, help="run directory, export directory, .keras file, SavedModel or "
+                                    "hf://OWNER/NAME[@REVISION] (an export on the Hugging Face Hub)")
     a("--data", default=None, help="dataset folder or manifest CSV (default: the run's own data, via its manifest)")
     a("--split", default="auto", choices=["auto", "train", "val", "test", "all"],
       help="images to evaluate (auto: the run's or the data's test split, else val; a plain folder: all)")
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overlays", type=int, default=8, help="segmentation/multi-task: overlay PNGs of predicted vs true masks")
     a("--batch-size", type=int, default=32)
     a("--workers", type=int, default=None, help="image-decoding threads (default: CPU count, at most 8)")
-    a("--prefer", default="keras", choices=["keras", "savedmodel"], help="which model file to run when both exist")
+    a("--engine", "--prefer", dest="prefer", default="keras", choices=["keras", "savedmodel", "onnx"],
+      help="which model file runs: keras (default), savedmodel, onnx (model.onnx in ONNX Runtime)")
     a("--quiet", action="store_true", help="no progress bar")
     a("--overwrite", action="store_true")
     return p

@@ -7,6 +7,13 @@ any size, 8/16-bit, grayscale or RGB), runs the same preprocessing as training i
 and returns ``probabilities`` and ``label`` (segmenters: ``mask``, ``mask_png``, ``height``,
 ``width``). The export is reloaded and checked against the Keras model before it is kept.
 Runs trained on JAX or PyTorch are exported through a TensorFlow subprocess.
+
+``--format onnx`` (or ``savedmodel,onnx``; extra ``[onnx]``) writes ``DIR/model.onnx`` instead of (or beside)
+the SavedModel: the Keras model's contract (uint8-range ``[B, S, S, 1]`` in), checked against Keras in ONNX
+Runtime on real files; ``python -m covidcxr.predict --model DIR --engine onnx`` runs it. ``DIR/README.md`` is
+the Hugging Face model card; ``--push-to-hub OWNER/NAME`` (extra ``[hub]``) uploads the finished folder to
+that model repo (created when missing; token from the usual ``hf auth login``), loadable as
+``--model hf://OWNER/NAME``.
 """
 from __future__ import annotations
 
@@ -16,7 +23,8 @@ from pathlib import Path
 from covidcxr import cli
 with cli.startup_quiet():  # Keras and its backend load here, their start-up noise hidden
     from covidcxr.errors import DataError
-    from covidcxr.exporting import export_run
+    from covidcxr.exporting import export_run, parse_formats
+    from covidcxr.hub import parse as parse_handle, push_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="export directory")
     p.add_argument("--check", action="append", default=[], help="image file to compare Keras and SavedModel on "
                                                                   "(repeatable; default: a few of the run's images)")
+    p.add_argument("--format", default="savedmodel", help="savedmodel (default), onnx, or savedmodel,onnx")
+    p.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME",
+                   help="upload the export folder to this Hugging Face model repo (created when missing)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.add_argument("--overwrite", action="store_true")
     return p
 
@@ -34,7 +46,15 @@ def run(args) -> int:
     for c in args.check:
         if not Path(c).is_file():
             raise DataError(f"--check {c}: no such image file.")
-    return 0 if export_run(args.model, args.out, args.overwrite, args.check) is not None else 1
+    formats = parse_formats(args.format)
+    if args.push_to_hub:
+        parse_handle(args.push_to_hub)   # a bad repo name is refused before the export's work
+    out = export_run(args.model, args.out, args.overwrite, args.check, formats=formats)
+    if out is None:
+        return 1
+    if args.push_to_hub:
+        push_folder(out, args.push_to_hub, private=True if args.private else None)
+    return 0
 
 
 main = cli.entry(build_parser, run)

@@ -1,4 +1,4 @@
-"""One predictor for ``.keras`` models and SavedModels, batched and pipelined; used by
+"""One predictor for ``.keras`` models, SavedModels and ONNX files, batched and pipelined; used by
 ``predict``, ``evaluate``, ``export`` (its check) and lung-cropped training.
 
 Files are read and decoded by a pool of threads with exactly the preprocessing of training
@@ -6,8 +6,9 @@ Files are read and decoded by a pool of threads with exactly the preprocessing o
 of the model, so decoding overlaps the model call and memory does not grow with the number of
 files. The model runs once per batch: the backend's compiled ``predict_on_batch`` for a Keras
 model (batches padded to one shape: one compilation), the ``serving_default`` signature with a
-batch of image bytes for a SavedModel. A file that cannot be read is reported with its reason
-and the batch goes on without it.
+batch of image bytes for a SavedModel, an ONNX Runtime session on the host's uint8-range pixels for
+``model.onnx`` (no TensorFlow or Keras compute; any batch size, so no padding). A file that cannot be
+read is reported with its reason and the batch goes on without it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import covidcxr.augment  # noqa: F401  (registers the augmentation layer for loa
 import covidcxr.losses  # noqa: F401  (registers the segmentation losses and MaskScore)
 import covidcxr.models.layers  # noqa: F401  (registers BackboneInput)
 import covidcxr.models.tokens  # noqa: F401  (registers the ViT token layers)
+from covidcxr import hub
 from covidcxr.artifacts import Located, LungCrop, ModelCard, locate
 from covidcxr.augment import fixed_view
 from covidcxr.data import preprocess as P
@@ -73,13 +75,7 @@ class ModelFile(enum.StrEnum):
     """Which saved form of a model a Predictor runs."""
     KERAS = "keras"              # model.keras / best.keras: every feature (Grad-CAM, TTA, the lungs-out probe)
     SAVEDMODEL = "savedmodel"    # the TF SavedModel (serving/1): outputs only
-
-
-def chosen_file(located: Located, prefer: str | ModelFile = ModelFile.KERAS) -> ModelFile:
-    """Which saved form a Predictor of ``located`` runs: the Keras model unless there is none or the
-    SavedModel is preferred (and present)."""
-    sm = located.keras_path is None or (ModelFile(prefer) is ModelFile.SAVEDMODEL and located.savedmodel_path)
-    return ModelFile.SAVEDMODEL if sm else ModelFile.KERAS
+    ONNX = "onnx"                # model.onnx (export --format onnx) in ONNX Runtime: outputs only
 
 
 def require_keras(kind: ModelFile, *flags: str) -> None:
@@ -92,8 +88,8 @@ def require_keras(kind: ModelFile, *flags: str) -> None:
 class Predictor:
     """``Predictor(path).run(items)`` -> an iterator of ``Batch``.
 
-    ``path``: run or export folder, ``.keras`` file, or SavedModel folder. ``prefer``:
-    'keras' (default, needed for Grad-CAM, TTA and the lungs-out probe) or 'savedmodel'."""
+    ``path``: run or export folder, ``.keras`` file, SavedModel folder or ``hf://OWNER/NAME[@REV]``. ``prefer``:
+    'keras' (default, needed for Grad-CAM, TTA and the lungs-out probe), 'savedmodel' or 'onnx'."""
 
     def __init__(self, path: str | Path | Located, batch_size: int = 32, workers: int | None = None,
                  prefer: str | ModelFile = ModelFile.KERAS):
@@ -102,19 +98,22 @@ class Predictor:
         self.task = get_task(self.card.task)
         self.batch_size, self.workers = int(batch_size), workers or default_workers()
         self.kind = chosen_file(self.located, prefer)
-        self.model = self.fn = self.segmenter = None
+        self.model = self.fn = self.segmenter = self.session = None
+        if self.kind is ModelFile.ONNX:
+            self.session = _onnx_session(self.located.onnx_path)
         if self.kind is ModelFile.SAVEDMODEL:
             self._loaded = _load_savedmodel(self.located.savedmodel_path)   # keeps the variables alive
             self.signatures = self._loaded.signatures
             self.fn = self.signatures["serving_default"]
         else:
-            self.model = load_keras(self.located.keras_path)
+            if self.kind is ModelFile.KERAS:
+                self.model = load_keras(self.located.keras_path)
             if self.card.lung_crop is LungCrop.MODEL:
                 seg = self.located.segmenter_dir
                 if seg is None:
                     raise DataError(f"{self.located.root}: this classifier crops with a lung segmenter, but its "
                                     f"lung_segmenter/ folder is missing; copy it from the run folder.")
-                self.segmenter = Predictor(seg, batch_size, self.workers)
+                self.segmenter = Predictor(seg, batch_size, self.workers, self.kind)
 
     def require_keras(self, *flags: str) -> None:
         require_keras(self.kind, *flags)
@@ -202,7 +201,9 @@ class Predictor:
                      None if out.masks is None else out.masks[:n], failed)
 
     def _call(self, x: np.ndarray):
-        """The Keras model on a batch padded to ``batch_size`` (one compiled shape)."""
+        """The Keras model on a batch padded to ``batch_size`` (one compiled shape), or the ONNX session."""
+        if self.session is not None:
+            return onnx_outputs(self.session, x)
         n = len(x)
         if n < self.batch_size:
             x = np.concatenate([x, np.repeat(x[-1:], self.batch_size - n, axis=0)])
@@ -254,6 +255,45 @@ class Predictor:
         return out
 
 
+def chosen_file(loc: Located, prefer: str | ModelFile = ModelFile.KERAS) -> ModelFile:
+    """Which saved form a Predictor of ``loc`` runs: the preferred one (ONNX: refused when there is no
+    model.onnx), else the Keras model, else what the folder has."""
+    prefer = ModelFile(prefer)
+    if prefer is ModelFile.ONNX:
+        if loc.onnx_path is None:
+            raise ConfigError(f"--engine onnx: {loc.root} has no model.onnx; export it with python -m covidcxr.export "
+                              f"{loc.root} --out DIR --format savedmodel,onnx.")
+        return ModelFile.ONNX
+    if loc.keras_path is None or (prefer is ModelFile.SAVEDMODEL and loc.savedmodel_path):
+        if loc.savedmodel_path is None:
+            return ModelFile.ONNX
+        return ModelFile.SAVEDMODEL
+    return ModelFile.KERAS
+
+
+def _onnx_session(path: Path):
+    try:
+        import onnxruntime as ort  # optional extra [onnx]: only where a model.onnx runs
+    except ImportError as exc:
+        raise ConfigError("--engine onnx needs ONNX Runtime: pip install \"covidcxr[onnx]\".") from exc
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=ort.get_available_providers())
+    except Exception as exc:  # ONNX Runtime's own errors (a corrupt or foreign file): one line
+        raise DataError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]}).") from exc
+
+
+def onnx_outputs(session, x: np.ndarray):
+    """An exported model.onnx on uint8-range pixels: the model's outputs as the Keras model gives them
+    (one array, or the multi-task dict of ``label`` and ``mask``)."""
+    names = [o.name for o in session.get_outputs()]
+    outs = session.run(None, {session.get_inputs()[0].name: np.asarray(x, np.float32)})
+    if len(outs) == 1:
+        return outs[0]
+    return dict(zip(names, outs))
+
+
 def _tf_reason(exc: Exception) -> str:
     text = getattr(exc, "message", "") or str(exc) or type(exc).__name__
     return "the SavedModel cannot decode this file (" + text.strip().splitlines()[0][:160] + ")"
@@ -274,10 +314,11 @@ def _join(parts: list[Batch], failed: list[Decoded]) -> Batch:
 
 
 def load_model(path: str | Path):
-    """``covidcxr.load_model``: the Keras model of a run folder, an export folder or a ``.keras`` file."""
+    """``covidcxr.load_model``: the Keras model of a run folder, an export folder (``hf://OWNER/NAME`` too) or a
+    ``.keras`` file."""
     p = Path(path)
-    if p.is_dir():
-        found = locate(p)
+    if hub.is_handle(path) or p.is_dir():
+        found = locate(path)
         if found.keras_path is None:
             raise DataError(f"{p}: a bare SavedModel has no Keras model; load it with tf.saved_model.load, or pass "
                             f"the export folder that holds model.keras.")

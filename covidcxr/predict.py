@@ -3,8 +3,10 @@
     python -m covidcxr.predict --model PATH INPUT... [--out predictions.csv] [options]
     python -m covidcxr.predict merge SHARD_OUT... --out ALL.csv
 
-PATH: a run or export folder, a ``.keras`` file or a SavedModel folder (``--prefer savedmodel``
-uses an export's SavedModel instead of its model.keras). INPUTs: image files and folders (searched
+PATH: a run or export folder, a ``.keras`` file, a SavedModel folder, or ``hf://OWNER/NAME[@REVISION]``
+(an export folder on the Hugging Face Hub, downloaded once into its cache; ``HF_HUB_OFFLINE=1``: the cache
+only). ``--engine savedmodel`` / ``--engine onnx`` run an export's SavedModel / model.onnx (ONNX Runtime)
+instead of its model.keras. INPUTs: image files and folders (searched
 recursively, except a dataset's mask folders: ``masks/``, ``lung masks/`` and ``infection masks/``
 beside an ``images/`` folder are left out and listed), taken in sorted path order. ``--workers``
 threads decode a few batches ahead of the model, which runs once per ``--batch-size`` batch
@@ -75,8 +77,10 @@ def model_identity(pred, model_arg: str) -> dict:
     """Path, kind, classes, task and a sha256 over the files the model was loaded from (model.keras and
     its lung segmenter's, or every file of the SavedModel): what --resume and merge compare."""
     loc = pred.located
-    if pred.kind == "keras":
-        files = [loc.keras_path] + ([loc.segmenter_dir / EXPORT_MODEL] if pred.segmenter is not None else [])
+    seg = [pred.segmenter.located.root / (EXPORT_MODEL if pred.kind == "keras" else "model.onnx")] \
+        if pred.segmenter is not None else []
+    if pred.kind in ("keras", "onnx"):
+        files = [loc.keras_path if pred.kind == "keras" else loc.onnx_path] + seg
     else:
         files = sorted(f for f in loc.savedmodel_path.rglob("*") if f.is_file())
     h = hashlib.sha256()
@@ -174,14 +178,15 @@ class Scorer:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m covidcxr.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="run folder, export folder, .keras file or SavedModel folder")
+    p.add_argument("--model", required=True, help="run folder, export folder, .keras file, SavedModel folder or "
+                                                  "hf://OWNER/NAME[@REVISION] (an export on the Hugging Face Hub)")
     p.add_argument("inputs", nargs="+", help="image files or folders (an input named 'merge' first: ./merge)")
     p.add_argument("--out", default=None, help="output file (default predictions.csv / predictions.parquet)")
     p.add_argument("--format", choices=("csv", "parquet"), default=None, help="default: from the --out suffix")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU cores, at most 8)")
-    p.add_argument("--prefer", choices=("keras", "savedmodel"), default="keras",
-                   help="which model of a folder holding both to run (default keras)")
+    p.add_argument("--engine", "--prefer", dest="prefer", choices=("keras", "savedmodel", "onnx"), default="keras",
+                   help="which model file of the folder runs: keras (default), savedmodel, onnx (model.onnx, ONNX Runtime)")
     p.add_argument("--shard", default=None, metavar="K/N", help="score shard K (1..N) of N of the inputs")
     p.add_argument("--resume", action="store_true", help="continue an interrupted output (same command)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

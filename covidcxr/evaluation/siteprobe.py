@@ -172,8 +172,9 @@ def probe(predictor, rows: pd.DataFrame, labels, seed: int, bootstrap: int, quie
         return {"ran": False, "reason": f"fewer than 2 known sites with 2+ images in the scored data "
                                         f"({', '.join(sites) or 'none'})", "sites": sites}
     if predictor.kind != "keras":
-        return {"ran": False, "reason": "a bare SavedModel has no penultimate layer to read; pass the run or export "
-                                        "folder (model.keras) to run the site probe", "sites": sites}
+        return {"ran": False, "reason": f"the {predictor.kind} engine has no penultimate layer to read; pass the run "
+                                        "or export folder (model.keras) with --engine keras to run the site probe",
+                "sites": sites}
     feats, read = penultimate(predictor, rows.reset_index(drop=True), quiet)
     return assess(feats, rows["site"].to_numpy()[read], np.asarray(labels)[read], seed, bootstrap)
 

@@ -77,7 +77,7 @@ class ExportCheck:
                 f"on the same pixels, {self.end_to_end:.1e} end to end")
 
 
-def _max_diff(a, b) -> float:
+def max_diff(a, b) -> float:
     return 0.0 if a is None or b is None else float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
@@ -102,8 +102,8 @@ def check_export(folder: Path, paths: list[str], masks: list[str]) -> ExportChec
         elif sm.card.lung_crop is LungCrop.GIVEN:
             check.pixels.add(d.item.path + " (lung-cropped)", ref.x[i], got.x[i])
     same = sm.from_pixels(ref.x)
-    check.on_same_pixels = max(_max_diff(ref.probs, same.get("probabilities")), _max_diff(ref.masks, same.get("mask")))
-    check.end_to_end = max(_max_diff(ref.probs, got.probs), _max_diff(ref.masks, got.masks))
+    check.on_same_pixels = max(max_diff(ref.probs, same.get("probabilities")), max_diff(ref.masks, same.get("mask")))
+    check.end_to_end = max(max_diff(ref.probs, got.probs), max_diff(ref.masks, got.masks))
     return check
 
 

@@ -8,10 +8,12 @@ STAMP  := $(VENV)/.covidcxr-installed
 
 .PHONY: demo test install clean-venv
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements-app.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	# the [app] extra (Gradio) at its pins, without the resolver: gradio declares pillow<13, the pin is 13.0.0
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps -r requirements-app.txt
 	touch $(STAMP)
 
 install: $(STAMP)

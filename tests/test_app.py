@@ -154,8 +154,14 @@ def live_app(tmp_path_factory):
     assert train.main(["--data", str(data), "--arch", "mobilenetv3small", "--weights", "none", "--epochs", "1",
                        "--fine-tune-epochs", "0", "--image-size", "32", "--batch-size", "16",
                        "--run-dir", str(root / "run"), "--export-dir", "none"]) == 0
-    assert evaluate.main(["--model", str(root / "run"), "--data", str(data), "--split", "val", "--out",
-                          str(root / "ev"), "--bootstrap", "0", "--gradcam", "0"]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        # this branch's base (d2457ec) has Evaluator.check_flags read self.pred before it is set; main fixed it
+        # in e9ab9df. The flags below all apply to this classifier, so the check is skipped here. Drop after merge.
+        from covidcxr.evaluation.evaluator import Evaluator
+        if "chosen_file" not in Evaluator.check_flags.__code__.co_names:
+            mp.setattr(Evaluator, "check_flags", lambda self, explicit: None)
+        assert evaluate.main(["--model", str(root / "run"), "--data", str(data), "--split", "val", "--out",
+                              str(root / "ev"), "--bootstrap", "0", "--gradcam", "0"]) == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -235,9 +241,9 @@ def test_browser_confusion_cell_filters_the_table(page, live_app):
     page.get_by_role("tab", name="Evaluation").click()
     grid = page.locator("#confusion-grid")
     grid.wait_for(timeout=30000)
-    grid.locator("tbody tr").nth(r).locator("td").nth(c + 1).click()
+    grid.locator(f'[data-testid="cell-{r}-{c + 1}"]').click()   # column 0 holds the true class's name
     count = page.locator("#eval-count")
     count.get_by_text(f"{len(want)} of {len(ev.table)} rows").wait_for(timeout=30000)
-    table = page.locator("#eval-table tbody tr")
-    names = sorted(table.nth(i).locator("td").first.inner_text().strip() for i in range(table.count()))
+    cells = page.locator('#eval-table [role="gridcell"][data-col="0"]')   # the file-name column
+    names = sorted(cells.nth(i).inner_text().strip() for i in range(cells.count()))
     assert names == sorted(Path(p).name for p in want["path"])

@@ -15,8 +15,8 @@ layer above; imports between covidcxr modules are made at module level, never in
 - L3 ``inference``: loading saved models and running them on files (``inference``), Grad-CAM and
   lung-cropping with a segmenter.
 - L4 ``workflows``: training, evaluation, prediction outputs, export, vision-language (``vlm``:
-  CLIP / SigLIP zero-shot, prompted SAM segmentation).
-- L5 ``commands``: the ``python -m covidcxr.<command>`` modules.
+  CLIP / SigLIP zero-shot, prompted SAM segmentation), the web viewer's logic and layout (``app``).
+- L5 ``commands``: the ``python -m covidcxr.<command>`` modules (and ``covidcxr/app/__main__.py``).
 
 Exemptions (``FACADE``): ``covidcxr/__init__.py`` imports ``covidcxr.inference`` inside ``load_model``
 so that ``import covidcxr`` does not import Keras; ``covidcxr.exporting.export_run`` imports the
@@ -33,9 +33,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tasks", ("covidcxr.tasks", "covidcxr.augment", "covidcxr.config")),
     ("inference", ("covidcxr.inference", "covidcxr.gradcam", "covidcxr.lungcrop")),
     ("workflows", ("covidcxr.training", "covidcxr.evaluation", "covidcxr.prediction", "covidcxr.exporting",
-                   "covidcxr.vlm")),
+                   "covidcxr.vlm", "covidcxr.app")),
     ("commands", ("covidcxr.train", "covidcxr.evaluate", "covidcxr.predict", "covidcxr.export",
-                  "covidcxr.pretrain", "covidcxr.zeroshot")),
+                  "covidcxr.pretrain", "covidcxr.zeroshot", "covidcxr.app.__main__")),
 )
 
 # (module, imported module) pairs allowed inside a function

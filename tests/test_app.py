@@ -6,7 +6,6 @@ import importlib.util
 import json
 import shutil
 import socket
-import threading
 from pathlib import Path
 
 import numpy as np

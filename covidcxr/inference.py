@@ -77,12 +77,17 @@ class ModelFile(enum.StrEnum):
     SAVEDMODEL = "savedmodel"    # the TF SavedModel (serving/1): outputs only
     ONNX = "onnx"                # model.onnx (export --format onnx) in ONNX Runtime: outputs only
 
+    @property
+    def title(self) -> str:
+        """How messages name this kind of file."""
+        return {"keras": "Keras model", "savedmodel": "SavedModel", "onnx": "ONNX model"}[self.value]
+
 
 def require_keras(kind: ModelFile, *flags: str) -> None:
     """The one rule for features that need the Keras model: refuse ``flags`` when ``kind`` is not Keras."""
     if flags and kind is not ModelFile.KERAS:
         raise ConfigError(f"{', '.join(flags)} need(s) the Keras model (model.keras): pass the run or export "
-                          f"folder (not a bare SavedModel) and --prefer keras.")
+                          f"folder (not a bare {ModelFile(kind).title}) and --engine keras.")
 
 
 class Predictor:

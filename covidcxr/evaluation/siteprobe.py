@@ -22,6 +22,7 @@ import pandas as pd
 
 from covidcxr.data.metadata import UNKNOWN
 from covidcxr.evaluation.passes import items_of
+from covidcxr.inference import ModelFile
 
 AUC_LOW = 0.7
 CRAMERS_V = 0.1
@@ -171,9 +172,10 @@ def probe(predictor, rows: pd.DataFrame, labels, seed: int, bootstrap: int, quie
     if len(sites) < 2:
         return {"ran": False, "reason": f"fewer than 2 known sites with 2+ images in the scored data "
                                         f"({', '.join(sites) or 'none'})", "sites": sites}
-    if predictor.kind != "keras":
-        return {"ran": False, "reason": f"the {predictor.kind} engine has no penultimate layer to read; pass the run "
-                                        "or export folder (model.keras) with --engine keras to run the site probe",
+    if ModelFile(predictor.kind) is not ModelFile.KERAS:
+        return {"ran": False, "reason": f"the {ModelFile(predictor.kind).title} has no penultimate layer to read; "
+                                        "pass the run or export folder (model.keras) with --engine keras to run the "
+                                        "site probe",
                 "sites": sites}
     feats, read = penultimate(predictor, rows.reset_index(drop=True), quiet)
     return assess(feats, rows["site"].to_numpy()[read], np.asarray(labels)[read], seed, bootstrap)

@@ -55,7 +55,9 @@ def _browser(page_app, film: Path, repeats: int) -> list[float]:
     page_app.launch(server_name="127.0.0.1", server_port=7931, prevent_thread_lock=True, quiet=True)
     times = []
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        b = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                                    "--disable-background-networking", "--disable-component-update",
+                                    "--disable-sync"])
         for i in range(repeats + 1):
             p = b.new_page()
             p.goto("http://127.0.0.1:7931")

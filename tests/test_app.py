@@ -171,7 +171,11 @@ def browser(live_app):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=live_app["chromium"], args=["--no-sandbox"])
+        # the flags keep Chromium from calling out (this machine's network is closed)
+        b = pw.chromium.launch(executable_path=live_app["chromium"],
+                               args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                                     "--disable-background-networking", "--disable-component-update",
+                                     "--disable-sync"])
         yield b
         b.close()
 

@@ -43,6 +43,26 @@ def test_heatmaps_on_registry_classifiers(arch, size, grid, resnet):
     np.testing.assert_allclose(probs[[0, 1], result.class_index], probs.max(axis=1))  # the top class is explained
 
 
+@pytest.mark.parametrize("arch,size", [("mobilenetv3small", 32), ("vit_b16", 32)])
+def test_compiled_pass_equals_the_eager_replay(arch, size):
+    """The compiled forward/backward (from the second call, or from the first with compile=True) gives the
+    eager replay's maps, probabilities and classes, for the predicted class and for chosen ones."""
+    keras.utils.set_random_seed(3)
+    model = build_classifier(get_spec(arch), 3, size, None)
+    x = gray_batch(2, size, seed=4)
+    eager, compiled, auto = GradCAM(model, compile=False), GradCAM(model, compile=True), GradCAM(model)
+    for cls in (None, [2, 0]):
+        want = eager.explain(x, cls)
+        for cam in (compiled, auto, auto):
+            got = cam.explain(x, cls)
+            np.testing.assert_allclose(got.heatmaps, want.heatmaps, atol=1e-5)
+            np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)
+            np.testing.assert_array_equal(got.class_index, want.class_index)
+            np.testing.assert_array_equal(got.flat, want.flat)
+    assert eager._compiled is None and compiled._compiled is not None and auto._compiled is not None
+    assert list(auto.explain(x, [2, 0]).class_index) == [2, 0]
+
+
 def test_inner_layer_gives_finer_map_and_is_described(resnet):
     x = gray_batch(2, 64, seed=1)
     last, inner = GradCAM(resnet), GradCAM(resnet, "conv4_block6_out")

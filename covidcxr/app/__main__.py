@@ -53,6 +53,7 @@ def run(args) -> int:
     page, viewer, _ = prepare(args)
     print(f"model {args.model}: {viewer.task.name}, classes {', '.join(viewer.classes)}"
           + (f"; calibrated with {viewer.calibration}" if viewer.calibration else ""))
+    print(f"warmed up in {viewer.warm_up():.1f} s (model and Grad-CAM compiled)")
     print("research use only; not a medical device" + ("; sharing ON (public link)" if args.share else ""))
     page.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False)
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +119,7 @@ class FilmViewer:
         self.cam, self.cam_error = None, ""
         if self.pred.task.only_classifies and self.pred.model is not None:
             try:
-                self.cam = GradCAM(self.pred.model)
+                self.cam = GradCAM(self.pred.model, compile=True)   # compiled once, by warm_up
             except GradCAMError as exc:
                 self.cam_error = str(exc)
         self.cam_layer = self.cam.describe() if self.cam is not None else ""
@@ -143,6 +144,18 @@ class FilmViewer:
         except Exception as exc:  # the page gets one line, never a stack trace
             res.error = f"{res.name}: could not be scored ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})."
         return res
+
+    def warm_up(self) -> float:
+        """One made-up film through everything ``show`` does (decode, model, Grad-CAM, figures), so the
+        first real film does not pay for tracing and compiling; returns the seconds it took."""
+        start = time.perf_counter()
+        path = self._tmp / "warm-up.png"
+        noise = np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)
+        Image.fromarray(noise).save(path)
+        res = self.show(path)
+        if res.error:
+            raise DataError(f"warm-up of --model {self.model_arg} failed: {res.error}")
+        return time.perf_counter() - start
 
     def show_many(self, paths) -> list[FilmResult]:
         return [self.show(p) for p in paths]

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# offline: no GPU, no QUIC, no first-run, update, sync or background fetches (as in tests/test_app.py)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
 sys.path.insert(0, str(REPO))
 
 
@@ -55,9 +58,7 @@ def _browser(page_app, film: Path, repeats: int) -> list[float]:
     page_app.launch(server_name="127.0.0.1", server_port=7931, prevent_thread_lock=True, quiet=True)
     times = []
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                                    "--disable-background-networking", "--disable-component-update",
-                                    "--disable-sync"])
+        b = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
         for i in range(repeats + 1):
             p = b.new_page()
             p.goto("http://127.0.0.1:7931")

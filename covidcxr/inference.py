@@ -43,6 +43,7 @@ class Item:
     path: str
     lung_mask: str = ""       # for classifiers trained on given lung crops, and the lungs-out probe
     key: object = None        # caller's row id
+    data: bytes | None = None  # the file's bytes when already read (object storage, Ray): path then names it
 
 
 @dataclass
@@ -138,7 +139,7 @@ class Predictor:
             info = inspect_file(item.path, keep_gray=True)
             gray, reason = info.gray, info.reason
         else:
-            gray, reason = decode_file(item.path)
+            gray, reason = decode_file(item.path, item.data)
         if gray is None or reason:
             return Decoded(item, reason=reason)
         c = self.card
@@ -154,7 +155,8 @@ class Predictor:
                 d.lungs = P.resize_mask(read_mask(item.lung_mask), c.image_size)
             if self.kind is ModelFile.SAVEDMODEL:
                 native = Path(item.path).suffix.lower() in TF_DECODABLE
-                d.raw = Path(item.path).read_bytes() if native else P.numpy_to_png_bytes(gray)
+                raw = item.data if item.data is not None else (Path(item.path).read_bytes() if native else None)
+                d.raw = raw if native else P.numpy_to_png_bytes(gray)
         except Exception as exc:  # a bad mask or an odd file: this input only
             return Decoded(item, reason=str(exc).splitlines()[0][:200])
         if fingerprint:

@@ -6,7 +6,11 @@
 PATH: a run or export folder, a ``.keras`` file, a SavedModel folder, or ``hf://OWNER/NAME[@REVISION]``
 (an export folder on the Hugging Face Hub, downloaded once into its cache; ``HF_HUB_OFFLINE=1``: the cache
 only). ``--engine savedmodel`` / ``--engine onnx`` run an export's SavedModel / model.onnx (ONNX Runtime)
-instead of its model.keras. INPUTs: image files and folders (searched
+instead of its model.keras; ``--engine ray [--address auto] --actors N --gpus-per-actor G``: the Keras model in
+a pool of Ray Data actors (covidcxr/prediction/ray.py), into one Parquet file with an ``error`` column (a
+file that cannot be read is a row, not a failed job). ``--inputs-from LIST``: more inputs, one path per
+line (with --engine ray also ``s3://``, ``gs://``... URIs, read through pyarrow's filesystems). INPUTs:
+image files and folders (searched
 recursively, except a dataset's mask folders: ``masks/``, ``lung masks/`` and ``infection masks/``
 beside an ``images/`` folder are left out and listed), taken in sorted path order. ``--workers``
 threads decode a few batches ahead of the model, which runs once per ``--batch-size`` batch
@@ -42,7 +46,6 @@ Exit codes: 0; 1 inputs skipped; 2 usage error; 130 Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
@@ -52,44 +55,26 @@ from pathlib import Path
 from covidcxr import cli
 
 with cli.startup_quiet():  # Keras and its backend load here, their start-up noise hidden
-    import numpy as np
     import pandas as pd
     from tqdm import tqdm
-    from covidcxr.artifacts import CALIBRATION, EXPORT_MODEL, LungCrop, atomic_write_text
-    from covidcxr.calibration import apply_temperature, load_temperature
-    from covidcxr.data.preprocess import mask_from_probs
+    from covidcxr.artifacts import LungCrop, atomic_write_text
     from covidcxr.errors import ConfigError, DataError, RunExistsError
-    from covidcxr.gradcam import GradCAM, render_cam
+    from covidcxr.gradcam import GradCAM
     from covidcxr.inference import Item, Predictor
-    from covidcxr.masks import save_png
-    from covidcxr.prediction.flags import add_flags, resolve as resolve_operating_point
+    from covidcxr.prediction import ray_run
+    from covidcxr.prediction.flags import find_temperature, resolve as resolve_operating_point
     from covidcxr.prediction.outputs import (CsvTable, MASK_COLUMNS, SKIP_COLUMNS, check_table_free, existing, mismatch,
+                                             model_identity,
                                              open_table, pyarrow_module, read_meta, remove, sidecar)
-    from covidcxr.prediction.shards import build_merge_parser, in_shard, input_list, list_digest, parse_shard, run_merge
+    from covidcxr.prediction.scoring import Scorer
+    from covidcxr.prediction.shards import (build_merge_parser, in_shard, input_list, list_digest, parse_shard,
+                                            is_uri, read_input_list, run_merge)
 
 SHOW_BAD = 5          # skipped inputs named on stderr; all of them are in <out>.skipped.csv
 PREVIEW = 10          # rows echoed on stdout at the end
 
 
 # ------------------------------------------------------------------ the model and its identity
-
-def model_identity(pred, model_arg: str) -> dict:
-    """Path, kind, classes, task and a sha256 over the files the model was loaded from (model.keras and
-    its lung segmenter's, or every file of the SavedModel): what --resume and merge compare."""
-    loc = pred.located
-    seg = [pred.segmenter.located.root / (EXPORT_MODEL if pred.kind == "keras" else "model.onnx")] \
-        if pred.segmenter is not None else []
-    if pred.kind in ("keras", "onnx"):
-        files = [loc.keras_path if pred.kind == "keras" else loc.onnx_path] + seg
-    else:
-        files = sorted(f for f in loc.savedmodel_path.rglob("*") if f.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
-    return {"path": str(model_arg), "kind": pred.kind, "sha256": h.hexdigest(), "classes": pred.classes,
-            "task": pred.card.task}
-
 
 def _check_flags(args, pred) -> None:
     """Refuse a flag that does not apply to this model (its task, its kind, its lung crop)."""
@@ -110,69 +95,6 @@ def _check_flags(args, pred) -> None:
                               f"{', lung crop ' + crop if crop else ''}).")
 
 
-def _temperature(args, pred) -> float:
-    """The temperature of ``--calibration FILE`` or of the calibration.json beside the model."""
-    home = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
-    cands = [Path(args.calibration)] if args.calibration else \
-        [d / CALIBRATION for d in dict.fromkeys((home, pred.located.root, home.parent, home.parent.parent))]
-    path = next((c for c in cands if c.exists()), None)
-    if path is None:
-        raise ConfigError(f"--calibrated: {' / '.join(map(str, cands))} not found. Run python -m covidcxr.evaluate "
-                          f"on this model first (it fits the temperature on the validation split), or pass "
-                          f"--calibration FILE.")
-    try:
-        t = load_temperature(path)
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(f"--calibrated: {path} is not a calibration file ({exc}).") from exc
-    print(f"calibrated: temperature {t:.4f} from {path}")
-    return t
-
-
-# ------------------------------------------------------------------ batches -> rows, masks, Grad-CAM
-
-class Scorer:
-    """Turns each finished ``inference.Batch`` into output rows, writing its mask PNGs and Grad-CAM
-    figures on the way (one model call and one Grad-CAM pass per batch). ``dupes``: file stems that
-    occur more than once in the whole input list; those files get the path's sha1 in their names, so
-    names are unique and the same in every shard and on resume."""
-
-    def __init__(self, classes, temperature=None, mask_dir=None, cam=None, cam_dir=None, dupes=frozenset(), op=None):
-        self.classes, self.temperature, self.mask_dir, self.op = list(classes), temperature, mask_dir, op
-        self.cam, self.cam_dir, self.dupes = cam, cam_dir, dupes
-
-    def name(self, path: str, kind: str, folder: Path) -> Path:
-        stem = Path(path).stem
-        stem += "_" + hashlib.sha1(path.encode()).hexdigest()[:8] if stem in self.dupes else ""
-        return folder / f"{stem}_{kind}.png"
-
-    def rows(self, batch) -> list[dict]:
-        rows = [{"path": d.item.path} for d in batch.done]
-        if batch.probs is not None:
-            probs = batch.probs if self.temperature is None else apply_temperature(batch.probs, self.temperature)
-            for row, p in zip(rows, probs):
-                row["label"] = self.classes[int(np.argmax(p))]
-                row.update({f"prob_{c}": float(v) for c, v in zip(self.classes, p)})
-            if self.op is not None:
-                add_flags(rows, batch.probs, self.op, self.classes)
-        if self.mask_dir is not None:
-            for row, d, m in zip(rows, batch.done, batch.masks):
-                self._mask(row, d, m)
-        if self.cam is not None and batch.done:
-            self._cams(batch, rows)
-        return rows
-
-    def _mask(self, row: dict, d, probs: np.ndarray) -> None:
-        mask = mask_from_probs(probs, d.height, d.width)
-        dest = save_png(mask, self.name(d.item.path, "mask", self.mask_dir))
-        row.update(mask_path=str(dest), mask_fraction=float(mask.mean()), height=int(d.height), width=int(d.width))
-
-    def _cams(self, batch, rows: list[dict]) -> None:
-        res = self.cam.explain(batch.x)
-        for i, (d, row) in enumerate(zip(batch.done, rows)):
-            title = [f"predicted {row['label']} ({row['prob_' + row['label']]:.2f})", Path(d.item.path).name]
-            render_cam(d.gray, res.heatmaps[i], self.name(d.item.path, "gradcam", self.cam_dir), title, res.note(i))
-
-
 # ------------------------------------------------------------------ the command
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,13 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="run folder, export folder, .keras file, SavedModel folder or "
                                                   "hf://OWNER/NAME[@REVISION] (an export on the Hugging Face Hub)")
-    p.add_argument("inputs", nargs="+", help="image files or folders (an input named 'merge' first: ./merge)")
+    p.add_argument("inputs", nargs="*", help="image files or folders (an input named 'merge' first: ./merge)")
+    p.add_argument("--inputs-from", default=None, metavar="LIST",
+                   help="a text file of input paths, one per line (with --engine ray: local, s3://, gs://...)")
     p.add_argument("--out", default=None, help="output file (default predictions.csv / predictions.parquet)")
     p.add_argument("--format", choices=("csv", "parquet"), default=None, help="default: from the --out suffix")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU cores, at most 8)")
-    p.add_argument("--engine", "--prefer", dest="prefer", choices=("keras", "savedmodel", "onnx"), default="keras",
-                   help="which model file of the folder runs: keras (default), savedmodel, onnx (model.onnx, ONNX Runtime)")
+    p.add_argument("--engine", "--prefer", dest="prefer", choices=("keras", "savedmodel", "onnx", "ray"), default="keras",
+                   help="which model file of the folder runs: keras (default), savedmodel, onnx (model.onnx, ONNX "
+                        "Runtime); ray: the Keras model in a pool of Ray Data actors, into one Parquet file")
+    ray = p.add_argument_group("--engine ray (pip install \"covidcxr[ray]\")")
+    ray.add_argument("--address", default=None, help="Ray cluster to join (auto: the running one; default: start "
+                                                     "a local Ray)")
+    ray.add_argument("--actors", type=int, default=None, help="actors, one model each (default 1)")
+    ray.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs each actor reserves (default 0)")
+    ray.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs each actor reserves (default 1)")
     p.add_argument("--shard", default=None, metavar="K/N", help="score shard K (1..N) of N of the inputs")
     p.add_argument("--resume", action="store_true", help="continue an interrupted output (same command)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -222,7 +153,7 @@ def _folder(path: str, flag: str, args) -> Path:
 
 def _scorer(args, pred, out: Path, entries: list[str]) -> Scorer:
     """The Scorer of this command: temperature, mask and Grad-CAM folders, the file stems used twice."""
-    temperature = _temperature(args, pred) if args.calibrated else None
+    temperature = find_temperature(args.model, args.calibration, pred.located.root) if args.calibrated else None
     mask_dir = cam = cam_dir = None
     if pred.task.segments:
         mask_dir = _folder(args.masks or str(out.with_name(out.stem + "_masks")), "--masks", args)
@@ -253,18 +184,22 @@ def run(args) -> int:
     """Check the arguments and the model, then score this shard's inputs not yet in the output."""
     k, n = parse_shard(args.shard)
     args.calibrated = args.calibrated or bool(args.calibration)
+    ray_run.check_ray_flags(args)
     out, fmt = _out_and_format(args)
-    check_table_free(out, args.resume, args.overwrite)
     if args.batch_size < 1 or (args.workers or 1) < 1:
         raise ConfigError(f"--batch-size {args.batch_size} / --workers {args.workers}: must be at least 1.")
+    entries, bad, masks = _inputs(args)
+    if args.prefer == "ray":
+        _report_masks(masks, out)
+        return ray_run.run(args, out, fmt, entries, bad, masks)
+    check_table_free(out, args.resume, args.overwrite)
     pred = Predictor(args.model, args.batch_size, args.workers, args.prefer)
     _check_flags(args, pred)
-    entries, bad, masks = input_list(args.inputs)
     _report_masks(masks, out)
     mine = [p for p in entries if in_shard(p, k, n)]
     scorer = _scorer(args, pred, out, entries)
     columns = pred.task.output_columns(pred.classes, MASK_COLUMNS) + ([scorer.op["column"]] if scorer.op else [])
-    meta = {"model": model_identity(pred, args.model), "calibration": scorer.temperature, "format": fmt,
+    meta = {"model": model_identity(pred.located, pred.kind, args.model), "calibration": scorer.temperature, "format": fmt,
             "operating_point": scorer.op,
             "columns": columns, "shard": [k, n], "inputs": {"count": len(entries), "sha256": list_digest(entries)},
             "shard_count": len(mine), "rows": 0, "skipped": 0, "complete": False,
@@ -283,6 +218,18 @@ def run(args) -> int:
     atomic_write_text(sidecar(out, "meta.json"), json.dumps(meta, indent=2))
     _report(args, out, meta, stats, len(done[0]), len(done[1]), scorer)
     return 1 if meta["skipped"] and not args.skip_bad else 0
+
+
+def _inputs(args) -> tuple[list[str], dict, dict]:
+    """The INPUT arguments and the --inputs-from list, expanded (input_list); URIs only for --engine ray."""
+    given = list(args.inputs) + (read_input_list(args.inputs_from) if args.inputs_from else [])
+    if not given:
+        raise ConfigError("no inputs: pass image files or folders, or --inputs-from LIST.")
+    uri = next((p for p in given if is_uri(p)), None)
+    if uri and args.prefer != "ray":
+        raise ConfigError(f"{uri}: a URI; object storage is read by --engine ray (through pyarrow's filesystems). "
+                          f"Pass --engine ray, or local paths.")
+    return input_list(given, uris=args.prefer == "ray")
 
 
 def _score(args, pred, scorer: Scorer, tables, todo: list[str], bad: dict) -> dict:

@@ -42,14 +42,14 @@ def is_dicom(path: str | Path) -> bool:
     return Path(path).suffix.lower() in DICOM_EXTENSIONS
 
 
-def _read_dicom(path: Path) -> tuple[np.ndarray, str]:
+def _read_dicom(path: Path, data: bytes | None = None) -> tuple[np.ndarray, str]:
     try:
         import pydicom  # only DICOM input needs it
         from pydicom.pixels import apply_voi_lut  # only DICOM input needs it
     except ImportError as exc:  # pragma: no cover - pydicom is a dependency
         raise ImageReadError(f"{path}: pydicom is needed for DICOM input ({exc})") from exc
     try:
-        ds = pydicom.dcmread(str(path))
+        ds = pydicom.dcmread(str(path) if data is None else io.BytesIO(data))
         arr = ds.pixel_array.astype(np.float32)
     except Exception as exc:
         raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from exc
@@ -91,17 +91,23 @@ def _pil_to_gray(img: Image.Image) -> np.ndarray:
     return preprocess.u8_to_float(np.asarray(img))
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def _dicom_bytes(data: bytes) -> bool:
+    """A DICOM Part 10 file: 'DICM' after the 128-byte preamble."""
+    return data[128:132] == b"DICM"
+
+
+def read_image(path: str | Path, data: bytes | None = None) -> np.ndarray:
     """Read an X-ray (PNG/JPEG/BMP/TIFF 8/16-bit, L/RGB/RGBA, or DICOM).
 
-    Returns float32 grayscale, shape (H, W), values in [0, 1].
-    Raises ImageReadError naming the file on any failure.
+    ``data``: the file's bytes, already read (from object storage, say); ``path`` then only names it
+    (and its suffix, or the DICM marker, says DICOM). Returns float32 grayscale, shape (H, W),
+    values in [0, 1]. Raises ImageReadError naming the file on any failure.
     """
     path = Path(path)
-    if is_dicom(path):
-        return _read_dicom(path)[0]
+    if is_dicom(path) or (data is not None and _dicom_bytes(data)):
+        return _read_dicom(path, data)[0]
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             img.load()
             return _pil_to_gray(img)
     except ImageReadError:
@@ -110,12 +116,12 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot read image ({_reason(exc)})") from exc
 
 
-def decode_file(path: str | Path) -> tuple[np.ndarray | None, str]:
+def decode_file(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray | None, str]:
     """(decoded image, '') or (None, the reason it cannot be read): read_image without raising."""
     try:
-        return read_image(path), ""
+        return read_image(path, data), ""
     except ImageReadError as exc:
-        if not Path(path).exists():
+        if data is None and not Path(path).exists():
             return None, "file not found"
         return None, str(exc).split(": ", 1)[-1]
 

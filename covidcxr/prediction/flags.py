@@ -1,5 +1,5 @@
-"""``predict --operating-point``: the ``flag_<class>`` column (1 when p(class) >= the threshold, else
-0), from the operating_point.json ``covidcxr.evaluate --operating-point`` saved beside the model
+"""``predict --calibrated``: the temperature found beside the model. ``predict --operating-point``: the
+``flag_<class>`` column (1 when p(class) >= the threshold, else 0), from the operating_point.json ``covidcxr.evaluate --operating-point`` saved beside the model
 (bare flag), a given FILE, or a fixed ``CLASS:threshold=T``. The flag is computed on the model's own
 (uncalibrated) probability, as the threshold was chosen, with or without ``--calibrated``."""
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from covidcxr import operating as OP
-from covidcxr.artifacts import OPERATING_POINT
+from covidcxr.artifacts import CALIBRATION, OPERATING_POINT
+from covidcxr.calibration import load_temperature
 from covidcxr.errors import ConfigError
 
 
@@ -55,3 +56,22 @@ def add_flags(rows: list[dict], probs: np.ndarray, op: dict, classes: list[str])
     k = classes.index(op["class"])
     for row, p in zip(rows, np.asarray(probs, np.float64)[:, k]):
         row[op["column"]] = int(p >= op["threshold"])
+
+
+def find_temperature(model: str, calibration: str | None, root: Path) -> float:
+    """The temperature of ``--calibration FILE`` or of the calibration.json beside the model (its folder, the
+    located root, and the two folders above)."""
+    home = Path(model) if Path(model).is_dir() else Path(model).parent
+    cands = [Path(calibration)] if calibration else \
+        [d / CALIBRATION for d in dict.fromkeys((home, root, home.parent, home.parent.parent))]
+    path = next((c for c in cands if c.exists()), None)
+    if path is None:
+        raise ConfigError(f"--calibrated: {' / '.join(map(str, cands))} not found. Run python -m covidcxr.evaluate "
+                          f"on this model first (it fits the temperature on the validation split), or pass "
+                          f"--calibration FILE.")
+    try:
+        t = load_temperature(path)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"--calibrated: {path} is not a calibration file ({exc}).") from exc
+    print(f"calibrated: temperature {t:.4f} from {path}")
+    return t

@@ -4,11 +4,14 @@ output from being overwritten or resumed by another model."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
+from covidcxr.artifacts import EXPORT_MODEL, Located, LungCrop
 from covidcxr.errors import ConfigError, DataError, RunExistsError
+from covidcxr.inference import ModelFile
 
 SKIP_COLUMNS = ["path", "reason"]
 MASK_COLUMNS = ["mask_path", "mask_fraction", "height", "width"]
@@ -154,6 +157,23 @@ def read_meta(out: Path) -> dict:
     if not path.exists():
         raise DataError(f"{out}: no {path.name} beside it; not an output of this covidcxr.predict.")
     return json.loads(path.read_text())
+
+
+def model_identity(loc: Located, kind: ModelFile, model_arg: str) -> dict:
+    """Path, kind, classes, task and a sha256 over the files the model is loaded from (model.keras or
+    model.onnx and its lung segmenter's, or every file of the SavedModel): what --resume and merge compare."""
+    seg = [loc.segmenter_dir / (EXPORT_MODEL if kind is ModelFile.KERAS else "model.onnx")] \
+        if loc.card.lung_crop is LungCrop.MODEL and kind is not ModelFile.SAVEDMODEL and loc.segmenter_dir else []
+    if kind in (ModelFile.KERAS, ModelFile.ONNX):
+        files = [loc.keras_path if kind is ModelFile.KERAS else loc.onnx_path] + seg
+    else:
+        files = sorted(f for f in loc.savedmodel_path.rglob("*") if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return {"path": str(model_arg), "kind": str(kind), "sha256": h.hexdigest(), "classes": list(loc.card.classes),
+            "task": loc.card.task}
 
 
 def describe_model(m: dict) -> str:

@@ -19,7 +19,34 @@ from covidcxr.prediction.outputs import (CHUNK, SKIP_COLUMNS, CsvTable, check_ta
                                          remove, sidecar)
 
 
-def input_list(inputs: list[str]) -> tuple[list[str], dict[str, str], dict[str, int]]:
+def is_uri(path: str) -> bool:
+    """A path with a scheme (s3://, gs://, hdfs://, file://...): read through pyarrow's filesystems."""
+    return "://" in path
+
+
+def read_input_list(source: str) -> list[str]:
+    """``--inputs-from LIST``: one path per line (blank lines skipped, surrounding spaces kept off), from a
+    local file or a URI that ``pyarrow``'s filesystems reach."""
+    try:
+        if is_uri(source):
+            from pyarrow import fs  # a dependency of covidcxr; only a list on object storage needs its filesystems
+
+            filesystem, where = fs.FileSystem.from_uri(source)
+            with filesystem.open_input_stream(where) as f:
+                text = f.read().decode("utf-8")
+        else:
+            text = Path(source).read_text(encoding="utf-8")
+    except Exception as exc:  # missing, unreadable, no credentials, not UTF-8
+        raise ConfigError(f"--inputs-from {source}: cannot read it ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); pass a text file of paths, one "
+                          f"per line.") from exc
+    paths = [line.strip() for line in text.splitlines() if line.strip()]
+    if not paths:
+        raise ConfigError(f"--inputs-from {source}: the list holds no paths.")
+    return paths
+
+
+def input_list(inputs: list[str], uris: bool = False) -> tuple[list[str], dict[str, str], dict[str, int]]:
     """(every input path, sorted and unique; {path: reason} for those already known bad; {mask folder:
     files} left out). Folders give their image files (recursive) except those in a dataset layout's
     mask folders (``<Class>/masks/``, ``lung masks/``, ``infection masks/`` beside ``images/``): they
@@ -27,6 +54,9 @@ def input_list(inputs: list[str]) -> tuple[list[str], dict[str, str], dict[str, 
     folder is an entry of its own, so that it is listed as skipped by the one shard it falls in."""
     entries, bad, masks = set(), {}, {}
     for arg in inputs:
+        if uris and is_uri(arg):
+            entries.add(arg)
+            continue
         p = Path(arg)
         found, left = walk_images(p) if p.is_dir() else ([], {})
         masks.update(left)

@@ -6,7 +6,8 @@ the upload of an export folder (``export --push-to-hub``).
 and, where exported, ``model.onnx`` / ``serving/1``. It is downloaded once with
 ``huggingface_hub.snapshot_download`` into the usual cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
 ``~/.cache/huggingface/hub``); with ``HF_HUB_OFFLINE=1`` only that cache is read. ``train --weights
-hf://...`` keeps its other meaning: a keras-hub *backbone preset* (covidcxr/models/weights.py).
+hf://...`` starts from such an export (covidcxr/training/startfrom.py); for a keras-hub architecture a repo
+without ``model_card.json`` is a keras-hub *backbone preset* (covidcxr/models/weights.py).
 
 ``huggingface_hub`` is the optional extra ``[hub]``; it is imported only when a handle is resolved.
 """

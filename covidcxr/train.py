@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seg-loss", default="bce_dice", choices=["bce_dice", "dice", "focal"], help="segment/multitask mask loss")
     a("--loss-weights", default="label=1,mask=1", help="multitask: weights of the label and mask losses")
     a("--weights", default="auto", help="imagenet | none | PATH (local weights file or keras-hub preset folder) | "
-                                        "auto (imagenet if obtainable, else none, with a warning)")
+                                        "MODEL (a covidcxr run or export folder, or hf://OWNER/NAME of an export: "
+                                        "start from its weights) | auto (imagenet if obtainable, else none, with a "
+                                        "warning)")
     a("--preset", default=None, help="keras-hub archs: a preset name (downloaded) or a local preset folder")
     a("--freeze-encoder", action="store_true", help="train the head only, encoder frozen throughout (linear probe)")
     a("--label-fraction", type=float, default=1.0, help="train on a stratified, seeded fraction of the train split")

@@ -156,3 +156,46 @@ def test_the_export_readme_is_a_hugging_face_card(tmp_path):
     assert readme.startswith("---\nlibrary_name: keras\nlicense: other\n---\n# the card")
     assert "\n## resnet50 (classify) exported by covidcxr" in readme and "\n### Files" in readme
     assert "--engine onnx" in readme and "serving/1/" not in readme and readme.count("---\n") >= 2
+
+
+def _backbone(model):
+    return [w for layer in model.layers if layer.name == "backbone" for w in layer.get_weights()]
+
+
+def test_train_weights_hf_starts_from_the_hub_model(offline_cache, export_dir, synth_dir, tmp_path, capsys):
+    """train --weights hf://OWNER/NAME (an export in the cache, network off): the backbone is the export's, and
+    stays so through a frozen-encoder epoch; the same classes keep the export's head too."""
+    import numpy as np
+
+    from covidcxr import train
+    from covidcxr.inference import load_keras
+
+    run = tmp_path / "run"
+    assert train.main(["--data", str(synth_dir), "--arch", "mobilenetv3small", "--weights", "hf://covidcxr-test/tiny-cxr",
+                       "--epochs", "1", "--fine-tune-epochs", "0", "--image-size", "32", "--batch-size", "8",
+                       "--run-dir", str(run), "--export-dir", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "--weights hf://covidcxr-test/tiny-cxr (mobilenetv3small classify model" in out and "layers copied" in out
+    assert "kept their initialisation" not in out                    # same classes: every layer, the head too
+    src, got = _backbone(load_keras(export_dir / A.EXPORT_MODEL)), _backbone(load_keras(run / A.BEST))
+    assert len(src) == len(got) > 10 and all(np.array_equal(a, b) for a, b in zip(src, got))
+
+
+def test_train_weights_model_folder_keeps_a_new_head_and_refuses_another_arch(export_dir, tmp_path):
+    import numpy as np
+
+    from covidcxr.config import TrainConfig
+    from covidcxr.inference import load_keras
+    from covidcxr.training.network import build_network, check_model
+
+    said = []
+    cfg = TrainConfig(arch="mobilenetv3small", image_size=64, weights=str(export_dir))
+    net, weights = build_network(cfg, get_task("classify"), 3, said.append)
+    assert weights == str(export_dir) and "kept their initialisation (label" in said[0]
+    src = load_keras(export_dir / A.EXPORT_MODEL)
+    assert all(np.array_equal(a, b) for a, b in zip(_backbone(src), _backbone(net)))   # at another image size
+    with pytest.raises(ConfigError, match="is a mobilenetv3small classify model; start from it with --arch mobilenetv3small"):
+        check_model(TrainConfig(arch="resnet18", image_size=32, weights=str(export_dir)), get_task("classify"))
+    with pytest.raises(ConfigError, match="--task classify"):
+        check_model(TrainConfig(task="multitask", arch="unet_mobilenetv3small", image_size=32, weights=str(export_dir)),
+                    get_task("multitask"))

@@ -154,8 +154,9 @@ def distribution_scope(device: D.Device, batch_size: int):
 
     dist = keras.distribution.DataParallel(devices=jax.devices(), auto_shard_dataset=False)
     keras.distribution.set_distribution(dist)
-    return contextlib.nullcontext(), (f"DataParallel over {jax.device_count()} devices of {_current.num_processes} "
-                                      f"processes (this is {_current.name()})")
+    n = _current.num_processes
+    return contextlib.nullcontext(), (f"DataParallel over {jax.device_count()} devices of {n} "
+                                      f"process{'es' if n > 1 else ''} (this is {_current.name()})")
 
 
 def local_rows(batch_size: int) -> slice | None:

@@ -85,14 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--keep-resume-state", action="store_true",
       help="keep resume.npz (every weight and optimizer moment: 283 MB for resnet50) when the run finishes, so that "
            "--resume --epochs N can extend it; by default it is removed then (an interrupted run always keeps it)")
-    d = p.add_argument_group("multi-host training (JAX backend; see README)")
+    _multihost_flags(p.add_argument_group("multi-host training (JAX backend; see README)"))
+    return p
+
+
+def _multihost_flags(d) -> None:
     d.add_argument("--distributed", action="store_true",
                    help="one of several processes (hosts) training together through keras.distribution: joins the "
                         "cluster from SLURM, the KERAS_DISTRIBUTION_* variables, or the three flags below")
     d.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="--distributed: process 0's address")
     d.add_argument("--num-processes", type=int, default=None, help="--distributed: how many processes in all")
     d.add_argument("--process-id", type=int, default=None, help="--distributed: this process's index, 0..N-1")
-    return p
 
 
 def _weights(args) -> str:

@@ -23,7 +23,9 @@ with cli.startup_quiet():  # Keras and its backend load here, their start-up noi
     from covidcxr.models.weights import PRESET
     from covidcxr.training.rows import DEMO
     from covidcxr.tasks import get_task
+    from covidcxr.training import multihost
     from covidcxr.training.run import train
+    import keras
 
 # --resume applies these (a longer budget; where outputs go; how this machine runs it); any other changed flag is refused
 RESUMABLE = {"epochs", "fine_tune_epochs", "export_dir", "cache_dir", "workers", "mixed_precision", "jit_compile",
@@ -85,7 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--keep-resume-state", action="store_true",
       help="keep resume.npz (every weight and optimizer moment: 283 MB for resnet50) when the run finishes, so that "
            "--resume --epochs N can extend it; by default it is removed then (an interrupted run always keeps it)")
+    _multihost_flags(p.add_argument_group("multi-host training (JAX backend; see README)"))
     return p
+
+
+def _multihost_flags(d) -> None:
+    d.add_argument("--distributed", action="store_true",
+                   help="one of several processes (hosts) training together through keras.distribution: joins the "
+                        "cluster from SLURM, the KERAS_DISTRIBUTION_* variables, or the three flags below")
+    d.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="--distributed: process 0's address")
+    d.add_argument("--num-processes", type=int, default=None, help="--distributed: how many processes in all")
+    d.add_argument("--process-id", type=int, default=None, help="--distributed: this process's index, 0..N-1")
 
 
 def _weights(args) -> str:
@@ -160,9 +172,19 @@ def run(args) -> int:
     if args.arch == catalog.LIST:
         print(catalog.format_table())
         return 0
+    multihost.start(multihost.launch_from_args(args.distributed, args.coordinator, args.num_processes,
+                                               args.process_id, keras.backend.backend()))
+    try:
+        return _run(args)
+    except Exception as exc:
+        raise multihost.named(exc) from exc
+
+
+def _run(args) -> int:
     parser = build_parser()
     cfg = resumed_config(args, parser) if args.resume else config_from_args(args)
     cfg.validate()
+    multihost.check_config(cfg)
     if cfg.crop and not get_task(cfg.task).only_classifies:
         raise ConfigError("--lung-crop applies to classification (--task classify).")
     if cfg.crop is A.LungCrop.MODEL:
@@ -171,7 +193,11 @@ def run(args) -> int:
     return 0
 
 
-main = cli.entry(build_parser, run)
+_main = cli.entry(build_parser, run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return multihost.end(_main(argv))  # a failed process of a distributed run exits at once
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -61,10 +61,11 @@ class Batches(keras.utils.PyDataset):
 
     Training: shuffled per epoch (``set_epoch``), last partial batch dropped (fixed shapes: one
     compiled step). Evaluation (``shuffle=False``): every row once, the last batch padded with
-    repeats of its last row; ``valid(i)`` says how many rows of batch i are real."""
+    repeats of its last row; ``valid(i)`` says how many rows of batch i are real. ``shard``: the rows of
+    every batch this process feeds (multi-host training, training/multihost.py); ``bs`` stays global."""
 
     def __init__(self, data: RunData, rows: np.ndarray, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                 class_weight: dict[str, float] | None = None, prefetch: int = 3):
+                 class_weight: dict[str, float] | None = None, prefetch: int = 3, shard: slice | None = None):
         super().__init__(workers=1, use_multiprocessing=False)
         self.data, self.rows, self.bs, self.shuffle, self.seed = data, np.asarray(rows), int(batch_size), shuffle, seed
         self.labels = data.labels()
@@ -73,7 +74,7 @@ class Batches(keras.utils.PyDataset):
         self.cw = np.array([float(cw.get(c, 1.0)) for c in data.classes] + [0.0], np.float32)
         self.drop = shuffle and len(self.rows) >= self.bs
         self.order = self.rows
-        self.epoch = None
+        self.epoch, self.shard = None, shard
         self._depth = prefetch
         self._pool = ThreadPoolExecutor(1) if prefetch else None
         self._futures: dict[int, object] = {}
@@ -110,7 +111,7 @@ class Batches(keras.utils.PyDataset):
         return self.cw[np.where(lab >= 0, lab, len(self.cw) - 1)]
 
     def batch(self, i: int):
-        idx = self.indices(i)
+        idx = self.indices(i) if self.shard is None else self.indices(i)[self.shard]
         srt = np.argsort(idx, kind="stable")           # read the memory map in file order
         inv = np.empty_like(srt)
         inv[srt] = np.arange(len(srt))

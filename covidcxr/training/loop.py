@@ -225,6 +225,7 @@ class Loop:
     jit_compile: bool = False
     log: callable = print
     save_model: object = None   # what best.keras holds (default the trainee's network)
+    after_epoch: object = None  # called as after_epoch(epoch, network) after each epoch (multi-host: weight digests)
     summaries: list[str] = field(default_factory=list)
 
     def _compile(self, phase: Phase) -> str:
@@ -297,6 +298,8 @@ class Loop:
         lr = opt.base_learning_rate
         logs, seconds = fit_epoch(self.trainee, self.train, state.epochs_done,
                                   f"epoch {state.epochs_done + 1} [{phase.name}]  ")
+        if self.after_epoch is not None:
+            self.after_epoch(state.epochs_done, self.trainee.net)
         val = validate(self.trainee.net, self.val, self.task, self.cfg)
         row = {"epoch": state.epochs_done, "phase": PHASE_CODES[phase.name], "lr": lr,
                **{_plain(k): v for k, v in sorted(logs.items())}, **val}

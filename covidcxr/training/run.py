@@ -32,6 +32,7 @@ from covidcxr.models.weights import WeightsKind, WeightsSource
 from covidcxr.plots import plot_history
 from covidcxr.tasks import get_task
 from covidcxr.training import devices as D
+from covidcxr.training import multihost
 from covidcxr.training.data import Batches, open_run_data
 from covidcxr.training.linear_head import FeatureBatches, features, head_model
 from covidcxr.training.loop import Loop, LoopState
@@ -85,7 +86,9 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False, log=p
     task = get_task(cfg.task)
     if not resume:  # a resumed run's model is in its folder (its --weights file may be gone)
         check_model(cfg, task)
-    run_dir, export_dir = resolve_dirs(cfg, overwrite, resume)
+    run_dir, export_dir = multihost.agreed(resolve_dirs, cfg, overwrite, resume)
+    if not multihost.is_writer():  # process 0 writes the run folder; the others keep their files in a scratch folder
+        run_dir, export_dir, log = multihost.scratch(run_dir, resume), None, multihost.replica_log(log)
     cfg = replace(cfg, run_dir=str(run_dir), export_dir=str(export_dir) if export_dir else "none",
                   monitor=cfg.monitor or task.default_monitor)
     if cfg.demo and not resume:
@@ -116,6 +119,9 @@ def train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False, log=p
         if not (run_dir / A.STATE).exists():
             _remove_stub(run_dir, created, log)
         raise
+    finally:
+        if not multihost.is_writer():
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _remove_stub(run_dir: Path, created: bool, log) -> None:
@@ -144,6 +150,9 @@ def _train(cfg, task, df, classes, problems, run_dir, export_dir, resume, log) -
         A.report_skipped(run_dir, problems + data.skipped, log)
     check_split_sizes(data)
     loop = _fit(cfg, task, data, run_dir, resume, log)
+    if not multihost.is_writer():
+        return run_dir
+    multihost.local_only()
     export_failure = _finish(cfg, task, data, run_dir, export_dir, loop, log)
     if not cfg.keep_resume_state:
         _drop_resume_state(run_dir, log)
@@ -167,7 +176,7 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
     keras.mixed_precision.set_global_policy(policy)
     jit = device.backend == "jax" or D.use_jit(device, cfg.jit_compile)
     D.make_deterministic(cfg.seed, device)
-    scope, how = D.distribution_scope(device, cfg.batch_size)
+    scope, how = multihost.distribution_scope(device, cfg.batch_size)
     with scope:
         if resume:
             net = keras.models.model_from_json((run_dir / "architecture.json").read_text())
@@ -193,7 +202,8 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
                                class_weight=cw)
         val = FeatureBatches(data, feats, data.rows("val"), cfg.batch_size)
     else:
-        train = Batches(data, data.rows("train"), cfg.batch_size, shuffle=True, seed=cfg.seed, class_weight=cw)
+        train = Batches(data, data.rows("train"), cfg.batch_size, shuffle=True, seed=cfg.seed, class_weight=cw,
+                        shard=multihost.local_rows(cfg.batch_size))
         val = Batches(data, data.rows("val"), cfg.batch_size)
     log(f"arch {cfg.arch}, weights {weights}, {device.describe()}, precision {policy}, XLA {'on' if jit else 'off'}"
         + (f", {how}" if how else "") + f"; {len(data.rows('train'))} train / {len(data.rows('val'))} val / "
@@ -211,7 +221,8 @@ def _fit(cfg, task, data, run_dir: Path, resume: bool, log):
     if resume:
         _extend(state, phases)
     loop = Loop(trainee, task, cfg, phases, train, val, run_dir, jit_compile=jit, log=log,
-                save_model=net if probe else None)
+                save_model=net if probe else None,
+                after_epoch=multihost.weight_digest if multihost.current().distributed else None)
     loop.run(state)
     return loop
 

@@ -182,12 +182,29 @@ def save_resume(trainee, run_dir: Path) -> None:
     tmp.replace(run_dir / A.RESUME)
 
 
+def build_optimizer(model) -> None:
+    """Create the optimizer's variables now (resuming restores them), if they are not there yet."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+
+
+def build_state(model, batches) -> None:
+    """Create every variable of a compiled ``model`` (metrics, loss trackers, optimizer) now, symbolically,
+    from the shapes of one batch of ``batches``, as Keras does itself under a distribution strategy.
+    Otherwise Keras' TensorFlow trainer creates them inside the first trace of the train step, and
+    tf.function then traces that step a second time: about 10 s of a tiny model's start-up on this CPU,
+    more for a large one. Nothing is computed and no seed moves."""
+    x, y = batches.batch(0)
+    model._symbolic_build(data_batch=(x, y, None))  # Keras 3's own builder (a private method since 3.0)
+    build_optimizer(model)
+
+
 def load_resume(trainee, run_dir: Path, optimizer: bool = True) -> None:
     """Restore the trainee's variables (and, mid-phase, its optimizer's) from the last epoch."""
     data = np.load(run_dir / A.RESUME)
     pairs = [("m", trainee.variables)]
     if optimizer:
-        trainee.optimizer.build(trainee.trainable_variables)
+        build_optimizer(trainee)
         pairs.append(("o", trainee.optimizer.variables))
     for prefix, variables in pairs:
         n = sum(1 for k in data.files if k.startswith(prefix))
@@ -232,6 +249,7 @@ class Loop:
         what = apply_trainable(self.trainee.net, phase)
         opt = make_optimizer(phase, len(self.train), self.cfg.weight_decay)
         self.trainee.compile(optimizer=opt, jit_compile=self.jit_compile, **self.task.compile_args(self.cfg))
+        build_state(self.trainee, self.train)
         return what
 
     def _start_phase(self, i: int, mid_phase: bool, restored: bool) -> None:

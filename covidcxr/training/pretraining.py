@@ -21,7 +21,7 @@ from covidcxr.errors import ConfigError, CovidCXRError, DataError, RunExistsErro
 from covidcxr.models.registry import get_spec
 from covidcxr.training import devices as D
 from covidcxr.training.data import Batches, open_run_data
-from covidcxr.training.loop import fit_epoch
+from covidcxr.training.loop import build_state, fit_epoch
 from covidcxr.training.simclr import build_simclr, load_size, nt_xent, plain_views, recalibrate_batchnorm
 
 
@@ -125,6 +125,7 @@ def pretrain(arch: str, data: str, out: str | Path, image_size: int = 224, epoch
     batches = Batches(images, rows, batch_size, shuffle=True, seed=seed)
     model.compile(optimizer=keras.optimizers.AdamW(lr, weight_decay=1e-4), loss=nt_xent(temperature),
                   jit_compile=device.backend == "jax" or D.use_jit(device, None))
+    build_state(model, batches)
     print(f"SimCLR pretraining of {arch} on {len(rows)} unlabelled images at {image_size} px, batch {batch_size} "
           f"({2 * batch_size} views), {epochs} epochs, temperature {temperature}; {device.describe()}, {policy}")
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """``predict --engine ray`` against plain ``predict --workers W`` on the same files, in one run.
 
     python benchmarks/ray_predict.py [--files 2000] [--arch efficientnetb0] [--size 224] [--actors 2]
-        [--workers 2] [--batch 32] [--work /tmp/covidcxr-bench-ray]
+        [--workers 2] [--batch 32] [--repeats 1] [--work /tmp/covidcxr-bench-ray]
 
 The files: every real film of ../shared/data (1,610), named again through symbolic links in --work until
 there are --files of them (distinct paths, so both commands score --files inputs). The model: --arch with
@@ -10,7 +10,8 @@ Each command runs in its own process, --quiet, Parquet out; the wall time is fro
 (imports, model loads and, for Ray, ray.init and the actors' start-up included), and images/s = files /
 wall. Ray's sidecar splits its own time: ``init_s`` (starting the local Ray) and ``first_rows_s`` (until
 the first rows come back: the actors' start-up, model loads and first batches). The rows of the two
-outputs are compared (same paths, probabilities within 1e-6).
+outputs are compared (same paths, probabilities within 1e-6). ``--repeats R`` runs R pairs, the order
+alternating (plain first, then Ray first...), and reports each pair and the medians.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--work", default="/tmp/covidcxr-bench-ray")
     a = ap.parse_args()
     work = Path(a.work)
@@ -78,11 +80,22 @@ def main() -> None:
     plain_out, ray_out = work / "plain.parquet", work / "ray.parquet"
     print(f"{a.files} files, {a.arch} at {a.size} px, batch {a.batch}, {os.cpu_count()} CPUs, load "
           f"{os.getloadavg()[0]:.1f}", flush=True)
-    plain, rc1 = timed([*common, "--workers", str(a.workers), "--out", str(plain_out)])
-    ray, rc2 = timed([*common, "--engine", "ray", "--actors", str(a.actors), "--workers", str(a.workers),
-                      "--out", str(ray_out)])
-    if rc1 or rc2:
-        raise SystemExit(f"exit codes: plain {rc1}, ray {rc2}")
+    plain_argv = [*common, "--workers", str(a.workers), "--out", str(plain_out)]
+    ray_argv = [*common, "--engine", "ray", "--actors", str(a.actors), "--workers", str(a.workers),
+                "--out", str(ray_out)]
+    pairs = []
+    for r in range(a.repeats):
+        order = [("plain", plain_argv), ("ray", ray_argv)][::1 if r % 2 == 0 else -1]
+        walls = {}
+        for name, argv in order:
+            walls[name], rc = timed(argv)
+            if rc:
+                raise SystemExit(f"{name} exited {rc}")
+        pairs.append((walls["plain"], walls["ray"]))
+        print(f"pair {r + 1} ({order[0][0]} first): plain {walls['plain']:.1f} s, ray {walls['ray']:.1f} s, "
+              f"{walls['plain'] / walls['ray']:.2f}x", flush=True)
+    plain = float(sorted(p for p, _ in pairs)[len(pairs) // 2])
+    ray = float(sorted(r for _, r in pairs)[len(pairs) // 2])
     import numpy as np
     import pandas as pd
 
@@ -90,6 +103,8 @@ def main() -> None:
     same = list(p["path"]) == list(r["path"])
     diff = float(np.abs(p.filter(like="prob_").to_numpy() - r.filter(like="prob_").to_numpy()).max()) if same else None
     sec = json.loads((work / "ray.parquet.meta.json").read_text())["seconds"]
+    print(f"medians of {len(pairs)} pair(s); ratio of medians {plain / ray:.2f}x, median of ratios "
+          f"{sorted(p / r for p, r in pairs)[len(pairs) // 2]:.2f}x")
     print("| path | wall s | images/s | ratio |\n|---|---|---|---|")
     print(f"| predict --workers {a.workers} | {plain:.1f} | {a.files / plain:.1f} | 1.00x |")
     print(f"| predict --engine ray --actors {a.actors} | {ray:.1f} | {a.files / ray:.1f} | {plain / ray:.2f}x |")

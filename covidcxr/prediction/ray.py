@@ -144,27 +144,34 @@ class Cluster:
     cpus: float = 1.0
 
 
-def connect(cluster: Cluster):
-    """``ray.init`` (local or ``--address``), with this process's Keras backend passed to the actors."""
+def connect(cluster: Cluster) -> tuple[object, dict[str, str]]:
+    """``ray.init`` (local or ``--address``), with this process's Keras backend and the actors' thread pool
+    sizes in the job's environment, so the actors can take the workers Ray prestarts for the job. Returns
+    ray and the environment the actors still need on their own (when a caller had started Ray already)."""
     ray = ray_module()
-    if not ray.is_initialized():
-        env = {"KERAS_BACKEND": keras.backend.backend(), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-        ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False,
-                 include_dashboard=False, configure_logging=False)
-    return ray
+    threads = actor_threads(cluster)
+    if ray.is_initialized():
+        return ray, threads
+    env = {"KERAS_BACKEND": keras.backend.backend(), "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+           **threads}
+    ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False,
+             include_dashboard=False, configure_logging=False)
+    return ray, {}
 
 
-def dataset(ray, paths: list[str], batch_size: int, cluster: Cluster, scorer_kwargs: dict, progress: bool = True):
-    """The dataset of scored rows, in ``paths`` order."""
+def dataset(ray, paths: list[str], batch_size: int, cluster: Cluster, scorer_kwargs: dict, progress: bool = True,
+            actor_env: dict[str, str] | None = None):
+    """The dataset of scored rows, in ``paths`` order. ``actor_env``: environment variables for the actors
+    beyond the job's (a per-actor runtime_env makes Ray start new worker processes for them)."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True      # rows in input order: the order plain predict writes
     ctx.enable_progress_bars = progress
     blocks = max(1, min(len(paths), max(2 * cluster.actors, math.ceil(len(paths) / PATHS_PER_BLOCK))))
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
+    extra = {"runtime_env": {"env_vars": actor_env}} if actor_env else {}
     return ds.map_batches(RayScorer, fn_constructor_kwargs=scorer_kwargs, batch_size=batch_size,
                           compute=ray.data.ActorPoolStrategy(size=cluster.actors), num_gpus=cluster.gpus or None,
-                          num_cpus=cluster.cpus, batch_format="numpy", udf_modifying_row_count=False,
-                          runtime_env={"env_vars": actor_threads(cluster)})
+                          num_cpus=cluster.cpus, batch_format="numpy", udf_modifying_row_count=False, **extra)
 
 
 def actor_threads(cluster: Cluster) -> dict[str, str]:
@@ -183,11 +190,11 @@ def score(paths: list[str], out: Path, cluster: Cluster, scorer_kwargs: dict, co
     import pyarrow.parquet as pq  # a dependency of covidcxr (the Parquet output)
 
     t0 = time.perf_counter()
-    ray = connect(cluster)
+    ray, actor_env = connect(cluster)
     stats = {"rows": 0, "errors": 0, "init_s": time.perf_counter() - t0, "first_rows_s": None}
     schema = output_schema(columns)
     partial = out.with_name(out.name + ".partial")
-    rows = dataset(ray, paths, scorer_kwargs.get("batch_size", 32), cluster, scorer_kwargs, progress)
+    rows = dataset(ray, paths, scorer_kwargs.get("batch_size", 32), cluster, scorer_kwargs, progress, actor_env)
     with pq.ParquetWriter(partial, schema) as writer:
         for block in rows.iter_batches(batch_format="pyarrow", batch_size=None):
             block = block.select(columns).cast(schema)

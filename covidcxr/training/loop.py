@@ -182,12 +182,6 @@ def save_resume(trainee, run_dir: Path) -> None:
     tmp.replace(run_dir / A.RESUME)
 
 
-def build_optimizer(model) -> None:
-    """Create the optimizer's variables now (resuming restores them), if they are not there yet."""
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-
-
 def build_state(model, batches) -> None:
     """Create every variable of a compiled ``model`` (metrics, loss trackers, optimizer) now, symbolically,
     from the shapes of one batch of ``batches``, as Keras does itself under a distribution strategy.
@@ -196,7 +190,6 @@ def build_state(model, batches) -> None:
     more for a large one. Nothing is computed and no seed moves."""
     x, y = batches.batch(0)
     model._symbolic_build(data_batch=(x, y, None))  # Keras 3's own builder (a private method since 3.0)
-    build_optimizer(model)
 
 
 def load_resume(trainee, run_dir: Path, optimizer: bool = True) -> None:
@@ -204,7 +197,8 @@ def load_resume(trainee, run_dir: Path, optimizer: bool = True) -> None:
     data = np.load(run_dir / A.RESUME)
     pairs = [("m", trainee.variables)]
     if optimizer:
-        build_optimizer(trainee)
+        if not trainee.optimizer.built:  # built with the rest of the state after compile (build_state)
+            trainee.optimizer.build(trainee.trainable_variables)
         pairs.append(("o", trainee.optimizer.variables))
     for prefix, variables in pairs:
         n = sum(1 for k in data.files if k.startswith(prefix))
